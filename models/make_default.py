@@ -1,0 +1,80 @@
+"""Write the packaged default model: ``python -m models.make_default [--output PATH]``.
+
+Fixed-seed, untrained attention U-Net weights (CBAM + local attention + gates, base 16, depth 4) for the six
+classes of the Dubai aerial dataset, so the pipeline runs end to end before a trained model exists. Its masks
+are meaningless; ``models/train.py`` replaces the weights. Re-running gives bit-identical files on the same
+torch version.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from models.checkpoint import ClassInfo, ModelMetadata, default_model_path, save_checkpoint
+from models.registry import build_model
+
+#: Dubai aerial dataset classes, in output-channel order, with its colours.
+DUBAI_CLASSES = (
+    ClassInfo("building", "#3C1098"),
+    ClassInfo("land", "#8429F6"),
+    ClassInfo("road", "#6EC1E4"),
+    ClassInfo("vegetation", "#FEDD3A"),
+    ClassInfo("water", "#E2A929"),
+    ClassInfo("unlabeled", "#9B9B9B"),
+)
+
+ARGUMENTS = {
+    "in_channels": 3,
+    "num_classes": len(DUBAI_CLASSES),
+    "base_channels": 16,
+    "depth": 4,
+    "channel_attention": "cbam",
+    "self_attention": "local",
+    "attention_gates": True,
+    "heads": 4,
+    "window": 8,
+}
+
+
+def default_metadata() -> ModelMetadata:
+    """Metadata of the packaged default model (RGB in 0-255 units, ImageNet statistics)."""
+    return ModelMetadata(
+        architecture="attention_unet",
+        arguments=ARGUMENTS,
+        classes=DUBAI_CLASSES,
+        bands=("red", "green", "blue"),
+        mean=(123.7, 116.3, 103.5),
+        std=(58.4, 57.1, 57.4),
+        tile_size=512,
+        halo=64,
+        size_multiple=16,
+        provenance={
+            "trained": False,
+            "note": "fixed-seed untrained weights; masks are meaningless until the trained model lands",
+            "seed": 0,
+            "torch": torch.__version__.split("+")[0],
+        },
+    )
+
+
+def make_default(output: Path | None = None) -> Path:
+    """Build the seed-0 model and save it with its metadata; returns the .safetensors path."""
+    torch.manual_seed(0)
+    metadata = default_metadata()
+    model = build_model(metadata.architecture, metadata.arguments).eval()
+    return save_checkpoint(model, metadata, output or default_model_path())
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--output", type=Path, default=None, help="where to write (default: packaged path)")
+    args = parser.parse_args(argv)
+    print(make_default(args.output))
+
+
+if __name__ == "__main__":
+    main()

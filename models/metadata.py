@@ -1,0 +1,323 @@
+"""Checkpoint metadata (the JSON sidecar): what a model expects and produces. No torch import here.
+
+A sidecar looks like::
+
+    {"architecture": "attention_unet", "arguments": {"in_channels": 3, "num_classes": 6, ...},
+     "classes": [{"name": "building", "colour": "#3C1098"}, ...],
+     "bands": ["red", "green", "blue"], "mean": [123.7, 116.3, 103.5], "std": [58.4, 57.1, 57.4],
+     "tile_size": 512, "halo": 64, "size_multiple": 16, "input_size": null,
+     "provenance": {"trained": true, "data": "...", "epochs": 40, "metrics": {...}}}
+
+Every field is validated on construction; errors are :class:`ModelError` naming the file, the field, what was
+expected and what was found.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from segpipe.errors import ModelError
+
+#: ``architecture`` values for models that are not built from the registry.
+EXTERNAL_ARCHITECTURES = ("onnx", "torchscript")
+
+_COLOUR = re.compile(r"^#[0-9A-Fa-f]{6}$")
+#: Suffix of temporary files written before an atomic rename (ignored by git).
+PARTIAL_SUFFIX = ".segpipe-partial"
+
+
+class _FieldError(ModelError):
+    """A field is invalid; ``detail`` says which and why, without saying where the values came from."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(f"model metadata: {detail}; fix the values passed to ModelMetadata")
+        self.detail = detail
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _text(name: str, value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise _FieldError(f"'{name}' must be a non-empty string, got {_describe(value)}")
+    return value
+
+
+def _integer(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise _FieldError(f"'{name}' must be {kind}, got {_describe(value)}")
+    return value
+
+
+def _sequence(name: str, value: Any) -> Sequence[Any]:
+    if isinstance(value, str | bytes) or not isinstance(value, Sequence) or not value:
+        raise _FieldError(f"'{name}' must be a non-empty list, got {_describe(value)}")
+    return value
+
+
+def _numbers(name: str, value: Any, *, positive: bool) -> tuple[float, ...]:
+    result = []
+    for i, item in enumerate(_sequence(name, value)):
+        if isinstance(item, bool) or not isinstance(item, int | float) or not math.isfinite(item):
+            raise _FieldError(f"'{name}[{i}]' must be a finite number, got {_describe(item)}")
+        if positive and item <= 0:
+            raise _FieldError(f"'{name}[{i}]' must be greater than 0, got {item!r}")
+        result.append(float(item))
+    return tuple(result)
+
+
+def _json_object(name: str, value: Any) -> dict[str, Any]:
+    if not isinstance(value, Mapping) or not all(isinstance(key, str) for key in value):
+        raise _FieldError(f"'{name}' must be an object with string keys, got {_describe(value)}")
+    try:
+        copied: dict[str, Any] = json.loads(json.dumps(dict(value), allow_nan=False))
+    except (TypeError, ValueError) as error:
+        raise _FieldError(f"'{name}' must hold only JSON values (finite numbers), but {error}") from None
+    return copied
+
+
+def _colour_problem(colour: Any) -> str | None:
+    if not isinstance(colour, str) or not _COLOUR.match(colour):
+        return f"a colour '#RRGGBB' (hex), got {_describe(colour)}"
+    return None
+
+
+@dataclass(frozen=True)
+class ClassInfo:
+    """One output class: its name and display colour ("#RRGGBB", stored upper-case)."""
+
+    name: str
+    colour: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise ModelError(f"ClassInfo: 'name' must be a non-empty string, got {_describe(self.name)}")
+        problem = _colour_problem(self.colour)
+        if problem:
+            raise ModelError(f"ClassInfo {self.name!r}: 'colour' must be {problem}")
+        object.__setattr__(self, "colour", self.colour.upper())
+
+    @property
+    def rgb(self) -> tuple[int, int, int]:
+        """The colour as (red, green, blue) in 0..255."""
+        return int(self.colour[1:3], 16), int(self.colour[3:5], 16), int(self.colour[5:7], 16)
+
+
+def _classes(value: Any) -> tuple[ClassInfo, ...]:
+    result: list[ClassInfo] = []
+    for i, item in enumerate(_sequence("classes", value)):
+        if isinstance(item, ClassInfo):
+            result.append(item)
+            continue
+        if not isinstance(item, Mapping) or set(item) != {"name", "colour"}:
+            raise _FieldError(
+                f"'classes[{i}]' must be an object with exactly the keys 'name' and 'colour', "
+                f"got {_describe(item)}"
+            )
+        name, colour = item["name"], item["colour"]
+        if not isinstance(name, str) or not name.strip():
+            raise _FieldError(f"'classes[{i}].name' must be a non-empty string, got {_describe(name)}")
+        problem = _colour_problem(colour)
+        if problem:
+            raise _FieldError(f"'classes[{i}].colour' must be {problem}")
+        result.append(ClassInfo(name, colour))
+    names = [info.name for info in result]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise _FieldError(f"'classes' must have unique names, got duplicates {duplicates}")
+    return tuple(result)
+
+
+def _bands(value: Any) -> tuple[str, ...]:
+    bands = tuple(_text(f"bands[{i}]", item) for i, item in enumerate(_sequence("bands", value)))
+    duplicates = sorted({b for b in bands if bands.count(b) > 1})
+    if duplicates:
+        raise _FieldError(f"'bands' must have unique names, got duplicates {duplicates}")
+    return bands
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    """What a checkpoint's network expects and produces; the content of its JSON sidecar.
+
+    Attributes:
+        architecture: A registry name (see ``models.registry.ARCHITECTURES``), or "onnx" / "torchscript".
+        arguments: Keyword arguments for ``build_model`` (JSON values).
+        classes: Output channel i is ``classes[i]``.
+        bands: Input band names, in input-channel order.
+        mean: Per band, in raw pixel units: ``x_norm = (x - mean) / std``.
+        std: Per band, > 0.
+        tile_size: Recommended tile core side, in pixels.
+        halo: Recommended halo, in pixels (at least the effective receptive field).
+        size_multiple: Model input height and width must be multiples of this.
+        input_size: Fixed square input side in pixels (ONNX models exported with a fixed shape), or None.
+        provenance: Free-form record of how the weights were made (data, epochs, seed, metrics, ...).
+    """
+
+    architecture: str
+    arguments: Mapping[str, Any]
+    classes: tuple[ClassInfo, ...]
+    bands: tuple[str, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    tile_size: int
+    halo: int
+    size_multiple: int = 1
+    input_size: int | None = None
+    provenance: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        put = object.__setattr__
+        put(self, "architecture", _text("architecture", self.architecture))
+        put(self, "arguments", _json_object("arguments", self.arguments))
+        put(self, "classes", _classes(self.classes))
+        put(self, "bands", _bands(self.bands))
+        put(self, "mean", _numbers("mean", self.mean, positive=False))
+        put(self, "std", _numbers("std", self.std, positive=True))
+        for name in ("mean", "std"):
+            if len(getattr(self, name)) != len(self.bands):
+                raise _FieldError(
+                    f"'{name}' must have one value per band ({len(self.bands)} bands: {list(self.bands)}), "
+                    f"got {len(getattr(self, name))} values"
+                )
+        _integer("tile_size", self.tile_size, 1)
+        _integer("halo", self.halo, 0)
+        _integer("size_multiple", self.size_multiple, 1)
+        if self.input_size is not None:
+            _integer("input_size", self.input_size, 1)
+        put(self, "provenance", _json_object("provenance", self.provenance))
+        problem = self._tile_problem(self.tile_size, self.halo)
+        if problem:
+            raise _FieldError(problem)
+
+    def _tile_problem(self, tile_size: int, halo: int) -> str | None:
+        side = tile_size + 2 * halo
+        if side % self.size_multiple:
+            return (
+                f"tile_size + 2 * halo ({tile_size} + 2 * {halo} = {side}) must be a multiple of "
+                f"'size_multiple' ({self.size_multiple})"
+            )
+        if self.input_size is not None and side != self.input_size:
+            return (
+                f"tile_size + 2 * halo ({tile_size} + 2 * {halo} = {side}) must equal 'input_size' "
+                f"({self.input_size}), the only input size this model accepts"
+            )
+        return None
+
+    def check_tile_geometry(self, tile_size: int, halo: int) -> None:
+        """Raise ModelError unless tiles of this core and halo fit the model's input constraints.
+
+        The model sees tiles of side ``tile_size + 2 * halo`` pixels: that must be a multiple of
+        ``size_multiple``, and equal ``input_size`` when the model has a fixed input size.
+        """
+        problem = self._tile_problem(tile_size, halo)
+        if problem:
+            raise ModelError(f"{problem}; choose a tile size and halo that satisfy it")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, source: str) -> ModelMetadata:
+        """Validate and build metadata from parsed JSON.
+
+        Args:
+            data: The parsed sidecar.
+            source: Where it came from (a path), named in error messages.
+
+        Raises:
+            ModelError: Naming ``source``, the field, what was expected and what was found.
+        """
+        if not isinstance(data, Mapping):
+            raise ModelError(f"model metadata {source}: expected a JSON object, got {type(data).__name__}")
+        allowed = [f.name for f in fields(cls)]
+        unknown = sorted(set(data) - set(allowed), key=str)
+        if unknown:
+            raise ModelError(
+                f"model metadata {source}: unknown field(s) {unknown}; allowed fields: {', '.join(allowed)}"
+            )
+        required = [
+            f.name for f in fields(cls) if f.name not in ("size_multiple", "input_size", "provenance")
+        ]
+        missing = [name for name in required if name not in data]
+        if missing:
+            raise ModelError(
+                f"model metadata {source}: missing field(s) {missing}; add them to the JSON sidecar"
+            )
+        try:
+            return cls(**data)
+        except _FieldError as error:
+            raise ModelError(f"model metadata {source}: {error.detail}; fix the JSON sidecar") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict; ``ModelMetadata.from_dict(m.to_dict(), source=...) == m``."""
+        return {
+            "architecture": self.architecture,
+            "arguments": dict(self.arguments),
+            "classes": [{"name": c.name, "colour": c.colour} for c in self.classes],
+            "bands": list(self.bands),
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "tile_size": self.tile_size,
+            "halo": self.halo,
+            "size_multiple": self.size_multiple,
+            "input_size": self.input_size,
+            "provenance": dict(self.provenance),
+        }
+
+
+def read_metadata(path: str | Path) -> ModelMetadata:
+    """Read and validate a JSON sidecar.
+
+    Raises:
+        ModelError: If the file is missing, is not JSON, or a field is invalid.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ModelError(
+            f"model metadata {path} is missing; every checkpoint needs a JSON sidecar with the same stem "
+            "(see models.metadata.ModelMetadata)"
+        ) from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ModelError(f"model metadata {path} cannot be read ({error}); check the file") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ModelError(f"model metadata {path} is not valid JSON ({error}); fix the JSON sidecar") from None
+    return ModelMetadata.from_dict(data, source=str(path))
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file next to ``path``, fsync it, then rename it over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=PARTIAL_SUFFIX)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.chmod(temporary, 0o644)  # mkstemp creates 0600; checkpoints are meant to be shared
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def write_metadata(metadata: ModelMetadata, path: str | Path) -> Path:
+    """Write ``metadata`` as the JSON sidecar ``<stem>.json`` of ``path``, atomically; return its path.
+
+    Use it to give an exported ONNX or TorchScript model its sidecar (``path`` may be the model file itself).
+    """
+    sidecar = Path(path).with_suffix(".json")
+    atomic_write(sidecar, (json.dumps(metadata.to_dict(), indent=2) + "\n").encode("utf-8"))
+    return sidecar

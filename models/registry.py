@@ -1,0 +1,82 @@
+"""Architecture names used in checkpoint metadata, and :func:`build_model` to construct them."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from torch import nn
+
+from models.networks import ChannelAttentionKind, SelfAttentionKind, UNet
+from segpipe.errors import ModelError
+
+
+def attention_unet(
+    in_channels: int,
+    num_classes: int,
+    base_channels: int = 16,
+    depth: int = 4,
+    channel_attention: ChannelAttentionKind = "cbam",
+    self_attention: SelfAttentionKind = "local",
+    attention_gates: bool = True,
+    heads: int = 4,
+    window: int = 8,
+) -> UNet:
+    """U-Net with CBAM after every stage, local self-attention at the bottleneck and gated skips."""
+    return UNet(
+        in_channels,
+        num_classes,
+        base_channels=base_channels,
+        depth=depth,
+        channel_attention=channel_attention,
+        self_attention=self_attention,
+        attention_gates=attention_gates,
+        heads=heads,
+        window=window,
+    )
+
+
+def unet(in_channels: int, num_classes: int, base_channels: int = 16, depth: int = 4) -> UNet:
+    """Plain U-Net with the same channel widths as :func:`attention_unet`, for ablation."""
+    return UNet(in_channels, num_classes, base_channels=base_channels, depth=depth)
+
+
+#: Registry of architectures: the ``architecture`` field of checkpoint metadata names one of these.
+ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
+    "attention_unet": attention_unet,
+    "unet": unet,
+}
+
+
+def build_model(architecture: str, arguments: Mapping[str, Any]) -> nn.Module:
+    """Construct a registered architecture with freshly initialised weights (training mode).
+
+    Args:
+        architecture: A key of :data:`ARCHITECTURES`.
+        arguments: Keyword arguments for it (JSON values, as stored in checkpoint metadata).
+
+    Raises:
+        ModelError: For an unknown architecture, unknown or missing arguments, or invalid values.
+    """
+    known = ", ".join(sorted(ARCHITECTURES))
+    if not isinstance(architecture, str) or architecture not in ARCHITECTURES:
+        raise ModelError(f"unknown architecture {architecture!r}; known architectures: {known}")
+    if not isinstance(arguments, Mapping) or not all(isinstance(key, str) for key in arguments):
+        raise ModelError(
+            f"arguments for {architecture!r} must be a mapping of parameter names to values, "
+            f"got {arguments!r}"
+        )
+    factory = ARCHITECTURES[architecture]
+    signature = inspect.signature(factory)
+    try:
+        signature.bind(**arguments)
+    except TypeError as error:
+        accepted = ", ".join(signature.parameters)
+        raise ModelError(
+            f"bad arguments for architecture {architecture!r}: {error}; accepted parameters: {accepted}"
+        ) from None
+    try:
+        return factory(**arguments)
+    except ModelError as error:
+        raise ModelError(f"bad arguments for architecture {architecture!r}: {error}") from None
