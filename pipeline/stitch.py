@@ -1,0 +1,123 @@
+"""Stitch stage: blend overlapping tile predictions into the ``mask`` (and ``probabilities``), block by block.
+
+Only for the ``cosine`` and ``gaussian`` blends; with ``crop`` the segmenters write the mask directly.
+
+For every tile core, the prediction is the weighted mean of the predictions of all tiles whose input window
+covers it (itself and, with ``halo < tile_size``, its 8 neighbours), with the weights of :mod:`pipeline.blend`;
+then argmax, and input nodata becomes 255. Work is cut into blocks of ``block x block`` tiles; a block reads the
+tile predictions of its neighbourhood once, so memory per thread is bounded by ``(block + 2)^2`` tiles, whatever
+the scene's size.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import zarr
+
+from pipeline import store as ws
+from pipeline.blend import Blend, weights_2d
+from pipeline.tile import Tile, TileGrid
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StitchResult:
+    seconds: float
+    tiles: int
+
+
+def blend_core(tile: Tile, neighbours: dict[tuple[int, int], tuple[Tile, np.ndarray]], weights: np.ndarray) -> np.ndarray:
+    """Weighted mean of the neighbours' predictions over one tile core.
+
+    Args:
+        tile: The tile whose core is blended.
+        neighbours: ``(row, col) -> (tile, probabilities (classes, S, S))`` of the tiles with predictions whose
+            input windows overlap the core (must include ``tile`` itself).
+        weights: (S, S) blend weights of one tile input.
+    Returns:
+        float32 probabilities (classes, core height, core width).
+    """
+    core = tile.core
+    acc: np.ndarray | None = None
+    total = np.zeros((core.height, core.width), dtype=np.float32)
+    for other, probs in neighbours.values():
+        overlap = other.input_window.intersection(core)
+        if overlap is None:
+            continue
+        src = overlap.relative_to(other.input_window)
+        dst = overlap.relative_to(core)
+        w = weights[src.row_slice, src.col_slice]
+        contribution = probs[:, src.row_slice, src.col_slice].astype(np.float32) * w
+        if acc is None:
+            acc = np.zeros((probs.shape[0], core.height, core.width), dtype=np.float32)
+        acc[:, dst.row_slice, dst.col_slice] += contribution
+        total[dst.row_slice, dst.col_slice] += w
+    if acc is None:
+        raise ValueError(f"no prediction covers tile ({tile.row}, {tile.col})")
+    return acc / total
+
+
+def stitch(
+    group: zarr.Group,
+    grid: TileGrid,
+    blend: Blend,
+    *,
+    workers: int = 2,
+    block: int = 4,
+    progress: Callable[[int], Any] | None = None,
+) -> StitchResult:
+    """Blend ``tile_probabilities`` into ``mask`` (and ``probabilities`` when the store has it)."""
+    start = time.perf_counter()
+    tile_probs = group[ws.TILE_PROBABILITIES]
+    valid = group[ws.VALID]
+    mask = group[ws.MASK]
+    probabilities = group[ws.PROBABILITIES] if ws.PROBABILITIES in group else None
+    done = np.asarray(group[ws.DONE][...]).astype(bool)
+    needed = np.asarray(group[ws.VALID_PIXELS][...]) > 0
+    weights = weights_2d(grid.input_size, grid.halo, blend)
+    reach = -(-grid.halo // grid.tile_size)
+
+    def run_block(origin: tuple[int, int]) -> int:
+        r0, c0 = origin
+        rows = range(r0, min(grid.rows, r0 + block))
+        cols = range(c0, min(grid.cols, c0 + block))
+        cache: dict[tuple[int, int], tuple[Tile, np.ndarray]] = {}
+        for r in range(max(0, r0 - reach), min(grid.rows, rows.stop + reach)):
+            for c in range(max(0, c0 - reach), min(grid.cols, cols.stop + reach)):
+                if done[r, c]:
+                    cache[(r, c)] = (grid.tile(r, c), np.asarray(tile_probs[r, c]))
+        count = 0
+        for r in rows:
+            for c in cols:
+                count += 1
+                if not needed[r, c]:
+                    continue  # all nodata: the mask keeps its fill value, 255
+                tile = grid.tile(r, c)
+                near = {
+                    (n.row, n.col): cache[(n.row, n.col)] for n in grid.neighbours(r, c) if (n.row, n.col) in cache
+                }
+                probs = blend_core(tile, near, weights)
+                ok = np.asarray(valid[tile.core.row_slice, tile.core.col_slice]).astype(bool)
+                classes = np.argmax(probs, axis=0).astype(np.uint8)
+                mask[tile.core.row_slice, tile.core.col_slice] = np.where(ok, classes, ws.MASK_NODATA)
+                if probabilities is not None:
+                    scaled = np.round(probs * ws.PROBABILITY_SCALE).astype(np.uint8)
+                    probabilities[:, tile.core.row_slice, tile.core.col_slice] = np.where(
+                        ok[None], scaled, ws.PROBABILITY_NODATA
+                    )
+        if progress:
+            progress(count)
+        return count
+
+    origins = [(r, c) for r in range(0, grid.rows, block) for c in range(0, grid.cols, block)]
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="stitch") as pool:
+        tiles = sum(pool.map(run_block, origins))
+    return StitchResult(seconds=time.perf_counter() - start, tiles=tiles)

@@ -1,0 +1,155 @@
+"""The ``segpipe`` command: a thin layer that parses options, validates, and calls the flows.
+
+Exit codes: 0 success; 2 bad input or usage (one line ``error: ...`` on stderr, no traceback); 1 internal failure
+(one line, the traceback only with ``--verbose``); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+from segpipe.errors import SegpipeError
+
+EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"error: {message} (see '{self.prog} --help')\n")
+
+
+def _quiet_environment(verbose: bool) -> None:
+    """Keep third-party chatter off the terminal; must run before prefect or ray are imported."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "CRITICAL")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s" if verbose else "warning: %(message)s",
+    )
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
+    return value
+
+
+def _add_run(sub: Any) -> None:
+    p = sub.add_parser("run", help="segment a scene: raster in, COG mask out", description="Segment one scene.")
+    p.add_argument("input", help="the scene: a GeoTIFF/COG path, or any GDAL path or URL (/vsicurl/, s3://)")
+    p.add_argument("output", help="the mask to write, a .tif (Cloud Optimized GeoTIFF)")
+    p.add_argument("--model", default="default", help="model name or checkpoint path (default: the shipped model)")
+    p.add_argument("--tile-size", type=_positive, help="tile core size in pixels (default: the model's)")
+    p.add_argument("--halo", type=_positive, help="context margin around each tile in pixels (default: the model's)")
+    p.add_argument("--blend", default="cosine", choices=["crop", "cosine", "gaussian"], help="default: cosine")
+    p.add_argument("--batch-size", type=_positive, help="tiles per forward pass")
+    p.add_argument("--workers", type=_positive, help="segmenter actors (default: one per GPU, or one on CPU)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--work-dir", help="keep the zarr work store here; a re-run with it resumes")
+    p.add_argument("--probabilities", metavar="PATH", help="also write per-class probabilities as a COG")
+    p.add_argument("--ray-address", help="an existing Ray cluster (auto, ray://host:10001); default: local")
+    p.add_argument("--executor", default="ray", choices=["ray", "local"], help=argparse.SUPPRESS)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    p.set_defaults(handler=_cmd_run)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.plan import RunSettings, make_plan
+
+    settings = RunSettings(
+        input=args.input,
+        output=args.output,
+        model=args.model,
+        tile_size=args.tile_size,
+        halo=args.halo,
+        blend=args.blend,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        device=args.device,
+        work_dir=args.work_dir,
+        probabilities=args.probabilities,
+        ray_address=args.ray_address,
+        overwrite=args.overwrite,
+        executor=args.executor,
+    )
+    make_plan(settings)  # fail fast, before Prefect and Ray start
+    from flows.segment import segment_scene
+
+    summary = segment_scene(settings)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(format_summary(summary))
+    return EXIT_OK
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """A few human lines: what was done, how fast, where the output is."""
+    scene, tiles, sec = summary["scene"], summary["tiles"], summary["seconds"]
+    stages = ", ".join(f"{k} {v:.1f}s" for k, v in sec.items() if k != "total")
+    total = sum(summary["class_histogram"].values()) or 1
+    classes = ", ".join(f"{k} {100 * v / total:.1f}%" for k, v in summary["class_histogram"].items())
+    lines = [
+        f"segmented {scene['width']}x{scene['height']}x{scene['bands']} {scene['dtype']} "
+        f"({scene['megapixels']} MP, {scene['crs'] or 'no CRS'}) in {sec['total']:.1f} s: "
+        f"{summary['megapixels_per_second']} MP/s on {summary['workers']} {summary['device']} worker(s)",
+        f"tiles: {tiles['total']} total, {tiles['computed']} computed, {tiles['skipped_nodata']} skipped (nodata), "
+        f"{tiles['reused']} reused; {tiles['tile_size']} px + {tiles['halo']} px halo, {tiles['blend']} blend",
+        f"stages: {stages}",
+        f"classes: {classes}",
+        f"mask: {summary['output']}",
+    ]
+    if summary.get("probabilities"):
+        lines.append(f"probabilities: {summary['probabilities']}")
+    if not summary["model"]["trained"]:
+        lines.append("note: the model is untrained (fixed-seed weights); its mask is not meaningful")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="segpipe", description="Segment huge images with attention models.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress and show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+COMMANDS: list[Callable[[Any], None]] = [_add_run]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _quiet_environment(args.verbose)
+    try:
+        return int(args.handler(args))
+    except SegpipeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("error: interrupted; re-run with the same --work-dir to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        if args.verbose:
+            raise
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        print(f"internal error: {type(exc).__name__}: {first} (re-run with --verbose for details)", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())
