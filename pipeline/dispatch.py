@@ -133,13 +133,15 @@ def ray_session(address: str | None, num_cpus: int) -> Iterator[Any]:
         yield ray
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    quiet = logging.WARNING if log.isEnabledFor(logging.INFO) else logging.ERROR
     if address:
-        ray.init(address=address, log_to_driver=False)
+        ray.init(address=address, log_to_driver=False, logging_level=quiet)
     else:
         ray.init(
             num_cpus=num_cpus,
             include_dashboard=False,
             log_to_driver=False,
+            logging_level=quiet,
             _node_ip_address="127.0.0.1",
         )
     try:

@@ -157,7 +157,7 @@ def export_cog(
                     tmp,
                     driver="COG",
                     COMPRESS="DEFLATE",
-                    PREDICTOR="2" if not is_mask else "1",
+                    PREDICTOR="NO" if is_mask else "YES",
                     BLOCKSIZE="512",
                     BIGTIFF="IF_SAFER",
                     OVERVIEW_RESAMPLING="MODE" if is_mask else "AVERAGE",

@@ -62,6 +62,7 @@ def _add_run(sub: Any) -> None:
     p.add_argument("--ray-address", help="an existing Ray cluster (auto, ray://host:10001); default: local")
     p.add_argument("--executor", default="ray", choices=["ray", "local"], help=argparse.SUPPRESS)
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
+    p.add_argument("--no-prefect", action="store_true", help="run the stages directly, without the Prefect flow")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     p.set_defaults(handler=_cmd_run)
 
@@ -86,9 +87,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
         executor=args.executor,
     )
     make_plan(settings)  # fail fast, before Prefect and Ray start
-    from flows.segment import segment_scene
+    if args.no_prefect:
+        from pipeline.run import run_scene
 
-    summary = segment_scene(settings)
+        summary = run_scene(settings)
+    else:
+        from flows.segment import segment_scene
+
+        summary = segment_scene(settings)
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
