@@ -1,0 +1,87 @@
+"""The command line as users meet it: exit codes, one-line errors, refusal to overwrite, nothing left behind, and
+one full run through Prefect (ephemeral) and a local Ray pool."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import rasterio
+
+ENV = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def segpipe(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "segpipe.cli", *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], code: int, text: str) -> None:
+    assert result.returncode == code, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ") and text in lines[0], lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_full_run_through_prefect_and_ray(data_dir: Path, tmp_path: Path) -> None:
+    result = segpipe("run", str(data_dir / "RGB.byte.tif"), "mask.tif", "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["output"] == str(tmp_path / "mask.tif")
+    assert summary["tiles"]["total"] == 4 and summary["workers"] >= 1
+    with rasterio.open(tmp_path / "mask.tif") as out, rasterio.open(data_dir / "RGB.byte.tif") as src:
+        assert (out.crs, out.transform, out.shape) == (src.crs, src.transform, src.shape)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mask.summary.json", "mask.tif"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["run", "missing.tif", "out.tif"], "input 'missing.tif' does not exist"),
+        (["run", "{data}/RGB.byte.tif", "out.png"], "must end in .tif or .tiff"),
+        (["run", "{data}/RGB.byte.tif", "nodir/out.tif"], "does not exist; create nodir first"),
+        (["run", "{data}/RGB.byte.tif", "out.tif", "--blend", "max"], "argument --blend: invalid choice"),
+        (["run", "{data}/RGB.byte.tif", "out.tif", "--tile-size", "abc"], "expected a whole number"),
+        (["run", "{data}/RGB.byte.tif", "out.tif", "--tile-size", "200"], "tile size 200 is not a multiple of 16"),
+        (["run", "{data}/RGB.byte.tif", "out.tif", "--halo", "512"], "smaller than twice the halo"),
+        (["run", "{data}/RGB.byte.tif", "out.tif", "--model", "nosuch"], "nosuch"),
+        (["run", "{data}/Spain_7370579_S2Hand.tif", "out.tif"], "takes 3 bands (red, green, blue) but the scene"),
+        (["run", "{data}/README.md", "out.tif"], "is not a raster GDAL can read"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_leaves_nothing(
+    args: list[str], message: str, data_dir: Path, tmp_path: Path
+) -> None:
+    result = segpipe(*[a.format(data=data_dir) for a in args], cwd=tmp_path)
+    assert_one_line_error(result, 2, message)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_is_refused(data_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / "out.tif").write_bytes(b"keep me")
+    result = segpipe("run", str(data_dir / "RGB.byte.tif"), "out.tif", cwd=tmp_path)
+    assert_one_line_error(result, 2, "already exists; pass --overwrite")
+    assert (tmp_path / "out.tif").read_bytes() == b"keep me"
+
+
+def test_internal_failure_exits_1_with_one_line(data_dir: Path, tmp_path: Path) -> None:
+    # a zarr work store path that is a file: the work store cannot be created past validation
+    (tmp_path / "work").mkdir()
+    from pipeline.store import store_path
+
+    store_path(tmp_path / "work", str(data_dir / "RGB.byte.tif")).write_text("not a zarr store")
+    result = segpipe(
+        "run", str(data_dir / "RGB.byte.tif"), "out.tif", "--work-dir", "work", "--no-prefect", "--executor", "local",
+        cwd=tmp_path,
+    )
+    assert result.returncode in (1, 2), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not (tmp_path / "out.tif").exists()
