@@ -40,6 +40,7 @@ def _export_onnx(model: torch.nn.Module, path: Path, size: int, dynamic: bool) -
 
 def test_onnx_fixed_size_matches_pytorch(tmp_path: Path) -> None:
     pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")  # torch.onnx.export needs it
     model = _tiny(**FULL)
     path = tmp_path / "net.onnx"
     _export_onnx(model, path, 32, dynamic=False)
@@ -56,6 +57,7 @@ def test_onnx_fixed_size_matches_pytorch(tmp_path: Path) -> None:
 
 def test_onnx_dynamic_size(tmp_path: Path) -> None:
     pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")  # torch.onnx.export needs it
     model = _tiny()
     path = tmp_path / "net.onnx"
     _export_onnx(model, path, 32, dynamic=True)
@@ -69,6 +71,7 @@ def test_onnx_dynamic_size(tmp_path: Path) -> None:
 
 def test_onnx_sidecar_must_fit(tmp_path: Path) -> None:
     pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")  # torch.onnx.export needs it
     path = tmp_path / "net.onnx"
     _export_onnx(_tiny(), path, 32, dynamic=False)
     write_metadata(make_metadata(architecture="onnx"), path)
