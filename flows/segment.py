@@ -1,7 +1,7 @@
 """The ``segment_scene`` Prefect flow: one task per stage of :func:`pipeline.run.run_scene`.
 
-With no configuration Prefect runs in ephemeral mode (a temporary local API on loopback, no server to run); with
-``PREFECT_API_URL`` set, runs are recorded on that server and can be scheduled (see :mod:`flows.deploy`).
+With no configuration Prefect runs in ephemeral mode (a temporary local API on loopback, no server to run);
+with ``PREFECT_API_URL`` set, runs are recorded on that server and can be scheduled (see :mod:`flows.deploy`).
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from pipeline.run import run_scene
 
 
 def as_task(stage: Callable[..., Any]) -> Callable[..., Any]:
-    """A stage as a Prefect task named after it (``ingest``, ``infer``, ...), never cached: the work store is the
-    cache, and it knows what is complete."""
-    return task(stage, name=stage.__name__.removesuffix("_stage"), cache_policy=NONE)
+    """A stage as a Prefect task named after it (``ingest``, ``infer``, ...), never cached: the work store is
+    the cache, and it knows what is complete."""
+    return task(name=stage.__name__.removesuffix("_stage"), cache_policy=NONE)(stage)
 
 
 @flow(name="segment_scene", persist_result=False, validate_parameters=False)

@@ -1,13 +1,14 @@
 """Blend weights: how overlapping tile predictions become one. Pure numpy, no I/O.
 
-- ``crop``: each tile keeps only its core; no overlap, no weights (exact when the halo covers the receptive field).
-- ``cosine``: weight 1 over the middle of the tile input, tapering with a raised cosine over the outer ``2*halo``
-  pixels. Adjacent tiles overlap by exactly ``2*halo`` pixels and their tapers sum to 1 there (a partition of
-  unity), so a prediction fades from one tile to the next without a seam.
+- ``crop``: each tile keeps only its core; no overlap, no weights (exact when the halo covers the receptive
+  field).
+- ``cosine``: weight 1 over the middle of the tile input, tapering with a raised cosine over the outer
+  ``2*halo`` pixels. Adjacent tiles overlap by exactly ``2*halo`` pixels and their tapers sum to 1 there (a
+  partition of unity), so a prediction fades from one tile to the next without a seam.
 - ``gaussian``: a Gaussian centred on the tile input with sigma = size / 8 (as MONAI's sliding window).
 
-Weights never reach zero (floor :data:`MIN_WEIGHT`) so pixels at the scene edge, seen by one tile only, still get a
-prediction.
+Weights never reach zero (floor :data:`MIN_WEIGHT`) so pixels at the scene edge, seen by one tile only, still
+get a prediction.
 """
 
 from __future__ import annotations

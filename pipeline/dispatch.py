@@ -50,7 +50,7 @@ def prepare_outputs(group: zarr.Group, grid: TileGrid, options: InferOptions, cl
     Returns:
         True when earlier results are reused (same key), False when the arrays were (re)created.
     """
-    run = dict(group.attrs).get("run", {})
+    run = ws.attrs(group).get("run", {})
     if run.get("key") == key and ws.DONE in group:
         return True
     t = grid.tile_size
@@ -99,18 +99,19 @@ def prepare_outputs(group: zarr.Group, grid: TileGrid, options: InferOptions, cl
 def plan_groups(group: zarr.Group, grid: TileGrid, batch_size: int) -> tuple[list[list[int]], int, int]:
     """Fixed batches of tile indices to compute, in raster order.
 
-    Tiles whose core holds no valid pixel are skipped. Batches are formed from all tiles that need compute, before
-    looking at what is done, so a resumed run forms exactly the same batches; batches already fully done are dropped.
+    Tiles whose core holds no valid pixel are skipped. Batches are formed from all tiles that need compute,
+    before looking at what is done, so a resumed run forms exactly the same batches; batches already fully
+    done are dropped.
 
     Returns:
         ``(groups, skipped_nodata, reused)``.
     """
-    counts = np.asarray(group[ws.VALID_PIXELS][...])
+    counts = np.asarray(ws.array(group, ws.VALID_PIXELS)[...])
     if counts.shape != (grid.rows, grid.cols):
         raise ValueError(f"valid_pixels has shape {counts.shape}, expected {(grid.rows, grid.cols)}")
     needed = [int(i) for i in np.flatnonzero(counts.ravel() > 0)]
     skipped = len(grid) - len(needed)
-    done = np.asarray(group[ws.DONE][...]).ravel()
+    done = np.asarray(ws.array(group, ws.DONE)[...]).ravel()
     groups = [needed[k : k + batch_size] for k in range(0, len(needed), batch_size)]
     todo = [g for g in groups if not all(done[i] for i in g)]
     reused = sum(len(g) for g in groups) - sum(len(g) for g in todo)
@@ -214,7 +215,9 @@ def run_inference(
         with ray_session(ray_address, os.cpu_count() or 1) as ray:
             device, n_workers, threads, resources = _resolve_pool(ray, options.device, workers)
             if groups:
-                stats = _run_ray_pool(ray, store_path, options, device, n_workers, threads, resources, groups, progress)
+                stats = _run_ray_pool(
+                    ray, store_path, options, device, n_workers, threads, resources, groups, progress
+                )
     else:
         raise ValueError(f"executor must be 'ray' or 'local', got {executor!r}")
     computed = sum(s["tiles"] for s in stats)

@@ -1,9 +1,10 @@
-"""Export stage: the work store's ``mask`` (or ``probabilities``) as a Cloud Optimized GeoTIFF on the scene's grid.
+"""Export stage: the store's ``mask`` (or ``probabilities``) as a Cloud Optimized GeoTIFF on the scene's grid.
 
-Window by window, the array is copied into a tiled GeoTIFF in the work directory (memory bounded by one block);
-GDAL's COG driver then writes the final file with overviews (mode resampling for class ids, average for
-probabilities), BigTIFF when needed, under a hidden temporary name next to the output, and the file is renamed into
-place only when it is complete and valid. A failed or killed export never leaves a file at the output path.
+Window by window, the array is copied into a tiled GeoTIFF in the work directory (memory bounded by one
+block); GDAL's COG driver then writes the final file with overviews (mode resampling for class ids, average
+for probabilities), BigTIFF when needed, under a hidden temporary name next to the output, and the file is
+renamed into place only when it is complete and valid. A failed or killed export never leaves a file at the
+output path.
 """
 
 from __future__ import annotations
@@ -103,8 +104,8 @@ def export_cog(
 
     Args:
         group: The work store.
-        name: ``mask`` (one band of class ids, nodata 255, colour table) or ``probabilities`` (one band per class,
-            probability x 254, nodata 255).
+        name: ``mask`` (one band of class ids, nodata 255, colour table) or ``probabilities`` (one band per
+            class, probability x 254, nodata 255).
         output: Final path of the COG.
         scratch_dir: Where the intermediate tiled GeoTIFF goes (the work directory).
         class_names: Class names in class-id order (tags and band descriptions).
@@ -113,8 +114,8 @@ def export_cog(
         progress: Called with pixels copied.
     """
     start = time.perf_counter()
-    scene = SceneInfo.from_attrs(dict(group.attrs)["scene"])
-    array = group[name]
+    scene = SceneInfo.from_attrs(ws.attrs(group)["scene"])
+    array = ws.array(group, name)
     is_mask = name == ws.MASK
     count = 1 if is_mask else int(array.shape[0])
     scratch = Path(scratch_dir) / f".{Path(output).name}.export.tif"
@@ -133,7 +134,9 @@ def export_cog(
                         block = np.asarray(array[:, window.row_slice, window.col_slice])
                     dst.write(
                         block,
-                        window=rasterio.windows.Window(window.col_off, window.row_off, window.width, window.height),
+                        window=rasterio.windows.Window(
+                            window.col_off, window.row_off, window.width, window.height
+                        ),
                     )
                     if progress:
                         progress(window.area)

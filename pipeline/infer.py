@@ -1,16 +1,16 @@
 """Infer stage, worker side: a :class:`TileSegmenter` holds one model and turns tile indices into predictions.
 
-A segmenter reads each tile's input (core + halo, mirror-padded at the scene edge) from the work store, normalises
-it as the model's metadata says, runs batches, and writes results back into the store:
+A segmenter reads each tile's input (core + halo, mirror-padded at the scene edge) from the work store,
+normalises it as the model's metadata says, runs batches, and writes results back into the store:
 
-- ``crop`` blend: class ids of the core straight into ``mask`` (argmax in float32, nodata -> 255) and, if asked,
-  scaled probabilities into ``probabilities``; no stitch pass is needed.
+- ``crop`` blend: class ids of the core straight into ``mask`` (argmax in float32, nodata -> 255) and, if
+  asked, scaled probabilities into ``probabilities``; no stitch pass is needed.
 - ``cosine``/``gaussian``: the softmax over the whole tile input into ``tile_probabilities`` (float16), for
   :mod:`pipeline.stitch` to blend.
 
-Only tile indices go in and small stats come out. Reads of the next batch and writes of the previous one run on
-background threads while the model computes. A batch is a fixed group of tiles, so a re-run recomputes exactly the
-same batches and produces identical bytes; a group whose tiles are all marked done is skipped.
+Only tile indices go in and small stats come out. Reads of the next batch and writes of the previous one run
+on background threads while the model computes. A batch is a fixed group of tiles, so a re-run recomputes
+exactly the same batches and produces identical bytes; a group whose tiles are all marked done is skipped.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ class InferOptions:
 
 
 def read_tile_input(image: zarr.Array, valid: zarr.Array, tile: Tile) -> tuple[np.ndarray, np.ndarray]:
-    """Read a tile's input window from the store, mirror-padded to the full input size where it leaves the scene.
+    """Read a tile's input window from the store, mirror-padded to the full input size outside the scene.
 
     Returns:
         ``(pixels, valid)``: pixels (bands, S, S) in the scene's dtype and a (S, S) uint8 validity mask, where
@@ -73,7 +73,9 @@ def read_tile_input(image: zarr.Array, valid: zarr.Array, tile: Tile) -> tuple[n
     return data, ok
 
 
-def normalise(pixels: np.ndarray, valid: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+def normalise(
+    pixels: np.ndarray, valid: np.ndarray, mean: Sequence[float], std: Sequence[float]
+) -> np.ndarray:
     """``(x - mean) / std`` per band as float32 (bands, H, W); nodata pixels become 0 (the band mean)."""
     m = np.asarray(mean, dtype=np.float32)[:, None, None]
     s = np.asarray(std, dtype=np.float32)[:, None, None]
@@ -103,20 +105,21 @@ class TileSegmenter:
         self.loaded = load_model(options.model, device=options.device)
         self.model = self.loaded.module
         if self.device.type == "cuda":
-            self.model = self.model.to(memory_format=torch.channels_last)
+            # torch's stubs for Module.to omit the memory_format keyword that it accepts
+            self.model = self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         meta = self.loaded.metadata
         self.mean, self.std = meta.mean, meta.std
         self.group = ws.open_store(store_path, mode="r+")
-        self.image = self.group[ws.IMAGE]
-        self.valid = self.group[ws.VALID]
-        self.done = self.group[ws.DONE]
-        scene = self.group.attrs["scene"]
+        self.image = ws.array(self.group, ws.IMAGE)
+        self.valid = ws.array(self.group, ws.VALID)
+        self.done = ws.array(self.group, ws.DONE)
+        scene = ws.attrs(self.group)["scene"]
         self.grid = TileGrid(scene["width"], scene["height"], options.tile_size, options.halo)
         if options.blend == "crop":
-            self.mask = self.group[ws.MASK]
-            self.probabilities = self.group[ws.PROBABILITIES] if options.probabilities else None
+            self.mask = ws.array(self.group, ws.MASK)
+            self.probabilities = ws.array(self.group, ws.PROBABILITIES) if options.probabilities else None
         else:
-            self.tile_probabilities = self.group[ws.TILE_PROBABILITIES]
+            self.tile_probabilities = ws.array(self.group, ws.TILE_PROBABILITIES)
         self.io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tile-io")
 
     def _read_batch(self, indices: Sequence[int]) -> tuple[list[Tile], np.ndarray, np.ndarray]:
@@ -133,7 +136,11 @@ class TileSegmenter:
         torch = self.torch
         x = torch.from_numpy(batch)
         if self.device.type == "cuda":
-            x = x.pin_memory().to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            x = (
+                x.pin_memory()
+                .to(self.device, non_blocking=True)
+                .contiguous(memory_format=torch.channels_last)
+            )
             dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
             with torch.inference_mode(), torch.autocast("cuda", dtype=dtype):
                 logits = self.model(x)
@@ -188,7 +195,9 @@ class TileSegmenter:
         stats = {"tiles": 0, "batches": 0, "compute_s": 0.0, "wait_read_s": 0.0, "wait_write_s": 0.0}
         if not todo:
             return {**stats, "seconds": time.perf_counter() - start}
-        pending_read: Future[tuple[list[Tile], np.ndarray, np.ndarray]] = self.io.submit(self._read_batch, todo[0])
+        pending_read: Future[tuple[list[Tile], np.ndarray, np.ndarray]] = self.io.submit(
+            self._read_batch, todo[0]
+        )
         pending_write: Future[None] | None = None
         for k in range(len(todo)):
             t0 = time.perf_counter()

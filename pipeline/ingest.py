@@ -1,9 +1,9 @@
 """Ingest stage: copy a scene, window by window, into the work store's ``image`` and ``valid`` arrays.
 
 Memory is bounded by ``workers x region`` pixels, never by the scene: every task reads one region (a block of
-chunks aligned to the store's chunk grid, at most ``region_size`` pixels square) through its own rasterio handle,
-writes it, and returns only the number of valid pixels per chunk. A complete ingest is recorded in the store's
-attributes; a re-run with an unchanged source (same fingerprint and chunk size) skips it.
+chunks aligned to the store's chunk grid, at most ``region_size`` pixels square) through its own rasterio
+handle, writes it, and returns only the number of valid pixels per chunk. A complete ingest is recorded in the
+store's attributes; a re-run with an unchanged source (same fingerprint and chunk size) skips it.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from rasterio.errors import NotGeoreferencedWarning
 from rasterio.windows import Window as RioWindow
 
 from pipeline import store as ws
-from pipeline.tile import TileGrid, Window
 from pipeline.read import SceneInfo, gdal_path
+from pipeline.tile import TileGrid, Window
 from segpipe.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ def _regions(width: int, height: int, region: int) -> list[Window]:
 
 
 def valid_mask(src: rasterio.DatasetReader, window: RioWindow, data: np.ndarray) -> np.ndarray:
-    """1 where a pixel holds data: GDAL's dataset mask (nodata, alpha, internal masks) and finite in every band.
+    """1 where a pixel has data: GDAL's dataset mask (nodata, alpha, internal masks) and finite in every band.
 
     Args:
         src: The open scene.
@@ -104,7 +104,7 @@ def ingest(
     region_size: int | None = None,
     progress: Callable[[int], Any] | None = None,
 ) -> IngestResult:
-    """Copy the scene into ``group`` (``image``, ``valid``, ``valid_pixels``), or reuse a complete earlier copy.
+    """Copy the scene into ``group`` (``image``, ``valid``, ``valid_pixels``) or reuse a complete earlier one.
 
     Args:
         scene: The validated scene (see :func:`pipeline.read.describe_scene`).
@@ -116,17 +116,17 @@ def ingest(
         progress: Called with the number of pixels written after each region.
     """
     start = time.perf_counter()
-    attrs = dict(group.attrs)
-    expected = {"fingerprint": scene.fingerprint, "chunk_size": chunk_size, "complete": True}
+    attrs = ws.attrs(group)
+    expected: dict[str, Any] = {"fingerprint": scene.fingerprint, "chunk_size": chunk_size, "complete": True}
     if attrs.get("ingest") == expected and ws.IMAGE in group:
-        total = int(np.asarray(group[ws.VALID_PIXELS][...]).sum())
+        total = int(np.asarray(ws.array(group, ws.VALID_PIXELS)[...]).sum())
         if progress:
             progress(scene.pixels)
         return IngestResult(seconds=time.perf_counter() - start, reused=True, valid_pixels=total)
 
     group.attrs.update({"scene": scene.to_attrs(), "ingest": {**expected, "complete": False}})
     _create_arrays(group, scene, chunk_size)
-    image, valid = group[ws.IMAGE], group[ws.VALID]
+    image, valid = ws.array(group, ws.IMAGE), ws.array(group, ws.VALID)
     region = region_size or max(chunk_size, (2048 // chunk_size) * chunk_size)
     if region % chunk_size:
         raise ValueError(f"region_size {region} must be a multiple of chunk_size {chunk_size}")
@@ -175,7 +175,7 @@ def ingest(
     finally:
         for handle in handles:
             handle.close()
-    group[ws.VALID_PIXELS][...] = counts
+    ws.array(group, ws.VALID_PIXELS)[...] = counts
     group.attrs["ingest"] = expected
     seconds = time.perf_counter() - start
     log.info("ingested %s (%dx%dx%d) in %.1f s", scene.path, scene.width, scene.height, scene.count, seconds)

@@ -1,7 +1,7 @@
 """Validate a run before any work starts and resolve its settings into a :class:`RunPlan`.
 
-Everything a user can get wrong is checked here, in about a second: the scene, the model and its fit to the scene,
-tile size and halo, and the output paths. The stages then run on a plan that is known to be sound.
+Everything a user can get wrong is checked here, in about a second: the scene, the model and its fit to the
+scene, tile size and halo, and the output paths. The stages then run on a plan that is known to be sound.
 """
 
 from __future__ import annotations
@@ -74,7 +74,9 @@ class RunPlan:
 def _check_output(path: str, what: str, overwrite: bool) -> None:
     out = Path(path)
     if out.suffix.lower() not in OUTPUT_SUFFIXES:
-        raise ConfigError(f"{what} {path!r} must end in .tif or .tiff (it is written as a Cloud Optimized GeoTIFF)")
+        raise ConfigError(
+            f"{what} {path!r} must end in .tif or .tiff (it is written as a Cloud Optimized GeoTIFF)"
+        )
     if out.is_dir():
         raise OutputError(f"{what} {path!r} is a directory; give a file name such as {out / 'mask.tif'}")
     parent = out.parent if str(out.parent) else Path(".")
@@ -110,7 +112,9 @@ def make_plan(settings: RunSettings) -> RunPlan:
         import torch
 
         if not torch.cuda.is_available() and not settings.ray_address:
-            raise ConfigError("--device cuda was asked for but this machine has no CUDA GPU; use --device cpu or auto")
+            raise ConfigError(
+                "--device cuda was asked for but this machine has no CUDA GPU; use --device cpu or auto"
+            )
     _check_output(settings.output, "output", settings.overwrite)
     if settings.probabilities:
         _check_output(settings.probabilities, "--probabilities", settings.overwrite)
@@ -123,7 +127,9 @@ def make_plan(settings: RunSettings) -> RunPlan:
         if work.exists() and not work.is_dir():
             raise OutputError(f"--work-dir {settings.work_dir!r} is a file, not a directory")
         if not work.exists() and not work.parent.is_dir():
-            raise OutputError(f"the parent of --work-dir {settings.work_dir!r} does not exist; create it first")
+            raise OutputError(
+                f"the parent of --work-dir {settings.work_dir!r} does not exist; create it first"
+            )
 
     scene = describe_scene(settings.input)
     loaded = load_model(settings.model, device="cpu")

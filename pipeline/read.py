@@ -1,7 +1,8 @@
 """Read stage: open a scene with rasterio, validate it, and describe its grid.
 
-Anything GDAL opens works: local paths, ``/vsicurl/`` URLs, ``s3://`` (through GDAL's /vsis3/), plain TIFF, PNG and
-JPEG. Validation happens here, before any work starts, so a bad scene fails in seconds with one clear message.
+Anything GDAL opens works: local paths, ``/vsicurl/`` URLs, ``s3://`` (through GDAL's /vsis3/), plain TIFF,
+PNG and JPEG. Validation happens here, before any work starts, so a bad scene fails in seconds with one clear
+message.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ class SceneInfo:
             count=int(attrs["count"]),
             dtype=attrs["dtype"],
             crs_wkt=attrs["crs_wkt"],
-            transform=tuple(attrs["transform"]),  # type: ignore[arg-type]
+            transform=tuple(attrs["transform"]),
             nodata=None if nodata is None else float(nodata),
             band_descriptions=tuple(attrs["band_descriptions"]),
             georeferenced=bool(attrs["georeferenced"]),
@@ -101,7 +102,10 @@ class SceneInfo:
 
 
 def gdal_path(path: str) -> str:
-    """Map user-facing URLs to GDAL virtual file systems (``s3://b/k`` -> ``/vsis3/b/k``, ``https://`` -> /vsicurl/)."""
+    """Map user-facing URLs to GDAL virtual file systems.
+
+    ``s3://b/k`` -> ``/vsis3/b/k``, ``https://`` -> /vsicurl/.
+    """
     for scheme, vsi in (("s3://", "/vsis3/"), ("gs://", "/vsigs/")):
         if path.startswith(scheme):
             return vsi + path[len(scheme) :]
@@ -125,7 +129,9 @@ def open_scene(path: str, *, retries: int = 3, backoff_s: float = 1.0) -> Iterat
         if not os.path.exists(path):
             raise InputError(f"input {path!r} does not exist; check the path")
         if os.path.isdir(path):
-            raise InputError(f"input {path!r} is a directory; give a raster file (GeoTIFF, COG, JPEG, PNG, ...)")
+            raise InputError(
+                f"input {path!r} is a directory; give a raster file (GeoTIFF, COG, JPEG, PNG, ...)"
+            )
         if os.path.getsize(path) == 0:
             raise InputError(f"input {path!r} is an empty file (0 bytes); re-copy or re-download it")
     attempts = retries if is_remote(path) else 1
@@ -144,7 +150,8 @@ def open_scene(path: str, *, retries: int = 3, backoff_s: float = 1.0) -> Iterat
                         "check the URL, the network and credentials"
                     ) from None
                 raise InputError(
-                    f"input {path!r} is not a raster GDAL can read ({reason}); give a GeoTIFF, COG, JPEG or PNG"
+                    f"input {path!r} is not a raster GDAL can read ({reason}); "
+                    "give a GeoTIFF, COG, JPEG or PNG"
                 ) from None
             time.sleep(backoff_s * 2 ** (attempt - 1))
     try:
@@ -174,7 +181,9 @@ def describe_scene(path: str) -> SceneInfo:
             raise InputError(f"input {path!r} has no raster bands")
         dtypes = set(src.dtypes)
         if len(dtypes) > 1:
-            raise InputError(f"input {path!r} mixes band data types {sorted(dtypes)}; convert to one type first")
+            raise InputError(
+                f"input {path!r} mixes band data types {sorted(dtypes)}; convert to one type first"
+            )
         dtype = src.dtypes[0]
         if dtype not in SUPPORTED_DTYPES:
             raise InputError(
@@ -185,7 +194,10 @@ def describe_scene(path: str) -> SceneInfo:
         crs = src.crs
         georeferenced = crs is not None or not transform.is_identity
         if not georeferenced:
-            log.warning("%s has no georeferencing (no CRS, identity transform): the mask keeps pixel coordinates", path)
+            log.warning(
+                "%s has no georeferencing (no CRS, identity transform): the mask keeps pixel coordinates",
+                path,
+            )
         header = {
             "width": src.width,
             "height": src.height,
@@ -202,7 +214,7 @@ def describe_scene(path: str) -> SceneInfo:
             count=src.count,
             dtype=dtype,
             crs_wkt=crs.to_wkt() if crs else None,
-            transform=tuple(transform)[:6],  # type: ignore[arg-type]
+            transform=tuple(transform)[:6],
             nodata=src.nodata,
             band_descriptions=tuple(d or "" for d in src.descriptions),
             georeferenced=georeferenced,

@@ -1,9 +1,9 @@
 """Run one scene through the stages: validate -> ingest -> infer -> stitch -> export -> summary.
 
-:func:`run_scene` is the whole job as a plain function; it takes a ``wrap`` that turns each stage into whatever
-runs it (identity for a plain call, ``prefect.task`` in :mod:`flows.segment`). It holds the locks, times the
-stages, shows progress bars and writes the run summary. Only paths, settings and small stats pass between stages;
-pixels stay in the work store.
+:func:`run_scene` is the whole job as a plain function; it takes a ``wrap`` that turns each stage into
+whatever runs it (identity for a plain call, ``prefect.task`` in :mod:`flows.segment`). It holds the locks,
+times the stages, shows progress bars and writes the run summary. Only paths, settings and small stats pass
+between stages; pixels stay in the work store.
 """
 
 from __future__ import annotations
@@ -146,7 +146,7 @@ def build_summary(
     exported: ExportResult,
     store_path: str,
 ) -> dict[str, Any]:
-    """The run summary (JSON-friendly): scene, model, tiles, seconds per stage, throughput, class histogram."""
+    """Run summary (JSON-friendly): scene, model, tiles, seconds per stage, throughput, class histogram."""
     s, scene = plan.settings, plan.scene
     names = plan.model.classes
     histogram = {

@@ -3,10 +3,10 @@
 Only for the ``cosine`` and ``gaussian`` blends; with ``crop`` the segmenters write the mask directly.
 
 For every tile core, the prediction is the weighted mean of the predictions of all tiles whose input window
-covers it (itself and, with ``halo < tile_size``, its 8 neighbours), with the weights of :mod:`pipeline.blend`;
-then argmax, and input nodata becomes 255. Work is cut into blocks of ``block x block`` tiles; a block reads the
-tile predictions of its neighbourhood once, so memory per thread is bounded by ``(block + 2)^2`` tiles, whatever
-the scene's size.
+covers it (itself and, with ``halo < tile_size``, its 8 neighbours), with the weights of
+:mod:`pipeline.blend`; then argmax, and input nodata becomes 255. Work is cut into blocks of ``block x block``
+tiles; a block reads the tile predictions of its neighbourhood once, so memory per thread is bounded by
+``(block + 2)^2`` tiles, whatever the scene's size.
 """
 
 from __future__ import annotations
@@ -34,13 +34,15 @@ class StitchResult:
     tiles: int
 
 
-def blend_core(tile: Tile, neighbours: dict[tuple[int, int], tuple[Tile, np.ndarray]], weights: np.ndarray) -> np.ndarray:
+def blend_core(
+    tile: Tile, neighbours: dict[tuple[int, int], tuple[Tile, np.ndarray]], weights: np.ndarray
+) -> np.ndarray:
     """Weighted mean of the neighbours' predictions over one tile core.
 
     Args:
         tile: The tile whose core is blended.
-        neighbours: ``(row, col) -> (tile, probabilities (classes, S, S))`` of the tiles with predictions whose
-            input windows overlap the core (must include ``tile`` itself).
+        neighbours: ``(row, col) -> (tile, probabilities (classes, S, S))`` of the tiles with predictions
+            whose input windows overlap the core (must include ``tile`` itself).
         weights: (S, S) blend weights of one tile input.
     Returns:
         float32 probabilities (classes, core height, core width).
@@ -76,12 +78,12 @@ def stitch(
 ) -> StitchResult:
     """Blend ``tile_probabilities`` into ``mask`` (and ``probabilities`` when the store has it)."""
     start = time.perf_counter()
-    tile_probs = group[ws.TILE_PROBABILITIES]
-    valid = group[ws.VALID]
-    mask = group[ws.MASK]
-    probabilities = group[ws.PROBABILITIES] if ws.PROBABILITIES in group else None
-    done = np.asarray(group[ws.DONE][...]).astype(bool)
-    needed = np.asarray(group[ws.VALID_PIXELS][...]) > 0
+    tile_probs = ws.array(group, ws.TILE_PROBABILITIES)
+    valid = ws.array(group, ws.VALID)
+    mask = ws.array(group, ws.MASK)
+    probabilities = ws.array(group, ws.PROBABILITIES) if ws.PROBABILITIES in group else None
+    done = np.asarray(ws.array(group, ws.DONE)[...]).astype(bool)
+    needed = np.asarray(ws.array(group, ws.VALID_PIXELS)[...]) > 0
     weights = weights_2d(grid.input_size, grid.halo, blend)
     reach = -(-grid.halo // grid.tile_size)
 
@@ -102,7 +104,9 @@ def stitch(
                     continue  # all nodata: the mask keeps its fill value, 255
                 tile = grid.tile(r, c)
                 near = {
-                    (n.row, n.col): cache[(n.row, n.col)] for n in grid.neighbours(r, c) if (n.row, n.col) in cache
+                    (n.row, n.col): cache[(n.row, n.col)]
+                    for n in grid.neighbours(r, c)
+                    if (n.row, n.col) in cache
                 }
                 probs = blend_core(tile, near, weights)
                 ok = np.asarray(valid[tile.core.row_slice, tile.core.col_slice]).astype(bool)

@@ -4,16 +4,16 @@ Layout (all arrays chunked on the tile grid, pixel axes last)::
 
     image                (bands, height, width)   scene dtype   the scene's pixels, written once by ingest
     valid                (height, width)          uint8         1 where the scene has data, 0 where nodata
-    valid_pixels         (rows, cols)             int64         valid pixels per tile core (for skipping tiles)
-    done                 (rows, cols)             uint8         1 when a tile's predictions are written (resume)
+    valid_pixels         (rows, cols)             int64         valid pixels per tile core (to skip tiles)
+    done                 (rows, cols)             uint8         1 when a tile's results are written (resume)
     mask                 (height, width)          uint8         class ids, 255 = nodata; the final product
-    probabilities        (classes, height, width) uint8         optional: class probability x 254, 255 = nodata
-    tile_probabilities   (rows, cols, classes, S, S) float16    blends only: each tile's softmax over its input
+    probabilities        (classes, height, width) uint8         optional: probability x 254, 255 = nodata
+    tile_probabilities   (rows, cols, classes, S, S) float16    blends only: softmax over each tile's input
 
 Attributes: ``scene`` (the :class:`~pipeline.read.SceneInfo`), ``ingest`` (chunk size and completion), ``run``
-(the inference key: model checksum, tile size, halo, blend). Writers: ingest tasks write disjoint image/valid regions,
-each Ray actor writes only the chunks of its own tiles, stitch tasks write disjoint mask regions; attributes and the
-small index arrays are written by the driver alone.
+(the inference key: model checksum, tile size, halo, blend). Writers: ingest tasks write disjoint image/valid
+regions, each Ray actor writes only the chunks of its own tiles, stitch tasks write disjoint mask regions;
+attributes and the small index arrays are written by the driver alone.
 """
 
 from __future__ import annotations
@@ -57,15 +57,39 @@ def open_store(path: str | Path, mode: str = "a") -> zarr.Group:
         raise OutputError(f"cannot open work store {path}: {exc}; check the --work-dir") from None
 
 
+def array(group: zarr.Group, name: str) -> zarr.Array:
+    """The array ``name`` of the work store; a typed ``group[name]`` (which may also return a subgroup).
+
+    Raises:
+        KeyError: the store has no member ``name``.
+        OutputError: ``name`` is a group, not an array (the work store is not one segpipe wrote).
+    """
+    node = group[name]
+    if not isinstance(node, zarr.Array):
+        raise OutputError(
+            f"work store {group.store_path} holds a group at {name!r} where an array was expected; "
+            "delete the work store and run again"
+        )
+    return node
+
+
+def attrs(group: zarr.Group) -> dict[str, Any]:
+    """A copy of the work store's attributes as a plain dict (JSON values, so ``Any``)."""
+    return dict(group.attrs)
+
+
 def store_path(work_dir: str | Path, scene_path: str) -> Path:
-    """The work store of a scene inside a work directory: ``<work_dir>/<scene name>-<8 hex of its path>.zarr``."""
+    """The work store of a scene in a work directory: ``<work_dir>/<scene name>-<8 hex of its path>.zarr``."""
     name = Path(scene_path.rstrip("/")).name or "scene"
     digest = hashlib.sha256(os.path.abspath(scene_path).encode()).hexdigest()[:8]
     return Path(work_dir) / f"{Path(name).stem}-{digest}.zarr"
 
 
 def run_key(**fields: Any) -> str:
-    """A stable hash of the settings that determine inference results (model checksum, tile, halo, blend...)."""
+    """A stable hash of the settings that determine inference results.
+
+    The settings: model checksum, tile, halo, blend...
+    """
     return hashlib.sha256(repr(sorted(fields.items())).encode()).hexdigest()
 
 
@@ -73,14 +97,17 @@ def run_key(**fields: Any) -> str:
 def exclusive_lock(target: str | Path, what: str) -> Iterator[None]:
     """Hold an exclusive, non-blocking advisory lock for ``target`` for the duration of the block.
 
-    The lock file lives in the system temp directory (keyed by the target's absolute path), so nothing is left next
-    to outputs; the kernel releases the lock if the process dies, so a killed run never blocks the next one.
+    The lock file lives in the system temp directory (keyed by the target's absolute path), so nothing is left
+    next to outputs; the kernel releases the lock if the process dies, so a killed run never blocks the next
+    one.
 
     Raises:
         OutputError: another segpipe process holds the lock.
     """
     key = hashlib.sha256(os.path.abspath(str(target)).encode()).hexdigest()[:24]
-    lock_dir = Path(os.environ.get("SEGPIPE_LOCK_DIR", Path(os.environ.get("TMPDIR", "/tmp")) / "segpipe-locks"))
+    lock_dir = Path(
+        os.environ.get("SEGPIPE_LOCK_DIR", Path(os.environ.get("TMPDIR", "/tmp")) / "segpipe-locks")
+    )
     lock_dir.mkdir(parents=True, exist_ok=True)
     handle = open(lock_dir / f"{key}.lock", "w")  # noqa: SIM115 - held open for the lock's lifetime
     try:
@@ -88,7 +115,8 @@ def exclusive_lock(target: str | Path, what: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise OutputError(
-                f"{what} {target} is in use by another segpipe run; wait for it to finish or choose another path"
+                f"{what} {target} is in use by another segpipe run; "
+                "wait for it to finish or choose another path"
             ) from None
         handle.write(f"{os.getpid()}\n")
         handle.flush()

@@ -2,11 +2,11 @@
 
 All sizes and offsets are in **pixels** of the scene grid (column = x, row = y), origin top-left.
 
-A scene of ``width x height`` pixels is cut into a grid of square *cores* of ``tile_size`` pixels; the last row and
-column of cores are clipped at the scene edge, so every pixel lies in exactly one core. Each tile is read with a
-*halo* of ``halo`` pixels of context on every side. Where the halo leaves the scene, the read window is clipped and
-the missing margin is filled by mirror padding (see :attr:`Tile.pad`), so every model input has the same size
-``tile_size + 2 * halo``.
+A scene of ``width x height`` pixels is cut into a grid of square *cores* of ``tile_size`` pixels; the last
+row and column of cores are clipped at the scene edge, so every pixel lies in exactly one core. Each tile is
+read with a *halo* of ``halo`` pixels of context on every side. Where the halo leaves the scene, the read
+window is clipped and the missing margin is filled by mirror padding (see :attr:`Tile.pad`), so every model
+input has the same size ``tile_size + 2 * halo``.
 """
 
 from __future__ import annotations
@@ -76,8 +76,8 @@ class Tile:
         core: The pixels this tile is responsible for (scene coordinates; clipped at the scene edge).
         read: The core grown by the halo and clipped to the scene (scene coordinates).
         pad: Mirror padding that grows ``read`` to the full model input of ``tile_size + 2*halo`` pixels.
-        input_window: The unclipped window ``core origin - halo``, size ``tile_size + 2*halo``, which may extend
-            beyond the scene; the model input covers exactly this window.
+        input_window: The unclipped window ``core origin - halo``, size ``tile_size + 2*halo``, which may
+            extend beyond the scene; the model input covers exactly this window.
     """
 
     row: int
@@ -178,15 +178,17 @@ class TileGrid:
         return found
 
 
-def validate_tiling(tile_size: int, halo: int, *, size_multiple: int = 1, input_size: int | None = None) -> None:
+def validate_tiling(
+    tile_size: int, halo: int, *, size_multiple: int = 1, input_size: int | None = None
+) -> None:
     """Check tile size and halo against what a model accepts; raise ConfigError saying how to fix them.
 
     Args:
         tile_size: Core size in pixels.
         halo: Halo in pixels.
-        size_multiple: The model's input height and width must be multiples of this (e.g. 16 for a depth-4 U-Net).
-            Tile size and halo must both be multiples of it, so that every tile is aligned with the model's
-            down-sampling grid and tiled inference matches whole-image inference.
+        size_multiple: The model's input height and width must be multiples of this (e.g. 16 for a depth-4
+            U-Net). Tile size and halo must both be multiples of it, so that every tile is aligned with the
+            model's down-sampling grid and tiled inference matches whole-image inference.
         input_size: A fixed model input size (e.g. an ONNX export); then ``tile_size + 2*halo`` must equal it.
     """
     if tile_size < 1:
@@ -208,6 +210,7 @@ def validate_tiling(tile_size: int, halo: int, *, size_multiple: int = 1, input_
             )
     if input_size is not None and tile_size + 2 * halo != input_size:
         raise ConfigError(
-            f"the model takes a fixed input of {input_size} pixels but tile size {tile_size} + 2 x halo {halo} = "
-            f"{tile_size + 2 * halo}; choose tile size and halo so that tile_size + 2*halo = {input_size}"
+            f"the model takes a fixed input of {input_size} pixels but "
+            f"tile size {tile_size} + 2 x halo {halo} = {tile_size + 2 * halo}; "
+            f"choose tile size and halo so that tile_size + 2*halo = {input_size}"
         )

@@ -1,7 +1,7 @@
 """The ``segpipe`` command: a thin layer that parses options, validates, and calls the flows.
 
-Exit codes: 0 success; 2 bad input or usage (one line ``error: ...`` on stderr, no traceback); 1 internal failure
-(one line, the traceback only with ``--verbose``); 130 interrupted.
+Exit codes: 0 success; 2 bad input or usage (one line ``error: ...`` on stderr, no traceback); 1 internal
+failure (one line, the traceback only with ``--verbose``); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -47,13 +47,21 @@ def _positive(text: str) -> int:
 
 
 def _add_run(sub: Any) -> None:
-    p = sub.add_parser("run", help="segment a scene: raster in, COG mask out", description="Segment one scene.")
+    p = sub.add_parser(
+        "run", help="segment a scene: raster in, COG mask out", description="Segment one scene."
+    )
     p.add_argument("input", help="the scene: a GeoTIFF/COG path, or any GDAL path or URL (/vsicurl/, s3://)")
     p.add_argument("output", help="the mask to write, a .tif (Cloud Optimized GeoTIFF)")
-    p.add_argument("--model", default="default", help="model name or checkpoint path (default: the shipped model)")
+    p.add_argument(
+        "--model", default="default", help="model name or checkpoint path (default: the shipped model)"
+    )
     p.add_argument("--tile-size", type=_positive, help="tile core size in pixels (default: the model's)")
-    p.add_argument("--halo", type=_positive, help="context margin around each tile in pixels (default: the model's)")
-    p.add_argument("--blend", default="cosine", choices=["crop", "cosine", "gaussian"], help="default: cosine")
+    p.add_argument(
+        "--halo", type=_positive, help="context margin around each tile in pixels (default: the model's)"
+    )
+    p.add_argument(
+        "--blend", default="cosine", choices=["crop", "cosine", "gaussian"], help="default: cosine"
+    )
     p.add_argument("--batch-size", type=_positive, help="tiles per forward pass")
     p.add_argument("--workers", type=_positive, help="segmenter actors (default: one per GPU, or one on CPU)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -62,7 +70,9 @@ def _add_run(sub: Any) -> None:
     p.add_argument("--ray-address", help="an existing Ray cluster (auto, ray://host:10001); default: local")
     p.add_argument("--executor", default="ray", choices=["ray", "local"], help=argparse.SUPPRESS)
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
-    p.add_argument("--no-prefect", action="store_true", help="run the stages directly, without the Prefect flow")
+    p.add_argument(
+        "--no-prefect", action="store_true", help="run the stages directly, without the Prefect flow"
+    )
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     p.set_defaults(handler=_cmd_run)
 
@@ -112,8 +122,9 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"segmented {scene['width']}x{scene['height']}x{scene['bands']} {scene['dtype']} "
         f"({scene['megapixels']} MP, {scene['crs'] or 'no CRS'}) in {sec['total']:.1f} s: "
         f"{summary['megapixels_per_second']} MP/s on {summary['workers']} {summary['device']} worker(s)",
-        f"tiles: {tiles['total']} total, {tiles['computed']} computed, {tiles['skipped_nodata']} skipped (nodata), "
-        f"{tiles['reused']} reused; {tiles['tile_size']} px + {tiles['halo']} px halo, {tiles['blend']} blend",
+        f"tiles: {tiles['total']} total, {tiles['computed']} computed, "
+        f"{tiles['skipped_nodata']} skipped (nodata), {tiles['reused']} reused; "
+        f"{tiles['tile_size']} px + {tiles['halo']} px halo, {tiles['blend']} blend",
         f"stages: {stages}",
         f"classes: {classes}",
         f"mask: {summary['output']}",
@@ -153,7 +164,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verbose:
             raise
         first = str(exc).splitlines()[0] if str(exc) else ""
-        print(f"internal error: {type(exc).__name__}: {first} (re-run with --verbose for details)", file=sys.stderr)
+        print(
+            f"internal error: {type(exc).__name__}: {first} (re-run with --verbose for details)",
+            file=sys.stderr,
+        )
         return EXIT_INTERNAL
 
 

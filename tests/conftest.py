@@ -9,10 +9,10 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from collections.abc import Callable, Sequence  # noqa: E402
-from pathlib import Path  # noqa: E402
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
-import pytest  # noqa: E402
+import pytest
 
 DATA = Path(__file__).resolve().parent / "data"
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -87,4 +87,6 @@ def make_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> CheckpointFacto
 
 @pytest.fixture(scope="session")
 def rgb_checkpoint(make_checkpoint: CheckpointFactory) -> Path:
-    return make_checkpoint("rgb", bands=("red", "green", "blue"), mean=(100.0, 100.0, 100.0), std=(50.0, 50.0, 50.0))
+    return make_checkpoint(
+        "rgb", bands=("red", "green", "blue"), mean=(100.0, 100.0, 100.0), std=(50.0, 50.0, 50.0)
+    )

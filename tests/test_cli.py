@@ -1,5 +1,5 @@
-"""The command line as users meet it: exit codes, one-line errors, refusal to overwrite, nothing left behind, and
-one full run through Prefect (ephemeral) and a local Ray pool."""
+"""The command line as users meet it: exit codes, one-line errors, refusal to overwrite, nothing left behind,
+and one full run through Prefect (ephemeral) and a local Ray pool."""
 
 from __future__ import annotations
 
@@ -17,7 +17,12 @@ ENV = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "RAY_USAGE_STA
 
 def segpipe(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "segpipe.cli", *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "segpipe.cli", *args],
+        cwd=cwd,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
 
 
@@ -49,10 +54,16 @@ def test_full_run_through_prefect_and_ray(data_dir: Path, tmp_path: Path) -> Non
         (["run", "{data}/RGB.byte.tif", "nodir/out.tif"], "does not exist; create nodir first"),
         (["run", "{data}/RGB.byte.tif", "out.tif", "--blend", "max"], "argument --blend: invalid choice"),
         (["run", "{data}/RGB.byte.tif", "out.tif", "--tile-size", "abc"], "expected a whole number"),
-        (["run", "{data}/RGB.byte.tif", "out.tif", "--tile-size", "200"], "tile size 200 is not a multiple of 16"),
+        (
+            ["run", "{data}/RGB.byte.tif", "out.tif", "--tile-size", "200"],
+            "tile size 200 is not a multiple of 16",
+        ),
         (["run", "{data}/RGB.byte.tif", "out.tif", "--halo", "512"], "smaller than twice the halo"),
         (["run", "{data}/RGB.byte.tif", "out.tif", "--model", "nosuch"], "nosuch"),
-        (["run", "{data}/Spain_7370579_S2Hand.tif", "out.tif"], "takes 3 bands (red, green, blue) but the scene"),
+        (
+            ["run", "{data}/Spain_7370579_S2Hand.tif", "out.tif"],
+            "takes 3 bands (red, green, blue) but the scene",
+        ),
         (["run", "{data}/README.md", "out.tif"], "is not a raster GDAL can read"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
     ],
@@ -79,7 +90,14 @@ def test_internal_failure_exits_1_with_one_line(data_dir: Path, tmp_path: Path) 
 
     store_path(tmp_path / "work", str(data_dir / "RGB.byte.tif")).write_text("not a zarr store")
     result = segpipe(
-        "run", str(data_dir / "RGB.byte.tif"), "out.tif", "--work-dir", "work", "--no-prefect", "--executor", "local",
+        "run",
+        str(data_dir / "RGB.byte.tif"),
+        "out.tif",
+        "--work-dir",
+        "work",
+        "--no-prefect",
+        "--executor",
+        "local",
         cwd=tmp_path,
     )
     assert result.returncode in (1, 2), result.stderr

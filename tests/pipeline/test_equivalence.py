@@ -1,8 +1,8 @@
 """Tiled inference equals whole-image inference (within the receptive field), for every blend.
 
-"Whole-image inference" is the model applied once to the whole scene, mirror-padded by the halo (and on the right
-and bottom up to the model's size multiple), nodata pixels zeroed after normalisation: exactly what a user would run
-if the scene fitted in memory.
+"Whole-image inference" is the model applied once to the whole scene, mirror-padded by the halo (and on the
+right and bottom up to the model's size multiple), nodata pixels zeroed after normalisation: exactly what a
+user would run if the scene fitted in memory.
 """
 
 from __future__ import annotations
@@ -45,7 +45,9 @@ def whole_image_probabilities(scene: Path, checkpoint: Path, halo: int) -> tuple
     return probs[:, halo : halo + height, halo : halo + width], valid
 
 
-def tiled(scene: Path, checkpoint: Path, tmp_path: Path, *, tile: int, halo: int, blend: str) -> tuple[np.ndarray, np.ndarray]:
+def tiled(
+    scene: Path, checkpoint: Path, tmp_path: Path, *, tile: int, halo: int, blend: str
+) -> tuple[np.ndarray, np.ndarray]:
     """Run ingest -> infer (in-process) -> stitch; return the store's mask and probabilities/254."""
     info = describe_scene(str(scene))
     store_path = str(tmp_path / "store.zarr")
@@ -69,7 +71,9 @@ def tiled(scene: Path, checkpoint: Path, tmp_path: Path, *, tile: int, halo: int
 @pytest.fixture(scope="module")
 def bounded_model(make_checkpoint) -> tuple[Path, int]:  # type: ignore[no-untyped-def]
     """A plain U-Net (bounded receptive field) and a halo that covers its receptive-field radius."""
-    path = make_checkpoint("bounded", bands=("r", "g", "b"), mean=(80.0,) * 3, std=(40.0,) * 3, classes=4, depth=2)
+    path = make_checkpoint(
+        "bounded", bands=("r", "g", "b"), mean=(80.0,) * 3, std=(40.0,) * 3, classes=4, depth=2
+    )
     radius = receptive_field_radius(load_model(path).module)
     halo = -(-radius // 4) * 4
     return path, halo
@@ -85,7 +89,7 @@ def test_crop_with_halo_covering_the_receptive_field_equals_whole_image(
     expected = np.where(valid > 0, np.argmax(reference, axis=0), ws.MASK_NODATA)
     assert mask.shape == expected.shape
     differ = mask != expected
-    # float32 sums taken in another order may flip a near-exact tie between two classes; nothing else may differ
+    # float32 sums in another order may flip a near-exact tie between two classes; nothing else may differ
     top2 = np.sort(reference, axis=0)[-2:]
     margin = top2[1] - top2[0]
     assert not (differ & (margin > 1e-5)).any(), f"{int(differ.sum())} pixels differ beyond float near-ties"

@@ -1,5 +1,5 @@
-"""The whole job on real rasters (stages called directly, in-process segmenter): grids, nodata, bands, re-runs,
-failures. The Prefect + Ray path is exercised by tests/test_cli.py."""
+"""The whole job on real rasters (stages called directly, in-process segmenter): grids, nodata, bands,
+re-runs, failures. The Prefect + Ray path is exercised by tests/test_cli.py."""
 
 from __future__ import annotations
 
@@ -59,7 +59,9 @@ def test_landsat_scene_keeps_its_grid_and_nodata(data_dir: Path, tmp_path: Path)
     assert set(summary["seconds"]) == {"validate", "ingest", "infer", "stitch", "export", "total"}
 
 
-def test_all_nodata_tiles_are_skipped_and_stay_nodata(data_dir: Path, rgb_checkpoint: Path, tmp_path: Path) -> None:
+def test_all_nodata_tiles_are_skipped_and_stay_nodata(
+    data_dir: Path, rgb_checkpoint: Path, tmp_path: Path
+) -> None:
     scene = data_dir / "RGB.byte.tif"  # its rotated footprint leaves whole corners without data
     summary = run(scene, tmp_path / "m.tif", model=str(rgb_checkpoint), tile_size=64, halo=16, blend="crop")
     tiles = summary["tiles"]
@@ -110,8 +112,12 @@ def test_rerun_with_work_dir_reuses_everything_and_is_byte_identical(
 ) -> None:
     scene = data_dir / "RGB.byte.tif"
     work = tmp_path / "work"
-    first = run(scene, tmp_path / "a.tif", model=str(rgb_checkpoint), work_dir=str(work), tile_size=128, halo=16)
-    second = run(scene, tmp_path / "b.tif", model=str(rgb_checkpoint), work_dir=str(work), tile_size=128, halo=16)
+    first = run(
+        scene, tmp_path / "a.tif", model=str(rgb_checkpoint), work_dir=str(work), tile_size=128, halo=16
+    )
+    second = run(
+        scene, tmp_path / "b.tif", model=str(rgb_checkpoint), work_dir=str(work), tile_size=128, halo=16
+    )
     assert second["ingest_reused"] is True
     assert second["tiles"]["computed"] == 0
     assert second["tiles"]["reused"] == first["tiles"]["computed"] > 0
@@ -121,7 +127,9 @@ def test_rerun_with_work_dir_reuses_everything_and_is_byte_identical(
     assert (tmp_path / "a.tif").read_bytes() == (tmp_path / "c.tif").read_bytes()
 
 
-def test_existing_output_is_refused_unless_overwrite(data_dir: Path, rgb_checkpoint: Path, tmp_path: Path) -> None:
+def test_existing_output_is_refused_unless_overwrite(
+    data_dir: Path, rgb_checkpoint: Path, tmp_path: Path
+) -> None:
     output = tmp_path / "m.tif"
     output.write_bytes(b"precious")
     with pytest.raises(OutputError, match="already exists; pass --overwrite"):

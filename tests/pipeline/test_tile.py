@@ -1,4 +1,4 @@
-"""Tile-grid arithmetic: every pixel in exactly one core, halos clipped or padded correctly, any scene size."""
+"""Tile-grid arithmetic: each pixel in exactly one core, halos clipped or padded correctly, any scene size."""
 
 from __future__ import annotations
 
@@ -53,8 +53,9 @@ def test_read_window_is_input_window_clipped_and_padding_restores_it(grid: TileG
 @given(grids)
 @settings(max_examples=100, deadline=None)
 def test_mirror_padded_read_equals_the_mirror_padded_scene(grid: TileGrid) -> None:
-    """Reading a clipped window and mirror-padding it equals cutting the input window out of the scene padded by
-    the halo, within ``halo`` pixels of the scene (all that a model of receptive radius <= halo can see)."""
+    """Reading a clipped window and mirror-padding it equals cutting the input window out of the scene
+    padded by the halo, within ``halo`` pixels of the scene (all that a model of receptive radius <= halo
+    can see)."""
     from pipeline.infer import read_tile_input
 
     rng = np.random.default_rng(0)
