@@ -1,8 +1,8 @@
 """The ``segment_dataset`` flow (every scene of a folder) and its nightly deployment.
 
-A nightly run processes what is new: a scene whose mask and summary already exist is skipped unless ``overwrite``.
-One Ray instance serves all scenes of a run (start-up stays out of the per-scene path). A scene that fails is
-reported and the others go on; the flow fails at the end, naming the failed scenes.
+A nightly run processes what is new: a scene whose mask and summary already exist is skipped unless
+``overwrite``. One Ray instance serves all scenes of a run (start-up stays out of the per-scene path). A scene
+that fails is reported and the others go on; the flow fails at the end, naming the failed scenes.
 """
 
 from __future__ import annotations
@@ -102,8 +102,8 @@ def serve_nightly(
 ) -> None:
     """Serve ``segment_dataset`` on a cron schedule (blocks; Ctrl-C stops it).
 
-    Point ``PREFECT_API_URL`` at a Prefect server to see and manage the runs in its UI; without it the schedule lives
-    in Prefect's ephemeral API for as long as this process runs.
+    Point ``PREFECT_API_URL`` at a Prefect server to see and manage the runs in its UI; without it the
+    schedule lives in Prefect's ephemeral API for as long as this process runs.
     """
     segment_dataset.serve(
         name=name,
