@@ -62,13 +62,23 @@ def valid_mask(src: rasterio.DatasetReader, window: RioWindow, data: np.ndarray)
     return mask.astype(np.uint8)
 
 
-def _create_arrays(group: zarr.Group, scene: SceneInfo, chunk: int) -> None:
+SHARD_ABOVE_CHUNKS = 64  # scenes with more chunks than this group them into shards of one region each
+
+
+def _create_arrays(group: zarr.Group, scene: SceneInfo, chunk: int, region: int) -> None:
+    """Create ``image``, ``valid`` and ``valid_pixels``.
+
+    Large scenes are sharded: one shard per ingest region (a block of whole chunks, written whole by one task), so
+    a 1-gigapixel scene is a few hundred files or objects instead of thousands; readers still fetch single chunks.
+    """
     typesize = np.dtype(scene.dtype).itemsize
     grid = TileGrid(scene.width, scene.height, chunk, 0)
+    sharded = len(grid) > SHARD_ABOVE_CHUNKS and region > chunk
     group.create_array(
         ws.IMAGE,
         shape=(scene.count, scene.height, scene.width),
         chunks=(scene.count, chunk, chunk),
+        shards=(scene.count, region, region) if sharded else None,
         dtype=scene.dtype,
         compressors=ws.compressor(typesize=typesize),
         fill_value=0,
@@ -79,6 +89,7 @@ def _create_arrays(group: zarr.Group, scene: SceneInfo, chunk: int) -> None:
         ws.VALID,
         shape=(scene.height, scene.width),
         chunks=(chunk, chunk),
+        shards=(region, region) if sharded else None,
         dtype="uint8",
         compressors=ws.compressor(typesize=1),
         fill_value=0,
@@ -125,11 +136,11 @@ def ingest(
         return IngestResult(seconds=time.perf_counter() - start, reused=True, valid_pixels=total)
 
     group.attrs.update({"scene": scene.to_attrs(), "ingest": {**expected, "complete": False}})
-    _create_arrays(group, scene, chunk_size)
-    image, valid = ws.array(group, ws.IMAGE), ws.array(group, ws.VALID)
     region = region_size or max(chunk_size, (2048 // chunk_size) * chunk_size)
     if region % chunk_size:
         raise ValueError(f"region_size {region} must be a multiple of chunk_size {chunk_size}")
+    _create_arrays(group, scene, chunk_size, region)
+    image, valid = ws.array(group, ws.IMAGE), ws.array(group, ws.VALID)
     grid = TileGrid(scene.width, scene.height, chunk_size, 0)
     counts = np.zeros((grid.rows, grid.cols), dtype=np.int64)
     local = threading.local()

@@ -136,6 +136,84 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _add_evaluate(sub: Any) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="per-class IoU, F1, precision, recall of a mask against ground truth",
+        description="Compare a predicted class-id raster with ground truth, block by block (any size).",
+    )
+    p.add_argument("pred", help="predicted mask (class ids; its nodata pixels are not scored)")
+    p.add_argument("gt", help="ground truth (class ids, or RGB colour-coded with --colours)")
+    p.add_argument(
+        "--ignore",
+        type=_positive,
+        action="append",
+        default=[],
+        metavar="ID",
+        help="ground-truth class id to leave out (repeatable)",
+    )
+    p.add_argument("--classes", help="comma-separated class names, in id order")
+    p.add_argument("--colours", help="comma-separated #RRGGBB per class, to read colour-coded ground truth")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a markdown table")
+    p.set_defaults(handler=_cmd_evaluate)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from pipeline.evaluate import evaluate
+
+    table = None
+    if args.colours:
+        from models.data import ColourTable
+
+        table = ColourTable.from_hex(args.colours.split(","))
+    names = args.classes.split(",") if args.classes else None
+    result = evaluate(args.pred, args.gt, ignore=args.ignore, class_names=names, colour_table=table)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.to_markdown())
+    return EXIT_OK
+
+
+def _add_dataset(sub: Any) -> None:
+    for name, doc in (
+        ("dataset", "segment every raster of a folder now (skips scenes already done)"),
+        ("serve", "serve the dataset flow on a cron schedule (Prefect deployment; blocks)"),
+    ):
+        p = sub.add_parser(name, help=doc, description=doc)
+        p.add_argument("input_dir", help="folder of scenes (*.tif, *.tiff, *.jp2, *.vrt)")
+        p.add_argument("output_dir", help="folder for <scene>.mask.tif and <scene>.mask.summary.json")
+        p.add_argument("--model", default="default")
+        p.add_argument("--blend", default="cosine", choices=["crop", "cosine", "gaussian"])
+        p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+        p.add_argument("--workers", type=_positive)
+        p.add_argument("--work-dir", help="keep work stores here (one per scene) so re-runs resume")
+        p.add_argument("--ray-address")
+        p.add_argument("--overwrite", action="store_true", help="redo scenes that already have a mask")
+        if name == "serve":
+            p.add_argument("--cron", default="0 2 * * *", help="schedule (default: 02:00 every night)")
+            p.add_argument("--name", default="nightly", help="deployment name")
+        p.set_defaults(handler=_cmd_dataset, serve=name == "serve")
+
+
+def _cmd_dataset(args: argparse.Namespace) -> int:
+    from flows.dataset import scenes_in, segment_dataset, serve_nightly
+
+    scenes_in(args.input_dir)  # fail fast on a missing folder
+    options = {
+        "model": args.model,
+        "blend": args.blend,
+        "device": args.device,
+        "workers": args.workers,
+        "work_dir": args.work_dir,
+        "ray_address": args.ray_address,
+        "overwrite": args.overwrite,
+    }
+    if args.serve:
+        serve_nightly(args.input_dir, args.output_dir, cron=args.cron, name=args.name, **options)
+        return EXIT_OK
+    result = segment_dataset(args.input_dir, args.output_dir, **options)
+    print(json.dumps(result, indent=2))
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="segpipe", description="Segment huge images with attention models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress and show tracebacks")
@@ -145,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS: list[Callable[[Any], None]] = [_add_run]
+COMMANDS: list[Callable[[Any], None]] = [_add_run, _add_evaluate, _add_dataset]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
