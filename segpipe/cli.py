@@ -214,6 +214,63 @@ def _cmd_dataset(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _add_explain(sub: Any) -> None:
+    p = sub.add_parser(
+        "explain",
+        help="PNG of one tile: image, predicted mask and the model's attention maps",
+        description="Show what the model attends to on one tile of a scene.",
+    )
+    p.add_argument("input", help="the scene")
+    p.add_argument("--model", default="default", help="model name or checkpoint path")
+    p.add_argument("--x", type=_positive, help="tile's left column in pixels (default: centred)")
+    p.add_argument("--y", type=_positive, help="tile's top row in pixels (default: centred)")
+    p.add_argument("--size", type=_positive, help="tile side in pixels (default: the model's tile size)")
+    p.add_argument("--out", default="explain.png", help="PNG to write (default: explain.png)")
+    p.set_defaults(handler=_cmd_explain)
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from models.explain import explain
+
+    _check_png(args.out)
+    path = explain(args.input, args.out, model=args.model, x=args.x, y=args.y, size=args.size)
+    print(f"wrote {path}")
+    return EXIT_OK
+
+
+def _add_quicklook(sub: Any) -> None:
+    p = sub.add_parser(
+        "quicklook",
+        help="PNG of a mask (and its scene) at reduced resolution",
+        description="Render a segpipe mask beside its scene, from the COG overviews.",
+    )
+    p.add_argument("mask", help="a mask written by segpipe run")
+    p.add_argument("--scene", help="the scene it was made from, shown beside it")
+    p.add_argument("--max-size", type=_positive, default=1024, help="long side of each panel in pixels")
+    p.add_argument("--out", default="quicklook.png", help="PNG to write (default: quicklook.png)")
+    p.set_defaults(handler=_cmd_quicklook)
+
+
+def _cmd_quicklook(args: argparse.Namespace) -> int:
+    from pipeline.quicklook import quicklook
+
+    _check_png(args.out)
+    path = quicklook(args.mask, args.out, scene_path=args.scene, max_size=args.max_size)
+    print(f"wrote {path}")
+    return EXIT_OK
+
+
+def _check_png(path: str) -> None:
+    from pathlib import Path
+
+    from segpipe.errors import ConfigError
+
+    if Path(path).suffix.lower() != ".png":
+        raise ConfigError(f"--out {path!r} must end in .png")
+    if not Path(path).resolve().parent.is_dir():
+        raise ConfigError(f"the directory of --out {path!r} does not exist; create it first")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="segpipe", description="Segment huge images with attention models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress and show tracebacks")
@@ -223,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS: list[Callable[[Any], None]] = [_add_run, _add_evaluate, _add_dataset]
+COMMANDS: list[Callable[[Any], None]] = [_add_run, _add_evaluate, _add_dataset, _add_explain, _add_quicklook]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

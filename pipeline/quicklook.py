@@ -1,0 +1,91 @@
+"""Quicklook: a PNG of a scene beside its mask, read at reduced resolution (from overviews), bounded memory.
+
+Both rasters are read with ``out_shape`` at most ``max_size`` pixels on the long side, so GDAL serves the
+nearest overview; the mask uses nearest-neighbour sampling and its own colour table and class names.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from rasterio.enums import Resampling
+
+from pipeline.read import open_scene
+from segpipe.errors import InputError
+
+
+def _shape(width: int, height: int, max_size: int) -> tuple[int, int]:
+    scale = min(1.0, max_size / max(width, height))
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def read_mask_preview(
+    mask_path: str, max_size: int
+) -> tuple[np.ndarray, list[tuple[str, tuple[int, int, int]]]]:
+    """RGB (H, W, 3) uint8 of a segpipe mask, and its legend [(class name, rgb)]."""
+    with open_scene(mask_path) as src:
+        if src.count != 1 or src.dtypes[0] != "uint8":
+            raise InputError(f"{mask_path!r} is not a segpipe mask (one uint8 band of class ids)")
+        h, w = _shape(src.width, src.height, max_size)
+        mask = src.read(1, out_shape=(h, w), resampling=Resampling.nearest)
+        try:
+            table = src.colormap(1)
+        except ValueError:
+            raise InputError(f"{mask_path!r} has no colour table; is it a segpipe mask?") from None
+        names = src.tags().get("CLASS_NAMES", "").split(",")
+    lut = np.zeros((256, 3), dtype=np.uint8)
+    for value, rgba in table.items():
+        lut[value] = rgba[:3]
+    legend = [(name, tuple(int(c) for c in lut[i])) for i, name in enumerate(names) if name]
+    return lut[mask], legend  # type: ignore[return-value]
+
+
+def read_scene_preview(scene_path: str, max_size: int) -> np.ndarray:
+    """RGB (H, W, 3) float in [0, 1] of a scene: first three bands (or the first, grey), 2-98 % stretch,
+    nodata black."""
+    from models.explain import stretch
+
+    with open_scene(scene_path) as src:
+        h, w = _shape(src.width, src.height, max_size)
+        bands = [1, 2, 3] if src.count >= 3 else [1]
+        data = src.read(bands, out_shape=(len(bands), h, w), resampling=Resampling.average)
+        valid = src.dataset_mask(out_shape=(h, w)) > 0
+    rgb = stretch(data)
+    rgb[~valid] = 0
+    return rgb
+
+
+def quicklook(
+    mask_path: str, output: str | Path, *, scene_path: str | None = None, max_size: int = 1024
+) -> Path:
+    """Write a PNG: the scene (if given) beside the mask with a legend. Returns the PNG's path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    mask, legend = read_mask_preview(mask_path, max_size)
+    panels: list[tuple[str, np.ndarray]] = []
+    if scene_path:
+        panels.append((Path(scene_path).name, read_scene_preview(scene_path, max_size)))
+    panels.append((f"mask: {Path(mask_path).name}", mask))
+    aspect = mask.shape[1] / mask.shape[0]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * aspect * len(panels) + 0.5, 5.4), squeeze=False)
+    for ax, (title, image) in zip(axes[0], panels, strict=True):
+        ax.imshow(image, interpolation="nearest")
+        ax.set_title(title, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    axes[0][-1].legend(
+        handles=[Patch(color=tuple(c / 255 for c in rgb), label=name) for name, rgb in legend],
+        fontsize=7,
+        loc="lower right",
+        framealpha=0.8,
+    )
+    fig.tight_layout()
+    out = Path(output)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
