@@ -79,7 +79,7 @@ def quicklook(
         ax.set_xticks([])
         ax.set_yticks([])
     axes[0][-1].legend(
-        handles=[Patch(color=tuple(c / 255 for c in rgb), label=name) for name, rgb in legend],
+        handles=[Patch(color="#{:02X}{:02X}{:02X}".format(*rgb), label=name) for name, rgb in legend],
         fontsize=7,
         loc="lower right",
         framealpha=0.8,
