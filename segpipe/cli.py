@@ -214,6 +214,103 @@ def _cmd_dataset(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _add_train(sub: Any) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a segmentation model on image/mask folders",
+        description=(
+            "Train on folders holding images/ and masks/ (class-id or RGB colour-coded masks). Random "
+            "tiles with flips and 90-degree rotations, AdamW + cosine schedule, validation mIoU per epoch, "
+            "best checkpoint kept (safetensors + JSON), resumable with --resume. "
+            "The shipped model: python -m models.train_default."
+        ),
+    )
+    p.add_argument("train_dirs", nargs="+", help="training folders (each with images/ and masks/)")
+    p.add_argument("--val", action="append", default=[], metavar="DIR", help="held-out folder (repeatable)")
+    p.add_argument("--out", required=True, help="folder for best.safetensors/.json and the resume state")
+    p.add_argument("--architecture", default="attention_unet", choices=["attention_unet", "unet"])
+    p.add_argument("--base-channels", type=_positive, default=16)
+    p.add_argument("--depth", type=_positive, default=4)
+    p.add_argument(
+        "--classes",
+        help="name:#RRGGBB,... in class-id order (default: the Dubai aerial classes and mask colours)",
+    )
+    p.add_argument("--epochs", type=_positive, default=10)
+    p.add_argument("--steps", type=_positive, default=60, help="optimizer steps per epoch")
+    p.add_argument("--batch-size", type=_positive, default=8)
+    p.add_argument("--tile-size", type=_positive, default=256, help="training tile side in pixels")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument(
+        "--class-weighting", default="inverse_sqrt", choices=["none", "median_frequency", "inverse_sqrt"]
+    )
+    p.add_argument(
+        "--ignore-class",
+        type=_positive,
+        action="append",
+        default=[],
+        metavar="ID",
+        help="class id left out of loss and mIoU (repeatable)",
+    )
+    p.add_argument("--seed", type=_positive, default=0)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--threads", type=_positive, help="torch threads (default: torch's choice)")
+    p.add_argument("--resume", action="store_true", help="continue from the last completed epoch in --out")
+    p.set_defaults(handler=_cmd_train)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from models.data import DUBAI_CLASSES
+    from models.train import TrainConfig, train
+    from segpipe.errors import ConfigError
+
+    classes = DUBAI_CLASSES
+    if args.classes:
+        try:
+            classes = tuple((n, c) for n, c in (item.split(":", 1) for item in args.classes.split(",")))
+        except ValueError:
+            raise ConfigError(
+                f"--classes must look like name:#RRGGBB,name:#RRGGBB; got {args.classes!r}"
+            ) from None
+    config = TrainConfig(
+        train_dirs=tuple(args.train_dirs),
+        val_dirs=tuple(args.val),
+        out_dir=args.out,
+        architecture=args.architecture,
+        arguments={
+            "in_channels": 3,
+            "num_classes": len(classes),
+            "base_channels": args.base_channels,
+            "depth": args.depth,
+        },
+        classes=classes,
+        epochs=args.epochs,
+        steps_per_epoch=args.steps,
+        batch_size=args.batch_size,
+        tile_size=args.tile_size,
+        lr=args.lr,
+        class_weighting=args.class_weighting,
+        ignore_classes=tuple(args.ignore_class),
+        seed=args.seed,
+        device=args.device,
+        num_threads=args.threads,
+        resume=args.resume,
+    )
+    result = train(config)
+    print(
+        json.dumps(
+            {
+                "checkpoint": str(result.checkpoint.resolve()),
+                "best_epoch": result.best_epoch,
+                "best_miou": result.best_miou,
+                "per_class_iou": dict(result.per_class_iou),
+                "train_seconds": round(result.train_seconds, 1),
+            },
+            indent=2,
+        )
+    )
+    return EXIT_OK
+
+
 def _add_explain(sub: Any) -> None:
     p = sub.add_parser(
         "explain",
@@ -280,7 +377,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS: list[Callable[[Any], None]] = [_add_run, _add_evaluate, _add_dataset, _add_explain, _add_quicklook]
+COMMANDS: list[Callable[[Any], None]] = [
+    _add_run,
+    _add_train,
+    _add_evaluate,
+    _add_dataset,
+    _add_explain,
+    _add_quicklook,
+]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -103,3 +103,42 @@ def test_internal_failure_exits_1_with_one_line(data_dir: Path, tmp_path: Path) 
     assert result.returncode in (1, 2), result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not (tmp_path / "out.tif").exists()
+
+
+def test_train_command_on_a_real_pair_writes_a_loadable_checkpoint(data_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    for name in ("a", "b"):
+        (tmp_path / name / "images").mkdir(parents=True)
+        (tmp_path / name / "masks").mkdir(parents=True)
+        shutil.copy(data_dir / "dubai" / "image_part_005.jpg", tmp_path / name / "images")
+        shutil.copy(data_dir / "dubai" / "image_part_005.png", tmp_path / name / "masks")
+    result = segpipe(
+        "train", "a", "--val", "b", "--out", "run", "--architecture", "unet", "--base-channels", "4",
+        "--depth", "2", "--epochs", "1", "--steps", "2", "--batch-size", "2", "--tile-size", "64",
+        "--threads", "1", cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert 0.0 <= report["best_miou"] <= 1.0
+    from models.checkpoint import load_model
+
+    assert load_model(report["checkpoint"]).metadata.architecture == "unet"
+
+
+def test_evaluate_command_reports_json_and_rejects_size_mismatch(data_dir: Path, tmp_path: Path) -> None:
+    import numpy as np
+
+    profile = {"driver": "GTiff", "width": 4, "height": 2, "count": 1, "dtype": "uint8"}
+    with rasterio.open(tmp_path / "p.tif", "w", **profile) as dst:
+        dst.write(np.array([[[0, 1, 1, 2], [2, 2, 0, 1]]], dtype=np.uint8))
+    with rasterio.open(tmp_path / "g.tif", "w", **profile) as dst:
+        dst.write(np.array([[[0, 1, 2, 2], [2, 2, 0, 0]]], dtype=np.uint8))
+    result = segpipe("evaluate", "p.tif", "g.tif", "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads(result.stdout)
+    assert metrics["overall_accuracy"] == 6 / 8
+    with rasterio.open(tmp_path / "small.tif", "w", **{**profile, "width": 3}) as dst:
+        dst.write(np.zeros((1, 2, 3), dtype=np.uint8))
+    result = segpipe("evaluate", "p.tif", "small.tif", cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.startswith("error: ")
