@@ -1,0 +1,81 @@
+"""Smoke tests of the benchmark's pure helpers (scene builder, RSS sampler, table), so the benchmark cannot rot.
+
+No timings are asserted: benchmarks are not timed tests.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+
+from benchmarks import bench_pipeline as bench
+
+SOURCE = Path(__file__).resolve().parent / "data" / "lausanne-1091-322_00.tif"
+
+
+def test_scene_side() -> None:
+    assert [bench.scene_side(mp) for mp in (16, 64, 256, 1024)] == [4096, 8192, 16384, 32768]
+    assert bench.scene_side(0.001) == 32  # rounded to a multiple of 16
+    with pytest.raises(ValueError):
+        bench.scene_side(0)
+
+
+def test_mirror_indices_are_numpy_symmetric_padding() -> None:
+    size = 5
+    expected = np.pad(np.arange(size), (0, 3 * size), mode="symmetric")
+    assert np.array_equal(bench.mirror_indices(0, 4 * size, size), expected)
+    assert np.array_equal(bench.mirror_indices(7, 6, size), expected[7:13])
+
+
+def test_build_scene_mirror_tiles_window_by_window_and_keeps_the_georeference(tmp_path: Path) -> None:
+    side = 160  # windows of 48 px below: several windows per row and column, clipped at the edge
+    path, reused = bench.build_scene(SOURCE, side, tmp_path, window=48, block=32)
+    assert not reused
+    with rasterio.open(SOURCE) as src, rasterio.open(path) as out:
+        assert (out.width, out.height, out.count) == (side, side, src.count)
+        assert out.crs == src.crs
+        assert out.transform == src.transform  # same origin and resolution
+        assert out.profile["tiled"] and out.compression is not None
+        source = src.read()
+        rows = bench.mirror_indices(0, side, src.height)
+        cols = bench.mirror_indices(0, side, src.width)
+        assert np.array_equal(out.read(), source[:, rows[:, None], cols[None, :]])
+    again, reused = bench.build_scene(SOURCE, side, tmp_path, window=48, block=32)
+    assert again == path and reused
+    spec = json.loads(path.with_name(path.name + ".json").read_text())
+    assert spec["side"] == side and len(spec["source_sha256"]) == 64
+    assert not list(tmp_path.glob(".*partial"))
+
+
+def test_rss_sampler_sees_descendants() -> None:
+    # the child touches 200 MiB and waits; the sampler must see it through the process tree
+    code = "import time; b = b'x' * (200 << 20); time.sleep(1.0)"
+    measured = bench.run_measured([sys.executable, "-c", code])
+    assert measured.returncode == 0
+    assert measured.peak_bytes > 200 * 2**20
+    assert measured.seconds >= 1.0
+    sampler = bench.TreeMemorySampler(interval=0.05)
+    with sampler:
+        pass
+    assert sampler.sample() > 0 and sampler.peak_bytes > 0
+
+
+def test_format_table_and_crop() -> None:
+    rows = [
+        {"megapixels": 16.78, "method": "segpipe", "seconds": 100.0, "mp_per_s": 0.1678,
+         "ratio_to_limit": 0.61, "peak_rss_gib": 2.5, "disagreement": 0.0012, "notes": "x"},
+        {"megapixels": 16.78, "method": "MONAI sliding window", "seconds": None, "notes": "skipped"},
+    ]  # fmt: skip
+    table = bench.format_table(rows).splitlines()
+    assert table[0].startswith("| scene MP | method | wall s | MP/s | x limit | peak RSS GiB")
+    assert len(table) == 4
+    assert table[2] == "| 16.8 | segpipe | 100.0 | 0.168 | 0.61 | 2.50 | 0.12 | x |"
+    assert "–" in table[3] and "skipped" in table[3]
+    assert bench.crop_window(4096, 4096) == (1024, 1024, 2048)
+    row, col, side = bench.crop_window(1000, 700)
+    assert side == 688 and row >= 0 and row + side <= 700 and col + side <= 1000
