@@ -151,9 +151,7 @@ class ColourTable:
         if not known.all():
             bad, counts = np.unique(codes[~known], return_counts=True)
             if unknown == "error":
-                listed = ", ".join(
-                    f"{_hex(int(c))} ({int(n)} px)" for c, n in zip(bad[:5], counts[:5], strict=True)
-                )
+                listed = ", ".join(f"{_hex(int(c))} ({int(n)} px)" for c, n in zip(bad[:5], counts[:5], strict=True))
                 raise InputError(
                     f"{source}: mask colour(s) not in the colour table: {listed}; the table has "
                     f"{', '.join(self.hex_colours)}. Add the colour to the class table, or pass "
@@ -195,9 +193,7 @@ def find_pairs(folder: str | Path) -> list[SamplePair]:
     root = Path(folder)
     images_dir, masks_dir = root / "images", root / "masks"
     if not images_dir.is_dir() or not masks_dir.is_dir():
-        raise InputError(
-            f"{root}: expected a data folder with 'images/' and 'masks/' subfolders; check the path"
-        )
+        raise InputError(f"{root}: expected a data folder with 'images/' and 'masks/' subfolders; check the path")
     masks = {p.stem: p for p in sorted(masks_dir.iterdir()) if p.suffix.lower() in MASK_SUFFIXES}
     pairs: list[SamplePair] = []
     missing: list[str] = []
@@ -265,9 +261,7 @@ def read_mask(
             paletted = src.count == 1 and src.colorinterp[0] == ColorInterp.palette
             colormap = src.colormap(1) if paletted else None
     if not np.issubdtype(data.dtype, np.integer):
-        raise InputError(
-            f"{path}: expected an integer mask, got {data.dtype}; masks hold class ids or colours"
-        )
+        raise InputError(f"{path}: expected an integer mask, got {data.dtype}; masks hold class ids or colours")
     name = str(path)
     if data.shape[0] >= 3:
         if colour_table is None:
@@ -452,7 +446,10 @@ class TileDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     Call :meth:`set_epoch` before each epoch.
 
     An image is picked with probability proportional to its area (every pixel equally likely) or uniformly;
-    then a tile position uniformly; then one of the 8 dihedral transforms (4 rotations x optional flip).
+    then a tile position uniformly; then one of the 8 dihedral transforms (4 rotations x optional flip);
+    then, if ``colour_jitter`` = j > 0, a colour change x * g_c + o, clipped to 0-255, with a gain g_c per band
+    drawn from [1 - j, 1 + j] and one offset o from [-128 j, 128 j] (0-255 units): it imitates the
+    exposure and white-balance differences between areas, which a held-out area exposes.
     Images smaller than the tile are padded: the image with the mean (0 after normalisation), the mask with
     ``ignore_index``.
 
@@ -472,19 +469,16 @@ class TileDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         seed: int = 0,
         augment: bool = True,
         weight_by_area: bool = True,
+        colour_jitter: float = 0.0,
         ignore_index: int = 255,
     ) -> None:
         if len(images) != len(masks) or not images:
-            raise ConfigError(
-                f"expected as many masks as images (at least one), got {len(images)} and {len(masks)}"
-            )
+            raise ConfigError(f"expected as many masks as images (at least one), got {len(images)} and {len(masks)}")
         if tile_size < 1 or length < 1:
             raise ConfigError(f"expected tile_size >= 1 and length >= 1, got {tile_size} and {length}")
         channels = images[0].shape[0]
         if len(mean) != channels or len(std) != channels:
-            raise ConfigError(
-                f"expected {channels} mean and std values (one per band), got {len(mean)} and {len(std)}"
-            )
+            raise ConfigError(f"expected {channels} mean and std values (one per band), got {len(mean)} and {len(std)}")
         if min(std) <= 0:
             raise ConfigError(f"expected std > 0, got {tuple(std)}")
         for i, (image, mask) in enumerate(zip(images, masks, strict=True)):
@@ -502,6 +496,9 @@ class TileDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         self.seed = seed
         self.augment = augment
         self.ignore_index = ignore_index
+        if not 0 <= colour_jitter < 1:
+            raise ConfigError(f"expected 0 <= colour_jitter < 1, got {colour_jitter}")
+        self.colour_jitter = colour_jitter
         self.epoch = 0
         areas = np.array([m.size for m in masks], dtype=np.float64)
         self.probabilities = areas / areas.sum() if weight_by_area else np.full(len(masks), 1 / len(masks))
@@ -521,15 +518,20 @@ class TileDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         h, w = mask.shape
         y = int(rng.integers(0, max(h - t, 0) + 1))
         x = int(rng.integers(0, max(w - t, 0) + 1))
-        img = normalise(image[:, y : y + t, x : x + t], self.mean, self.std)
+        rot, flip = (int(rng.integers(0, 4)), bool(rng.integers(0, 2))) if self.augment else (0, False)
+        raw = image[:, y : y + t, x : x + t]
+        if self.colour_jitter > 0:
+            j = self.colour_jitter
+            gain = rng.uniform(1 - j, 1 + j, size=(raw.shape[0], 1, 1))
+            offset = rng.uniform(-j, j) * 128.0
+            raw = np.clip(raw.astype(np.float32) * gain.astype(np.float32) + np.float32(offset), 0, 255)
+        img = normalise(raw, self.mean, self.std)
         msk = mask[y : y + t, x : x + t]
         if img.shape[1:] != (t, t):
             ph, pw = t - img.shape[1], t - img.shape[2]
             img = np.pad(img, ((0, 0), (0, ph), (0, pw)))
             msk = np.pad(msk, ((0, ph), (0, pw)), constant_values=self.ignore_index)
         if self.augment:
-            rot = int(rng.integers(0, 4))
-            flip = bool(rng.integers(0, 2))
             img = np.rot90(img, rot, axes=(1, 2))
             msk = np.rot90(msk, rot, axes=(0, 1))
             if flip:
@@ -541,9 +543,7 @@ class TileDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         )
 
 
-def normalise(
-    image: np.ndarray, mean: np.ndarray | Sequence[float], std: np.ndarray | Sequence[float]
-) -> np.ndarray:
+def normalise(image: np.ndarray, mean: np.ndarray | Sequence[float], std: np.ndarray | Sequence[float]) -> np.ndarray:
     """(C, H, W) pixels in 0-255 units -> float32 (x - mean) / std, per band."""
     m = np.asarray(mean, dtype=np.float32).reshape(-1, 1, 1)
     s = np.asarray(std, dtype=np.float32).reshape(-1, 1, 1)

@@ -100,6 +100,8 @@ class TrainConfig:
             if the CPU has bf16 instructions, else fp32), "fp32", "bf16" (autocast, CPU or CUDA) or "fp16"
             (CUDA only, with loss scaling).
         max_grad_norm: Clip the gradient norm to this value; None: no clipping.
+        colour_jitter: Strength j of the per-tile colour augmentation (0: none; see
+            :class:`models.data.TileDataset`).
         resume: Continue from ``out_dir/state`` if present (an error if it belongs to another configuration).
         num_threads: torch intra-op threads; None leaves torch's default.
         num_workers: DataLoader worker processes (0: load in the training process).
@@ -134,6 +136,7 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     max_grad_norm: float | None = None
+    colour_jitter: float = 0.0
     resume: bool = False
     num_threads: int | None = None
     num_workers: int = 0
@@ -164,8 +167,7 @@ class TrainConfig:
         overlap = {p.resolve() for p in self.train_dirs} & {p.resolve() for p in self.val_dirs}
         if overlap:
             raise ConfigError(
-                f"expected validation folders apart from training folders, got both: "
-                f"{sorted(map(str, overlap))}"
+                f"expected validation folders apart from training folders, got both: {sorted(map(str, overlap))}"
             )
         for name in (
             "epochs",
@@ -200,8 +202,7 @@ class TrainConfig:
         k = len(self.classes)
         if self.arguments.get("num_classes", k) != k:
             raise ConfigError(
-                f"expected arguments['num_classes'] == {k} (one per class), got "
-                f"{self.arguments['num_classes']}"
+                f"expected arguments['num_classes'] == {k} (one per class), got {self.arguments['num_classes']}"
             )
         if self.arguments.get("in_channels", len(self.bands)) != len(self.bands):
             raise ConfigError(
@@ -210,8 +211,7 @@ class TrainConfig:
             )
         if not 0 <= self.ignore_index <= 255 or self.ignore_index < k:
             raise ConfigError(
-                f"expected ignore_index in {k}..255 (not a class id; masks are uint8), got "
-                f"{self.ignore_index}"
+                f"expected ignore_index in {k}..255 (not a class id; masks are uint8), got {self.ignore_index}"
             )
         bad = [i for i in self.ignore_classes if not 0 <= i < k]
         if bad:
@@ -225,6 +225,24 @@ class TrainConfig:
                 continue
             out[f.name] = json.loads(json.dumps(getattr(self, f.name), default=str))
         return out
+
+
+def _fingerprint_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """Names of the fields that differ; a field missing from ``saved`` (a state written before the field
+    existed) matches its default value."""
+    defaults = {
+        f.name: json.loads(json.dumps(f.default, default=str))
+        for f in dataclasses.fields(TrainConfig)
+        if f.default is not dataclasses.MISSING
+    }
+    missing = object()
+    changed = []
+    for name, value in current.items():
+        old = saved.get(name, defaults.get(name, missing))
+        if old != value:
+            changed.append(name)
+    changed += [name for name in saved if name not in current]
+    return sorted(changed)
 
 
 def _as_seq(value: Any) -> Sequence[Any]:
@@ -488,9 +506,7 @@ def _save_state(
     try:
         text = json.dumps(data)
     except TypeError as exc:  # a torch upgrade put a non-JSON value in a state_dict: fail loudly
-        raise ModelError(
-            f"training state is not JSON-serialisable ({exc}); refusing to fall back to pickle"
-        ) from None
+        raise ModelError(f"training state is not JSON-serialisable ({exc}); refusing to fall back to pickle") from None
     del text
     weights = directory / "last.safetensors"
     tmp = weights.with_name(weights.name + ".segpipe-partial")
@@ -506,13 +522,10 @@ def _load_state(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
     try:
         data = json.loads(meta.read_text())
     except (OSError, ValueError) as exc:
-        raise ModelError(
-            f"{meta}: cannot read the training state ({exc}); delete {directory} to start over"
-        ) from None
+        raise ModelError(f"{meta}: cannot read the training state ({exc}); delete {directory} to start over") from None
     if data.get("version") != STATE_VERSION:
         raise ModelError(
-            f"{meta}: state version {data.get('version')}, expected {STATE_VERSION}; delete "
-            f"{directory} to start over"
+            f"{meta}: state version {data.get('version')}, expected {STATE_VERSION}; delete {directory} to start over"
         )
     if not weights.is_file() or _sha256(weights) != data.get("tensors_sha256"):
         raise ModelError(
@@ -600,8 +613,8 @@ def train(config: TrainConfig, *, on_epoch_end: Callable[[EpochRecord], None] | 
                 f"or choose another out_dir (or delete {state_dir})"
             )
         saved = _load_state(state_dir)
-        if saved[1]["config"] != fingerprint:
-            diff = sorted(k for k in fingerprint if saved[1]["config"].get(k) != fingerprint[k])
+        diff = _fingerprint_changes(saved[1]["config"], fingerprint)
+        if diff:
             raise ConfigError(
                 f"{out_dir} holds the state of a run with other settings ({', '.join(diff)}); "
                 f"use the same settings to resume, or another out_dir"
@@ -620,9 +633,7 @@ def train(config: TrainConfig, *, on_epoch_end: Callable[[EpochRecord], None] | 
         "ignore_index": config.ignore_index,
     }
     images, masks, pairs = load_folders(config.train_dirs, **load_kw)
-    val_images, val_masks, val_pairs = (
-        load_folders(config.val_dirs, **load_kw) if config.val_dirs else ([], [], [])
-    )
+    val_images, val_masks, val_pairs = load_folders(config.val_dirs, **load_kw) if config.val_dirs else ([], [], [])
     if images[0].shape[0] != len(config.bands):
         raise ConfigError(
             f"expected {len(config.bands)} bands ({', '.join(config.bands)}) in the images, "
@@ -639,8 +650,7 @@ def train(config: TrainConfig, *, on_epoch_end: Callable[[EpochRecord], None] | 
         else None
     )
     log.info(
-        "training on %d pairs (%d Mpx) from %d folders, validating on %d pairs; mean %s std %s; "
-        "class weights %s",
+        "training on %d pairs (%d Mpx) from %d folders, validating on %d pairs; mean %s std %s; class weights %s",
         len(pairs),
         int(counts.sum() // 1_000_000),
         len(config.train_dirs),
@@ -704,6 +714,7 @@ def train(config: TrainConfig, *, on_epoch_end: Callable[[EpochRecord], None] | 
         length=config.steps_per_epoch * config.batch_size,
         seed=config.seed,
         ignore_index=config.ignore_index,
+        colour_jitter=config.colour_jitter,
     )
     loader = DataLoader(
         dataset,
@@ -724,6 +735,7 @@ def train(config: TrainConfig, *, on_epoch_end: Callable[[EpochRecord], None] | 
     def metadata(epoch: int, result: EvaluationResult | None) -> ModelMetadata:
         seconds, cpu_seconds = elapsed()
         provenance = {
+            "trained": True,
             "data": [str(p) for p in config.train_dirs],
             "validation_data": [str(p) for p in config.val_dirs],
             "train_pairs": len(pairs),
@@ -735,6 +747,7 @@ def train(config: TrainConfig, *, on_epoch_end: Callable[[EpochRecord], None] | 
             "lr": config.lr,
             "weight_decay": config.weight_decay,
             "class_weighting": config.class_weighting,
+            "colour_jitter": config.colour_jitter,
             "class_weights": None if weights is None else [round(float(w), 6) for w in weights],
             "ignore_classes": [class_names[i] for i in config.ignore_classes],
             "seed": config.seed,
@@ -779,9 +792,7 @@ def train(config: TrainConfig, *, on_epoch_end: Callable[[EpochRecord], None] | 
             y = y.to(device, non_blocking=True)
             if ignored_ids.numel():
                 y = torch.where(torch.isin(y, ignored_ids), config.ignore_index, y)
-            with torch.autocast(
-                device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
-            ):
+            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
                 logits = model(x)
             loss = loss_fn(logits.float(), y)
             if not torch.isfinite(loss):
@@ -833,10 +844,8 @@ def train(config: TrainConfig, *, on_epoch_end: Callable[[EpochRecord], None] | 
             val_seconds=round(val_time, 2),
         )
         history.append(record)
-        if result is None:
-            score = float(epoch)
-        else:
-            score = record.val_miou if record.val_miou is not None else -math.inf
+        val_score = record.val_miou if record.val_miou is not None else -math.inf
+        score = float(epoch) if result is None else val_score
         if result is None or best_epoch == 0 or score > best_miou:
             best_epoch, best_miou, best_iou = epoch + 1, score, dict(record.val_iou)
             save_checkpoint(model, metadata(epoch + 1, result), best_path)
@@ -852,9 +861,7 @@ def train(config: TrainConfig, *, on_epoch_end: Callable[[EpochRecord], None] | 
             "mean": list(mean),
             "std": list(std),
         }
-        _save_state(
-            state_dir, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, info=info
-        )
+        _save_state(state_dir, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, info=info)
         iou_text = " ".join(f"{n} {v:.3f}" if v is not None else f"{n} -" for n, v in record.val_iou.items())
         log.info(
             "epoch %d/%d loss %.4f lr %.2e %.0f s%s%s",

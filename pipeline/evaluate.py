@@ -61,9 +61,7 @@ def confusion_matrix(
         valid: Optional boolean array, same shape: only these pixels are counted.
     """
     if truth.shape != prediction.shape:
-        raise InputError(
-            f"expected ground truth and prediction of one shape, got {truth.shape} and {prediction.shape}"
-        )
+        raise InputError(f"expected ground truth and prediction of one shape, got {truth.shape} and {prediction.shape}")
     t = truth.astype(np.int64, copy=False).ravel()
     p = prediction.astype(np.int64, copy=False).ravel()
     if valid is not None:
@@ -71,9 +69,7 @@ def confusion_matrix(
         t, p = t[keep], p[keep]
     if t.size and (min(int(t.min()), int(p.min())) < 0 or max(int(t.max()), int(p.max())) >= num_classes):
         raise InputError(f"class ids outside 0..{num_classes - 1} among the scored pixels")
-    return np.bincount(t * num_classes + p, minlength=num_classes * num_classes).reshape(
-        num_classes, num_classes
-    )
+    return np.bincount(t * num_classes + p, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
 
 
 def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
@@ -432,8 +428,6 @@ def _raise_bad_value(
         if bad.size:
             odd = np.unique(bad)[:5].tolist()
             hint = (
-                "set the prediction's nodata value, e.g. to 255"
-                if role == "prediction"
-                else "add the value to ignore"
+                "set the prediction's nodata value, e.g. to 255" if role == "prediction" else "add the value to ignore"
             )
             raise InputError(f"{role} {path}: value(s) {odd} are not class ids 0..{limit - 1}; {hint}")

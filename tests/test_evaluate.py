@@ -209,7 +209,5 @@ def test_blockwise_equals_whole(
     gt = rng.integers(0, 4, (height, width), dtype=np.uint8)
     pred = rng.integers(0, 4, (height, width), dtype=np.uint8)
     folder = tmp_path_factory.mktemp("hyp")
-    result = evaluate(
-        write(folder / "p.tif", pred), write(folder / "g.tif", gt), num_classes=4, block_size=block
-    )
+    result = evaluate(write(folder / "p.tif", pred), write(folder / "g.tif", gt), num_classes=4, block_size=block)
     np.testing.assert_array_equal(result.confusion, confusion_matrix(gt, pred, 4))

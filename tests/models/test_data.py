@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import shutil
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +52,7 @@ def shared_dubai() -> Path:
     return SHARED_DUBAI
 
 
-def write_png(path: Path, data: np.ndarray, colormap: dict[int, tuple[int, ...]] | None = None) -> Path:
+def write_png(path: Path, data: np.ndarray, colormap: Mapping[int, tuple[int, ...]] | None = None) -> Path:
     bands = data if data.ndim == 3 else data[None]
     path.parent.mkdir(parents=True, exist_ok=True)
     with rasterio.open(
@@ -323,4 +323,16 @@ def test_real_rgb_mask_matches_palette_path(shared_dubai: Path, tmp_path: Path) 
     copy = write_png(tmp_path / "pal.png", ids, palette)
     np.testing.assert_array_equal(read_mask(copy, colour_table=TABLE), ids)
     assert set(np.unique(ids).tolist()) <= set(range(6))
-    shutil.rmtree(tmp_path / "pal.png", ignore_errors=True)
+
+
+def test_colour_jitter_changes_colours_not_geometry() -> None:
+    image, mask = pattern_pair(40, 40)
+    kw = {"tile_size": 16, "mean": (0, 0, 0), "std": (1, 1, 1), "length": 8, "seed": 1}
+    plain = TileDataset([image], [mask], **kw)  # type: ignore[arg-type]
+    jittered = TileDataset([image], [mask], colour_jitter=0.2, **kw)  # type: ignore[arg-type]
+    for i in range(8):
+        (x0, y0), (x1, y1) = plain[i], jittered[i]
+        assert y0.equal(y1) and not x0.equal(x1)
+        assert x1.min() >= 0 and x1.max() <= 255
+    with pytest.raises(ConfigError, match="colour_jitter"):
+        TileDataset([image], [mask], colour_jitter=1.5, **kw)  # type: ignore[arg-type]

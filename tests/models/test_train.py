@@ -84,9 +84,7 @@ def config(folders: tuple[Path, Path], out: Path, **overrides: Any) -> TrainConf
     return TrainConfig(**fields)
 
 
-def test_short_run_learns_and_writes_a_loadable_checkpoint(
-    folders: tuple[Path, Path], tmp_path: Path
-) -> None:
+def test_short_run_learns_and_writes_a_loadable_checkpoint(folders: tuple[Path, Path], tmp_path: Path) -> None:
     from models.checkpoint import load_model
 
     result = train(config(folders, tmp_path / "run"))
@@ -104,7 +102,7 @@ def test_short_run_learns_and_writes_a_loadable_checkpoint(
     assert (meta.tile_size, meta.halo, meta.size_multiple) == (128, 8, 4)
     prov = meta.provenance
     assert prov["data"] == [str(folders[0])] and prov["validation_data"] == [str(folders[1])]
-    assert prov["seed"] == 7 and prov["epochs"] == result.best_epoch
+    assert prov["trained"] is True and prov["seed"] == 7 and prov["epochs"] == result.best_epoch
     assert prov["val_miou"] == pytest.approx(result.best_miou)
     assert prov["val_iou"] == pytest.approx(result.per_class_iou)
     assert prov["torch_version"] == torch.__version__ and prov["train_seconds"] > 0
@@ -197,3 +195,13 @@ def test_default_run_configuration(folders: tuple[Path, Path], tmp_path: Path) -
     assert cfg.architecture == "unet" and dict(cfg.arguments) == ARGUMENTS
     assert cfg.ignore_classes == (5,) and cfg.unknown_colours == "ignore"
     assert {k: getattr(cfg, k) for k in HYPERPARAMETERS} == HYPERPARAMETERS
+
+
+def test_fingerprint_changes_tolerate_fields_added_later(folders: tuple[Path, Path], tmp_path: Path) -> None:
+    from models.train import _fingerprint_changes
+
+    current = config(folders, tmp_path).fingerprint()
+    older = {k: v for k, v in current.items() if k != "colour_jitter"}  # written before the field existed
+    assert _fingerprint_changes(older, current) == []
+    assert _fingerprint_changes(older, {**current, "colour_jitter": 0.1}) == ["colour_jitter"]
+    assert _fingerprint_changes({**current, "lr": 1.0}, current) == ["lr"]
