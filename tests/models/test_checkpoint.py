@@ -72,7 +72,8 @@ def test_default_model() -> None:
     assert Path(loaded.path) == default_model_path().resolve()
     assert load_model("default.json").checksum == loaded.checksum
     meta = loaded.metadata
-    assert meta.architecture == "attention_unet" and meta.provenance["trained"] is False
+    assert meta.architecture == "attention_unet" and meta.provenance["trained"] is True
+    assert meta.provenance["val_miou"] > 0.4  # trained on the Dubai pairs (README: Model)
     assert [c.name for c in meta.classes] == ["building", "land", "road", "vegetation", "water", "unlabeled"]
     assert meta.classes[0].colour == "#3C1098" and meta.classes[-1].colour == "#9B9B9B"
     assert (meta.tile_size, meta.halo, meta.size_multiple) == (512, 64, 16)
