@@ -138,17 +138,45 @@ def ray_session(address: str | None, num_cpus: int) -> Iterator[Any]:
     if address:
         ray.init(address=address, log_to_driver=False, logging_level=quiet)
     else:
-        ray.init(
-            num_cpus=num_cpus,
-            include_dashboard=False,
-            log_to_driver=False,
-            logging_level=quiet,
-            _node_ip_address="127.0.0.1",
-        )
+        with _loopback_only():
+            ray.init(
+                num_cpus=num_cpus,
+                include_dashboard=False,
+                log_to_driver=False,
+                logging_level=quiet,
+                _node_ip_address="127.0.0.1",
+            )
     try:
         yield ray
     finally:
         ray.shutdown()
+
+
+#: Ray's switch for its single-machine mode; "0" makes a local instance use loopback for every server.
+RAY_CLUSTER_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+@contextlib.contextmanager
+def _loopback_only() -> Iterator[None]:
+    """Make the local Ray instance started in this block bind its servers to 127.0.0.1 only.
+
+    On Linux, Ray replaces a node address of 127.0.0.1 by the machine's routable address and binds GCS, raylet,
+    workers and agents there or on all interfaces (seen with Ray 2.60). In single-machine mode (Ray's default on
+    macOS and Windows, ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``) it uses loopback for everything. The started
+    processes inherit the variable; this process reads Ray's constant, which is set here and restored after, so
+    a later connection to a real cluster is unaffected. A user who sets the variable keeps their choice.
+    """
+    from ray._private import ray_constants
+
+    saved_env, saved_flag = os.environ.get(RAY_CLUSTER_ENV), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ.setdefault(RAY_CLUSTER_ENV, "0")
+    ray_constants.ENABLE_RAY_CLUSTER = os.environ[RAY_CLUSTER_ENV].lower() in ("1", "true")
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if saved_env is None:
+            os.environ.pop(RAY_CLUSTER_ENV, None)
 
 
 def _resolve_pool(ray: Any, device: str, workers: int | None) -> tuple[str, int, int, dict[str, float]]:

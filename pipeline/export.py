@@ -24,6 +24,7 @@ import rasterio
 import rasterio.shutil
 import zarr
 from affine import Affine
+from rasterio._err import CPLE_BaseError  # GDAL errors that rasterio raises without wrapping them
 from rasterio.crs import CRS
 from rasterio.errors import NotGeoreferencedWarning
 
@@ -167,15 +168,19 @@ def export_cog(
                     NUM_THREADS=str(max(1, workers)),
                 )
                 _check_cog(tmp)
-    except OSError as exc:
-        raise OutputError(f"could not write {output}: {exc}; check free space and permissions") from None
-    except rasterio.errors.RasterioIOError as exc:
-        raise OutputError(f"could not write {output}: {exc}; check free space and permissions") from None
+    except (OSError, CPLE_BaseError) as exc:  # GDAL's write errors come as either (disk full: both)
+        raise OutputError(f"could not write {output}: {_reason(exc)}; check free space and permissions") from None
     finally:
         scratch.unlink(missing_ok=True)
     size = os.path.getsize(output)
     hist = {int(k): int(v) for k, v in enumerate(histogram) if v}
     return ExportResult(path=str(output), seconds=time.perf_counter() - start, histogram=hist, bytes=size)
+
+
+def _reason(exc: BaseException) -> str:
+    """The first line of GDAL's own message: rasterio's "Write failed. See previous exception" chains it."""
+    cause = exc.__cause__ if isinstance(exc, rasterio.errors.RasterioError) and exc.__cause__ else exc
+    return str(cause).splitlines()[0] if str(cause) else type(cause).__name__
 
 
 def _check_cog(path: Path) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import rasterio
 import zarr
+from rasterio._err import CPLE_BaseError  # GDAL errors that rasterio raises without wrapping them
 from rasterio.errors import NotGeoreferencedWarning
 from rasterio.windows import Window as RioWindow
 
@@ -162,10 +163,12 @@ def ingest(
         try:
             data = src.read(window=rio_window)
             ok = valid_mask(src, rio_window, data)
-        except rasterio.errors.RasterioIOError as exc:
+        except (rasterio.errors.RasterioError, CPLE_BaseError) as exc:
+            # rasterio's "Read failed. See previous exception for details." chains GDAL's own reason
+            reason = str(exc.__cause__ or exc).splitlines()[0] if str(exc.__cause__ or exc) else type(exc).__name__
             raise InputError(
-                f"input {scene.path!r} could not be read at pixels {window}: {str(exc).splitlines()[0]}; "
-                "the file is truncated or corrupt"
+                f"input {scene.path!r} could not be read at pixels x {window.col_off}-{window.col_off + window.width}, "
+                f"y {window.row_off}-{window.row_off + window.height} ({reason}); the file is truncated or corrupt"
             ) from None
         if np.issubdtype(data.dtype, np.floating):
             data = np.where(ok[None].astype(bool), data, 0).astype(data.dtype)  # no NaN/Inf in the store

@@ -7,6 +7,7 @@ scene, tile size and halo, and the output paths. The stages then run on a plan t
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,12 +81,50 @@ def _check_output(path: str, what: str, overwrite: bool) -> None:
     if out.is_dir():
         raise OutputError(f"{what} {path!r} is a directory; give a file name such as {out / 'mask.tif'}")
     parent = out.parent if str(out.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise OutputError(f"the directory of {what} {path!r}, {parent}, is a file; give a path in a directory")
     if not parent.is_dir():
         raise OutputError(f"the directory of {what} {path!r} does not exist; create {parent} first")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(f"cannot write {what} {path!r}: directory {parent} is not writable")
+    try:  # os.access says yes to root everywhere, and to read-only mounts, /proc and /sys: try for real
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".segpipe-write-test-"):
+            pass
+    except OSError as exc:
+        raise OutputError(
+            f"cannot write {what} {path!r}: directory {parent} is not writable ({exc.strerror or exc})"
+        ) from None
     if out.exists() and not overwrite:
         raise OutputError(f"{what} {path!r} already exists; pass --overwrite to replace it")
+
+
+def _check_inside(path: str | Path, what: str, directory: Path) -> None:
+    """Refuse a path that resolves (through ``..`` or symlinks) outside ``directory``, the OUTPUT's directory."""
+    resolved = Path(path).resolve()
+    if not resolved.is_relative_to(directory):
+        raise OutputError(
+            f"{what} {str(path)!r} resolves to {resolved}, outside the directory of OUTPUT ({directory}); "
+            "write it next to OUTPUT"
+        )
+
+
+def _check_local_workers(workers: int, device: str) -> None:
+    """Each segmenter of a local Ray instance claims a GPU, or on CPU at least one core; more than there are would
+    wait for resources forever."""
+    import torch
+
+    gpus = torch.cuda.device_count() if device != "cpu" else 0
+    if gpus and workers > gpus:
+        raise ConfigError(
+            f"--workers {workers} is more than the {gpus} GPU(s) of this machine (one segmenter per GPU); "
+            f"use --workers {gpus} or fewer"
+        )
+    cores = os.cpu_count() or 1
+    if not gpus and workers > cores:
+        raise ConfigError(
+            f"--workers {workers} is more than the {cores} CPU cores of this machine (a segmenter needs at least "
+            f"one); use --workers {cores} or fewer"
+        )
 
 
 def _same_file(a: str, b: str) -> bool:
@@ -115,8 +154,14 @@ def make_plan(settings: RunSettings) -> RunPlan:
             raise ConfigError(
                 "--device cuda was asked for but this machine has no CUDA GPU; use --device cpu or auto"
             )
+    if settings.workers and settings.executor == "ray" and not settings.ray_address:
+        _check_local_workers(settings.workers, settings.device)
     _check_output(settings.output, "output", settings.overwrite)
+    output = Path(settings.output)
+    out_dir = output.absolute().parent.resolve()
+    _check_inside(output.with_name(output.stem + ".summary.json"), "the summary", out_dir)
     if settings.probabilities:
+        _check_inside(settings.probabilities, "--probabilities", out_dir)
         _check_output(settings.probabilities, "--probabilities", settings.overwrite)
         if _same_file(settings.probabilities, settings.output):
             raise ConfigError("--probabilities must be a different file from OUTPUT")

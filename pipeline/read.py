@@ -120,12 +120,18 @@ def is_remote(path: str) -> bool:
 
 @contextmanager
 def open_scene(path: str, *, retries: int = 3, backoff_s: float = 1.0) -> Iterator[rasterio.DatasetReader]:
-    """Open a scene for reading; a remote URL is retried ``retries`` times with exponential backoff.
+    """Open a scene for reading; a remote URL gets ``retries`` attempts with exponential backoff between them.
+
+    GDAL caches a failed remote open (``/vsicurl/``, ``/vsis3/``, ...) for the life of the process, so a plain
+    second ``rasterio.open`` would fail at once without touching the network. The attempts are therefore made
+    with GDAL's cache off for the URL's prefix (``CPL_VSIL_CURL_NON_CACHED``); nothing failed is left in the
+    cache, and later opens (ingest) cache as usual.
 
     Raises:
         InputError: the file is missing, empty, not a raster, or unreachable.
     """
-    if not is_remote(path):
+    remote = is_remote(path)
+    if not remote:
         if not os.path.exists(path):
             raise InputError(f"input {path!r} does not exist; check the path")
         if os.path.isdir(path):
@@ -134,17 +140,18 @@ def open_scene(path: str, *, retries: int = 3, backoff_s: float = 1.0) -> Iterat
             )
         if os.path.getsize(path) == 0:
             raise InputError(f"input {path!r} is an empty file (0 bytes); re-copy or re-download it")
-    attempts = retries if is_remote(path) else 1
+    attempts = max(1, retries) if remote else 1
+    options = _uncached_options(gdal_path(path)) if remote else {}
     for attempt in range(1, attempts + 1):
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), rasterio.Env(**options), _gdal_warnings_muted(remote):
                 warnings.simplefilter("ignore", NotGeoreferencedWarning)
                 dataset = rasterio.open(gdal_path(path))
             break
         except RasterioIOError as exc:
             if attempt == attempts:
                 reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                if is_remote(path):
+                if remote:
                     raise InputError(
                         f"input {path!r} could not be opened after {attempts} attempts ({reason}); "
                         "check the URL, the network and credentials"
@@ -153,6 +160,7 @@ def open_scene(path: str, *, retries: int = 3, backoff_s: float = 1.0) -> Iterat
                     f"input {path!r} is not a raster GDAL can read ({reason}); "
                     "give a GeoTIFF, COG, JPEG or PNG"
                 ) from None
+            log.info("opening %s failed (attempt %d of %d): %s", path, attempt, attempts, exc)
             time.sleep(backoff_s * 2 ** (attempt - 1))
     try:
         yield dataset
@@ -160,14 +168,49 @@ def open_scene(path: str, *, retries: int = 3, backoff_s: float = 1.0) -> Iterat
         dataset.close()
 
 
+@contextmanager
+def _gdal_warnings_muted(mute: bool) -> Iterator[None]:
+    """Keep GDAL's warnings about a failed remote attempt (one per attempt, "HTTP response code ... 0") off the
+    log: the error, or the retry message, says what happened."""
+    logger = logging.getLogger("rasterio._env")
+    level = logger.level
+    if mute:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _uncached_options(vsi_path: str) -> dict[str, str]:
+    """GDAL config that keeps ``vsi_path`` out of the /vsicurl/ cache (a colon-separated list of prefixes, so the
+    prefix is cut at the first colon: ``/vsicurl/https``)."""
+    prefix = vsi_path.split(":", 1)[0]
+    existing = os.environ.get("CPL_VSIL_CURL_NON_CACHED")
+    return {"CPL_VSIL_CURL_NON_CACHED": f"{existing}:{prefix}" if existing else prefix}
+
+
 def _fingerprint(path: str, header: dict[str, Any]) -> str:
     digest = hashlib.sha256(repr(sorted(header.items())).encode())
     if not is_remote(path):
         stat = os.stat(path)
-        digest.update(f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+        digest.update(f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}".encode("utf-8", "surrogatepass"))
     else:
-        digest.update(path.encode())
+        digest.update(path.encode("utf-8", "surrogatepass"))  # surrogates: names that are not UTF-8
     return digest.hexdigest()
+
+
+#: Largest block (strip or tile) a scene may have: a read decodes whole blocks, so this bounds a reader's memory.
+#: GDAL serves uncompressed strips, and compressed single strips above ~20 MB, line by line (block height 1),
+#: so a huge single-strip TIFF passes; a raster with giant tiles, or a strip GDAL cannot split, is refused.
+MAX_BLOCK_BYTES = 256 * 2**20
+
+
+def _block_bytes(src: rasterio.DatasetReader) -> int:
+    """Bytes GDAL decodes to read one block of band 1 (all bands at once when pixel-interleaved)."""
+    rows, cols = src.block_shapes[0]
+    bands = 1 if src.interleaving is not None and src.interleaving.name == "band" else src.count
+    return int(rows) * int(cols) * bands * np.dtype(src.dtypes[0]).itemsize
 
 
 def describe_scene(path: str) -> SceneInfo:
@@ -189,6 +232,15 @@ def describe_scene(path: str) -> SceneInfo:
             raise InputError(
                 f"input {path!r} has data type {dtype}, which segpipe cannot segment; "
                 f"supported: {', '.join(SUPPORTED_DTYPES)}"
+            )
+        block_bytes = _block_bytes(src)
+        if block_bytes > MAX_BLOCK_BYTES:
+            rows, cols = src.block_shapes[0]
+            raise InputError(
+                f"input {path!r} is stored in blocks of {cols}x{rows} pixels ({block_bytes / 2**20:.0f} MiB each) "
+                f"and GDAL decodes a whole block for any read, more than the {MAX_BLOCK_BYTES // 2**20} MiB segpipe "
+                "allows; "
+                "re-tile it first: gdal_translate -co TILED=YES -co COMPRESS=DEFLATE INPUT TILED.tif"
             )
         transform = src.transform
         crs = src.crs

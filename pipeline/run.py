@@ -9,6 +9,7 @@ between stages; pixels stay in the work store.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -28,6 +29,7 @@ from pipeline.infer import InferOptions
 from pipeline.ingest import IngestResult, ingest
 from pipeline.plan import RunPlan, RunSettings, make_plan
 from pipeline.stitch import StitchResult, stitch
+from segpipe.errors import OutputError
 
 log = logging.getLogger(__name__)
 
@@ -121,11 +123,40 @@ def work_directory(work_dir: str | None) -> Iterator[Path]:
         path.mkdir(parents=True, exist_ok=True)
         yield path
         return
-    tmp = Path(tempfile.mkdtemp(prefix="segpipe-work-"))
+    _remove_abandoned_work_dirs()
+    # locked before it gets the name the sweep looks for, so a live run's directory is never taken for abandoned
+    tmp = Path(tempfile.mkdtemp(prefix="segpipe-new-"))
+    handle = open(tmp / RUN_LOCK, "w")  # noqa: SIM115 - held open for the lock's lifetime
+    fcntl.flock(handle, fcntl.LOCK_EX)
+    path = tmp.with_name("segpipe-work-" + tmp.name.removeprefix("segpipe-new-"))
+    os.rename(tmp, path)
     try:
-        yield tmp
+        yield path
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(path, ignore_errors=True)
+        handle.close()
+
+
+RUN_LOCK = ".segpipe-run.lock"
+
+
+def _remove_abandoned_work_dirs() -> None:
+    """Remove the temporary work directories of killed runs (SIGKILL, OOM, power loss skip ``finally``).
+
+    A live run holds the flock on its directory's lock file; the kernel drops it when the run dies. Only this
+    user's ``segpipe-work-*`` directories with a lock file nobody holds are removed.
+    """
+    for path in Path(tempfile.gettempdir()).glob("segpipe-work-*"):
+        lock = path / RUN_LOCK
+        try:
+            if path.stat().st_uid != os.getuid() or not lock.is_file():
+                continue
+            with open(lock, "a") as handle:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                log.info("removing %s, the work directory of a run that was killed", path)
+                shutil.rmtree(path, ignore_errors=True)
+        except OSError:  # BlockingIOError: a live run holds it; or it vanished meanwhile
+            continue
 
 
 def _crs_name(wkt: str | None) -> str | None:
@@ -194,8 +225,11 @@ def build_summary(
 
 
 def write_json_atomically(data: dict[str, Any], path: Path) -> None:
-    with atomic_output(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
+    try:
+        with atomic_output(path) as tmp:
+            tmp.write_text(json.dumps(data, indent=2) + "\n")
+    except OSError as exc:
+        raise OutputError(f"could not write {path}: {exc}; check free space and permissions") from None
 
 
 Stage = Callable[..., Any]
@@ -237,11 +271,19 @@ def run_scene(settings: RunSettings, *, wrap: Callable[[Stage], Stage] = _identi
             wrap(stitch_stage)(plan, store_path)
         seconds["stitch"] = time.perf_counter() - t
         t = time.perf_counter()
-        exported = wrap(export_stage)(plan, store_path, ws.MASK, settings.output)
-        if settings.probabilities:
-            wrap(export_stage)(plan, store_path, ws.PROBABILITIES, settings.probabilities)
-        seconds["export"] = time.perf_counter() - t
-        seconds["total"] = time.perf_counter() - started
-        summary = build_summary(plan, seconds, ingested, inferred, exported, store_path)
-        write_json_atomically(summary, plan.summary_path)
+        written: list[Path] = []
+        try:
+            exported = wrap(export_stage)(plan, store_path, ws.MASK, settings.output)
+            written.append(Path(settings.output))
+            if settings.probabilities:
+                wrap(export_stage)(plan, store_path, ws.PROBABILITIES, settings.probabilities)
+                written.append(Path(settings.probabilities))
+            seconds["export"] = time.perf_counter() - t
+            seconds["total"] = time.perf_counter() - started
+            summary = build_summary(plan, seconds, ingested, inferred, exported, store_path)
+            write_json_atomically(summary, plan.summary_path)
+        except BaseException:
+            for path in written:  # a failed run leaves no OUTPUT: not the mask when the probabilities fail
+                path.unlink(missing_ok=True)
+            raise
     return summary

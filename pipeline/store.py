@@ -22,6 +22,7 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -78,11 +79,21 @@ def attrs(group: zarr.Group) -> dict[str, Any]:
     return dict(group.attrs)
 
 
+def _path_key(path: str) -> bytes:
+    """An absolute path as bytes for hashing; ``surrogatepass`` keeps file names that are not UTF-8 hashable."""
+    return os.path.abspath(path).encode("utf-8", "surrogatepass")
+
+
 def store_path(work_dir: str | Path, scene_path: str) -> Path:
-    """The work store of a scene in a work directory: ``<work_dir>/<scene name>-<8 hex of its path>.zarr``."""
+    """The work store of a scene in a work directory: ``<work_dir>/<scene name>-<8 hex of its path>.zarr``.
+
+    The name is always one plain entry of ``work_dir``: the scene's stem is cut to 64 characters of
+    ``[A-Za-z0-9._-]`` (others become ``_``), so no input name (``..``, URLs, odd bytes) can lead elsewhere.
+    """
     name = Path(scene_path.rstrip("/")).name or "scene"
-    digest = hashlib.sha256(os.path.abspath(scene_path).encode()).hexdigest()[:8]
-    return Path(work_dir) / f"{Path(name).stem}-{digest}.zarr"
+    stem = re.sub(r"[^A-Za-z0-9._-]", "_", Path(name).stem)[:64].lstrip(".") or "scene"
+    digest = hashlib.sha256(_path_key(scene_path)).hexdigest()[:8]
+    return Path(work_dir) / f"{stem}-{digest}.zarr"
 
 
 def run_key(**fields: Any) -> str:
@@ -104,7 +115,7 @@ def exclusive_lock(target: str | Path, what: str) -> Iterator[None]:
     Raises:
         OutputError: another segpipe process holds the lock.
     """
-    key = hashlib.sha256(os.path.abspath(str(target)).encode()).hexdigest()[:24]
+    key = hashlib.sha256(_path_key(str(target))).hexdigest()[:24]
     lock_dir = Path(
         os.environ.get("SEGPIPE_LOCK_DIR", Path(os.environ.get("TMPDIR", "/tmp")) / "segpipe-locks")
     )

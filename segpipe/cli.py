@@ -7,11 +7,12 @@ failure (one line, the traceback only with ``--verbose``); 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn
 
 from segpipe.errors import SegpipeError
@@ -77,6 +78,18 @@ def _add_run(sub: Any) -> None:
     p.set_defaults(handler=_cmd_run)
 
 
+@contextlib.contextmanager
+def _warnings_muted(logger_name: str) -> Iterator[None]:
+    """Drop warnings (not errors) logged under ``logger_name`` in this block."""
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from pipeline.plan import RunSettings, make_plan
 
@@ -96,7 +109,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         executor=args.executor,
     )
-    make_plan(settings)  # fail fast, before Prefect and Ray start
+    with _warnings_muted("pipeline"):  # the run validates again and warns then: one warning, not two
+        make_plan(settings)  # fail fast, before Prefect and Ray start
     if args.no_prefect:
         from pipeline.run import run_scene
 
