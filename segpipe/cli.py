@@ -265,6 +265,12 @@ def _add_train(sub: Any) -> None:
         metavar="ID",
         help="class id left out of loss and mIoU (repeatable)",
     )
+    p.add_argument(
+        "--unknown-colours",
+        default="error",
+        choices=["error", "ignore"],
+        help="a mask colour outside --classes: stop (default) or leave the pixel out of loss and metrics",
+    )
     p.add_argument("--seed", type=_positive, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--threads", type=_positive, help="torch threads (default: torch's choice)")
@@ -304,6 +310,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         lr=args.lr,
         class_weighting=args.class_weighting,
         ignore_classes=tuple(args.ignore_class),
+        unknown_colours=args.unknown_colours,
         seed=args.seed,
         device=args.device,
         num_threads=args.threads,
