@@ -12,7 +12,9 @@ For every scene size, in one run:
    under the scratch directory (a JSON sidecar records how it was built; a matching one is reused).
 2. **Model-only limit.** The model's forward pass on in-memory tensors (real pixels of the scene, normalised)
    at segpipe's batch size, tile input size and precision, torch threads = cores: a few batches are timed and
-   the time for exactly the scene's pixel count is extrapolated from them.
+   the time for exactly the scene's pixel count is extrapolated from them. The limit and the peers run with
+   the same malloc thresholds as segpipe's segmenters (``pipeline.infer.retain_freed_memory``; ``--plain-allocator``
+   turns that off), so that no method gains from the allocator alone.
 3. **segpipe.** ``segpipe run SCENE OUT.tif --json`` as a subprocess (Prefect flow, Ray actors, zarr work
    store, COG out), and ``--no-prefect`` to separate Prefect's fixed start-up cost.
 4. **Peers**, same model and scene: MONAI's ``sliding_window_inference`` (gaussian, overlap 0.25, roi = segpipe's
@@ -268,6 +270,7 @@ class Setup:
     height: int
     bands: int
     device: str = "cpu"
+    plain_allocator: bool = False
 
     @property
     def input_size(self) -> int:
@@ -278,17 +281,29 @@ class Setup:
         return self.width * self.height
 
 
-def _torch_setup(device: str) -> Any:
+_ALLOCATOR: dict[str, Any] = {"retain_freed_memory": None}
+
+
+def _torch_setup(device: str, plain_allocator: bool = False) -> Any:
+    """torch with segpipe's CPU process setup: threads = cores and, unless ``plain_allocator``, the same malloc
+    thresholds as segpipe's segmenters (so the limit and the peers get the same allocator as segpipe)."""
     import torch
 
     if device == "cpu":
         torch.set_num_threads(cores())
+        if not plain_allocator:
+            try:
+                from pipeline.infer import retain_freed_memory
+            except ImportError:  # a segpipe without it
+                _ALLOCATOR["retain_freed_memory"] = False
+            else:
+                _ALLOCATOR["retain_freed_memory"] = retain_freed_memory()
     return torch
 
 
 def _load(setup: Setup) -> tuple[Any, Any, np.ndarray, np.ndarray]:
     """(torch, module, mean (bands,1,1), std (bands,1,1))."""
-    torch = _torch_setup(setup.device)
+    torch = _torch_setup(setup.device, setup.plain_allocator)
     from models.checkpoint import load_model
 
     loaded = load_model(setup.model, device=setup.device)
@@ -495,6 +510,7 @@ def worker_main(argv: Sequence[str]) -> int:
     config = json.loads(Path(config_path).read_text())
     setup = Setup(**config["setup"])
     result = WORKERS[method](setup, config)
+    result["retain_freed_memory"] = _ALLOCATOR["retain_freed_memory"]
     Path(config["result"]).write_text(json.dumps(result))
     return 0
 
@@ -654,7 +670,7 @@ def segpipe_command() -> list[str]:
     return [str(exe)] if exe.is_file() else [sys.executable, "-m", "segpipe.cli"]
 
 
-def plan_setup(scene: Path, model: str, device: str) -> Setup:
+def plan_setup(scene: Path, model: str, device: str, plain_allocator: bool = False) -> Setup:
     """segpipe's own resolution of tile size, halo and batch size for this scene and model."""
     from pipeline.plan import RunSettings, make_plan
 
@@ -670,6 +686,7 @@ def plan_setup(scene: Path, model: str, device: str) -> Setup:
         height=plan.scene.height,
         bands=plan.scene.count,
         device=device,
+        plain_allocator=plain_allocator,
     )
 
 
@@ -699,7 +716,7 @@ def bench_size(bench: Bench, nominal: float, *, first: bool) -> None:
         + ("reused from the cache" if reused else f"built in {time.perf_counter() - t:.1f} s")
     )
     device = "cuda" if _cuda() else "cpu"
-    setup = plan_setup(scene, args.model, device)
+    setup = plan_setup(scene, args.model, device, args.plain_allocator)
     bench.scenes.append(
         {
             "nominal_mp": nominal,
@@ -730,7 +747,8 @@ def bench_size(bench: Bench, nominal: float, *, first: bool) -> None:
             limit,
             peak_rss_gib=measured.peak_bytes / GIB,
             notes=f"extrapolated from {res['extrapolated_from_batches']} batches of {setup.batch_size}x"
-            f"{setup.input_size}² ({res['median_batch_seconds']:.2f} s each), {res['threads']} threads",
+            f"{setup.input_size}² ({res['median_batch_seconds']:.2f} s each), {res['threads']} threads"
+            + (", segpipe's malloc thresholds" if res.get("retain_freed_memory") else ", default malloc"),
             detail=res,
         )
     )
@@ -926,9 +944,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--scratch", type=Path, default=DEFAULT_SCRATCH, help=f"scene cache and outputs (default {DEFAULT_SCRATCH})"
     )
-    p.add_argument("--limit-batches", type=int, default=3, help="timed batches for the model-only limit")
-    p.add_argument("--limit-seconds", type=float, default=0.0, help="...and at least this many seconds")
+    p.add_argument("--limit-batches", type=int, default=5, help="timed batches for the model-only limit")
+    p.add_argument("--limit-seconds", type=float, default=20.0, help="...and at least this many seconds")
     p.add_argument("--limit-bf16", action="store_true", help="also time bf16 autocast batches (CPU, for reference)")
+    p.add_argument(
+        "--plain-allocator",
+        action="store_true",
+        help="run the limit and the peers without segpipe's malloc thresholds (pipeline.infer.retain_freed_memory)",
+    )
     p.add_argument("--reference-margin", type=int, default=128, help="context pixels around the reference crop")
     p.add_argument("--keep-outputs", action="store_true", help="keep the masks under the scratch dir")
     return p

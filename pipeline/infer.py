@@ -15,7 +15,9 @@ exactly the same batches and produces identical bytes; a group whose tiles are a
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -84,6 +86,32 @@ def normalise(
     return x
 
 
+def retain_freed_memory(threshold: int = 1 << 30) -> bool:
+    """Let the C heap reuse freed memory instead of mapping fresh pages for every large tensor (glibc, Linux).
+
+    A forward pass allocates activation tensors of tens to hundreds of megabytes and frees them. glibc serves
+    allocations above its mmap threshold (at most 32 MiB by default) with fresh mappings and returns them on free,
+    so every batch faults in and zeroes its activations again: measured with the default model at 640 px on 2
+    EPYC cores, 0.5 s of system time per megapixel at batch 1 and 1.7 s at batch 10, on top of 1.8 s of compute.
+    Raising the mmap threshold to ``threshold`` bytes and the trim threshold to its maximum (2 GiB, mallopt takes
+    a C int) keeps freed memory in the heap for the next batch. Results are unchanged; the process's peak memory
+    is that of one forward pass, as before, but it is not handed back between batches.
+
+    Returns:
+        True if both thresholds were set; False where ``mallopt`` is missing or refuses (another C library).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    ok = bool(mallopt(m_mmap_threshold, threshold)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
+    log.debug("malloc thresholds %s", "raised" if ok else "unchanged")
+    return ok
+
+
 class TileSegmenter:
     """Holds one model on one device and segments groups of tiles of one work store.
 
@@ -100,6 +128,7 @@ class TileSegmenter:
         self.options = options
         if options.device == "cpu":
             torch.set_num_threads(max(1, options.threads))
+            retain_freed_memory()
         self.torch = torch
         self.device = torch.device(options.device)
         self.loaded = load_model(options.model, device=options.device)

@@ -190,7 +190,7 @@ def make_plan(settings: RunSettings) -> RunPlan:
     if meta.input_size is not None and settings.tile_size is None and settings.halo is None:
         tile_size = meta.input_size - 2 * halo
     validate_tiling(tile_size, halo, size_multiple=meta.size_multiple, input_size=meta.input_size)
-    batch_size = settings.batch_size or _default_batch_size(tile_size + 2 * halo)
+    batch_size = settings.batch_size or _default_batch_size(tile_size + 2 * halo, gpu=_expects_gpu(settings))
     summary = ModelSummary(
         name=settings.model,
         path=loaded.path,
@@ -205,6 +205,25 @@ def make_plan(settings: RunSettings) -> RunPlan:
     return RunPlan(settings, scene, summary, tile_size, halo, batch_size, grid)
 
 
-def _default_batch_size(input_size: int) -> int:
-    """About 4 megapixels of input per batch on CPU (larger batches gain nothing there)."""
-    return max(1, min(16, (2048 * 2048) // (input_size * input_size)))
+def _expects_gpu(settings: RunSettings) -> bool:
+    """Whether inference will run on CUDA: asked for, or ``auto`` with a local GPU or on a cluster (unknown)."""
+    if settings.device != "auto":
+        return settings.device == "cuda"
+    if settings.ray_address:
+        return True
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def _default_batch_size(input_size: int, *, gpu: bool = True) -> int:
+    """Tiles per forward pass when ``--batch-size`` is not given.
+
+    GPU: about 4 megapixels of input per batch, to keep the device busy. CPU: about a quarter megapixel (one tile
+    of 512 px + 64 px halo): larger batches compute no faster there and cost memory and system time. Measured with
+    the default model at 640 px inputs on 2 EPYC cores: 1.8 s of compute per megapixel at any batch size, plus
+    system time to fault in fresh activation memory (0.5 s/MP at batch 1, 1.7 s/MP at batch 10), and activations
+    of about 0.4 GB at batch 1 against 3.2 GB at batch 10.
+    """
+    budget = 2048 * 2048 if gpu else 512 * 512
+    return max(1, min(16, budget // (input_size * input_size)))
