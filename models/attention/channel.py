@@ -45,8 +45,8 @@ class SqueezeExcitation(nn.Module):
 
     def __init__(self, channels: int, reduction: int = 16) -> None:
         super().__init__()
-        positive_int("SqueezeExcitation", "channels", channels)
-        positive_int("SqueezeExcitation", "reduction", reduction)
+        positive_int(type(self).__name__, "channels", channels)
+        positive_int(type(self).__name__, "reduction", reduction)
         self.channels = channels
         self.mlp = _mlp(channels, reduction)
 
@@ -65,7 +65,7 @@ class SqueezeExcitation(nn.Module):
         return (out, weights) if return_attention else out
 
 
-class ChannelAttention(nn.Module):
+class ChannelAttention(SqueezeExcitation):
     """CBAM channel branch: ``x * sigmoid(MLP(avgpool(x)) + MLP(maxpool(x)))`` with one shared MLP.
 
     Layout: input and output (B, C, H, W); the map is (B, C, 1, 1) in [0, 1]. Like SE, the global pools see
@@ -78,28 +78,11 @@ class ChannelAttention(nn.Module):
         reduction: Bottleneck ratio of the shared MLP (hidden width ``max(4, C // reduction)``, at most C).
     """
 
-    def __init__(self, channels: int, reduction: int = 16) -> None:
-        super().__init__()
-        positive_int("ChannelAttention", "channels", channels)
-        positive_int("ChannelAttention", "reduction", reduction)
-        self.channels = channels
-        self.mlp = _mlp(channels, reduction)
-
     def attention_map(self, x: Tensor) -> Tensor:
         """The (B, C, 1, 1) channel weights in [0, 1] for ``x`` (B, C, H, W)."""
         avg = self.mlp(x.mean(dim=(2, 3), keepdim=True))
         peak = self.mlp(x.amax(dim=(2, 3), keepdim=True))
         return torch.sigmoid(avg + peak)
-
-    @overload
-    def forward(self, x: Tensor, return_attention: Literal[False] = False) -> Tensor: ...
-    @overload
-    def forward(self, x: Tensor, return_attention: Literal[True]) -> tuple[Tensor, Tensor]: ...
-    def forward(self, x: Tensor, return_attention: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-        """Rescale the channels of ``x`` (B, C, H, W); optionally also return the (B, C, 1, 1) weights."""
-        weights = self.attention_map(x)
-        out = x * weights
-        return (out, weights) if return_attention else out
 
 
 class CBAM(nn.Module):
