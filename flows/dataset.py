@@ -44,7 +44,7 @@ def segment_dataset(
     input_dir: str,
     output_dir: str,
     model: str = "default",
-    blend: str = "cosine",
+    blend: str = "crop",
     device: str = "auto",
     workers: int | None = None,
     work_dir: str | None = None,

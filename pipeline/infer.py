@@ -59,8 +59,11 @@ class InferOptions:
     probabilities: bool = False
 
 
-def read_tile_input(image: zarr.Array, valid: zarr.Array, tile: Tile) -> tuple[np.ndarray, np.ndarray]:
-    """Read a tile's input window from the store, mirror-padded to the full input size outside the scene.
+def read_tile_input(
+    image: zarr.Array | np.ndarray, valid: zarr.Array | np.ndarray, tile: Tile
+) -> tuple[np.ndarray, np.ndarray]:
+    """Read a tile's input window from the store (or in-memory arrays of the same layout: image (bands, H, W),
+    valid (H, W)), mirror-padded to the full input size outside the scene.
 
     Returns:
         ``(pixels, valid)``: pixels (bands, S, S) in the scene's dtype and a (S, S) uint8 validity mask, where

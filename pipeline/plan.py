@@ -29,7 +29,7 @@ class RunSettings:
     model: str = "default"
     tile_size: int | None = None
     halo: int | None = None
-    blend: str = "cosine"
+    blend: str = "crop"
     batch_size: int | None = None
     workers: int | None = None
     device: str = "auto"

@@ -61,7 +61,10 @@ def _add_run(sub: Any) -> None:
         "--halo", type=_positive, help="context margin around each tile in pixels (default: the model's)"
     )
     p.add_argument(
-        "--blend", default="cosine", choices=["crop", "cosine", "gaussian"], help="default: cosine"
+        "--blend",
+        default="crop",
+        choices=["crop", "cosine", "gaussian"],
+        help="crop (default): each tile's core, written directly; cosine/gaussian: blend overlapping tiles",
     )
     p.add_argument("--batch-size", type=_positive, help="tiles per forward pass")
     p.add_argument("--workers", type=_positive, help="segmenter actors (default: one per GPU, or one on CPU)")
@@ -195,7 +198,7 @@ def _add_dataset(sub: Any) -> None:
         p.add_argument("input_dir", help="folder of scenes (*.tif, *.tiff, *.jp2, *.vrt)")
         p.add_argument("output_dir", help="folder for <scene>.mask.tif and <scene>.mask.summary.json")
         p.add_argument("--model", default="default")
-        p.add_argument("--blend", default="cosine", choices=["crop", "cosine", "gaussian"])
+        p.add_argument("--blend", default="crop", choices=["crop", "cosine", "gaussian"])
         p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
         p.add_argument("--workers", type=_positive)
         p.add_argument("--work-dir", help="keep work stores here (one per scene) so re-runs resume")
