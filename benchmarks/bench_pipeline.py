@@ -171,10 +171,13 @@ class TreeMemorySampler:
     """Peak RSS of a process and all its descendants, sampled every ``interval`` seconds on a thread.
 
     Use as a context manager around the work; ``peak_bytes`` is the largest sum seen, ``peak_processes`` the
-    number of processes in that sample. The sum counts shared pages once per process (an upper bound).
+    number of processes in that sample. The RSS sum counts shared pages once per process (an upper bound: every
+    Ray worker maps torch's libraries). Every ``pss_every``-th sample also sums PSS (proportional set size:
+    shared pages split between the processes that map them), the tree's actual share of RAM; reading it walks
+    page tables, so it is sampled less often; ``peak_pss_bytes`` is its largest sum.
     """
 
-    def __init__(self, pid: int | None = None, interval: float = 0.2) -> None:
+    def __init__(self, pid: int | None = None, interval: float = 0.2, pss_every: int = 5) -> None:
         import psutil
 
         self._psutil = psutil
@@ -182,6 +185,8 @@ class TreeMemorySampler:
         self.interval = interval
         self.peak_bytes = 0
         self.peak_processes = 0
+        self.peak_pss_bytes = 0
+        self.pss_every = pss_every
         self.samples = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -194,16 +199,24 @@ class TreeMemorySampler:
         except psutil.Error:
             return 0
         total = 0
+        pss = 0
         alive = 0
+        with_pss = self.samples % self.pss_every == 0
         for proc in procs:
             try:
-                total += proc.memory_info().rss
+                if with_pss:
+                    full = proc.memory_full_info()
+                    total += full.rss
+                    pss += getattr(full, "pss", full.rss)
+                else:
+                    total += proc.memory_info().rss
                 alive += 1
             except psutil.Error:
                 continue
         self.samples += 1
         if total > self.peak_bytes:
             self.peak_bytes, self.peak_processes = total, alive
+        self.peak_pss_bytes = max(self.peak_pss_bytes, pss)
         return total
 
     def _run(self) -> None:
@@ -229,6 +242,7 @@ class Measured:
     seconds: float
     peak_bytes: int
     peak_processes: int
+    peak_pss_bytes: int
     returncode: int
     stdout: str
     stderr: str
@@ -249,7 +263,15 @@ def run_measured(cmd: Sequence[str], *, env: dict[str, str] | None = None, timeo
         seconds = time.perf_counter() - start
         out.seek(0)
         err.seek(0)
-        return Measured(seconds, sampler.peak_bytes, sampler.peak_processes, returncode, out.read(), err.read())
+        return Measured(
+            seconds,
+            sampler.peak_bytes,
+            sampler.peak_processes,
+            sampler.peak_pss_bytes,
+            returncode,
+            out.read(),
+            err.read(),
+        )
 
 
 # --------------------------------------------------------------------------------------------------- workers
@@ -606,8 +628,8 @@ def _fmt(value: Any, digits: int = 2) -> str:
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """A markdown table of result rows (keys: megapixels, method, seconds, mp_per_s, ratio_to_limit,
     peak_rss_gib, disagreement, notes); missing values print as '–'."""
-    head = "| scene MP | method | wall s | MP/s | x limit | peak RSS GiB | disagreement % | notes |"
-    lines = [head, "|---:|---|---:|---:|---:|---:|---:|---|"]
+    head = "| scene MP | method | wall s | MP/s | x limit | peak RSS GiB | peak PSS GiB | disagreement % | notes |"
+    lines = [head, "|---:|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         dis = r.get("disagreement")
         lines.append(
@@ -620,6 +642,7 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
                     _fmt(r.get("mp_per_s"), 3),
                     _fmt(r.get("ratio_to_limit"), 2),
                     _fmt(r.get("peak_rss_gib"), 2),
+                    _fmt(r.get("peak_pss_gib"), 2),
                     _fmt(100 * dis if dis is not None else None, 2),
                     str(r.get("notes", "")),
                 ]
@@ -746,6 +769,7 @@ def bench_size(bench: Bench, nominal: float, *, first: bool) -> None:
             limit,
             limit,
             peak_rss_gib=measured.peak_bytes / GIB,
+            peak_pss_gib=measured.peak_pss_bytes / GIB,
             notes=f"extrapolated from {res['extrapolated_from_batches']} batches of {setup.batch_size}x"
             f"{setup.input_size}² ({res['median_batch_seconds']:.2f} s each), {res['threads']} threads"
             + (", segpipe's malloc thresholds" if res.get("retain_freed_memory") else ", default malloc"),
@@ -794,6 +818,7 @@ def bench_size(bench: Bench, nominal: float, *, first: bool) -> None:
                 m.seconds,
                 limit,
                 peak_rss_gib=m.peak_bytes / GIB,
+                peak_pss_gib=m.peak_pss_bytes / GIB,
                 peak_processes=m.peak_processes,
                 disagreement=stats.get("disagreement"),
                 notes=f"{tiles['tile_size']}+{tiles['halo']} px {tiles['blend']}, batch {tiles['batch_size']}, "
@@ -896,6 +921,7 @@ def peer(
             measured.seconds,
             limit,
             peak_rss_gib=measured.peak_bytes / GIB,
+            peak_pss_gib=measured.peak_pss_bytes / GIB,
             disagreement=stats.get("disagreement"),
             notes=notes,
             detail=res,

@@ -153,6 +153,7 @@ class TileSegmenter:
         else:
             self.tile_probabilities = ws.array(self.group, ws.TILE_PROBABILITIES)
         self.io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tile-io")
+        self.overlap_io = True
 
     def _read_batch(self, indices: Sequence[int]) -> tuple[list[Tile], np.ndarray, np.ndarray]:
         tiles = [self.grid.tile_at(i) for i in indices]
@@ -164,7 +165,8 @@ class TileSegmenter:
         return tiles, np.stack(inputs), np.stack(valids)
 
     def _forward(self, batch: np.ndarray) -> Any:
-        """Softmax probabilities (B, classes, S, S) as a float32 torch tensor on the model's device."""
+        """Scores (B, classes, S, S) as a float32 torch tensor on the model's device: softmax probabilities, or
+        the logits where only their argmax is used (``crop`` without probabilities: same classes, no exp)."""
         torch = self.torch
         x = torch.from_numpy(batch)
         if self.device.type == "cuda":
@@ -179,6 +181,8 @@ class TileSegmenter:
         else:
             with torch.inference_mode():
                 logits = self.model(x)
+        if self.options.blend == "crop" and not self.options.probabilities:
+            return logits.float()
         return torch.softmax(logits.float(), dim=1)
 
     def _write(self, tiles: list[Tile], probs: Any, valids: np.ndarray) -> None:
@@ -226,6 +230,20 @@ class TileSegmenter:
         todo = [list(g) for g in groups if not self._is_done(g)]
         stats = {"tiles": 0, "batches": 0, "compute_s": 0.0, "wait_read_s": 0.0, "wait_write_s": 0.0}
         if not todo:
+            return {**stats, "seconds": time.perf_counter() - start}
+        if not self.overlap_io:
+            for group in todo:
+                t0 = time.perf_counter()
+                tiles, batch, valids = self._read_batch(group)
+                t1 = time.perf_counter()
+                probs = self._forward(batch)
+                t2 = time.perf_counter()
+                self._write(tiles, probs, valids)
+                stats["wait_read_s"] += t1 - t0
+                stats["compute_s"] += t2 - t1
+                stats["wait_write_s"] += time.perf_counter() - t2
+                stats["tiles"] += len(tiles)
+                stats["batches"] += 1
             return {**stats, "seconds": time.perf_counter() - start}
         pending_read: Future[tuple[list[Tile], np.ndarray, np.ndarray]] = self.io.submit(
             self._read_batch, todo[0]

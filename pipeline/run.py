@@ -217,6 +217,15 @@ def build_summary(
         },
         "workers": inferred.workers,
         "device": inferred.device,
+        "segmenter_seconds": {
+            name: round(sum(float(stat.get(key, 0.0)) for stat in inferred.worker_stats), 3)
+            for name, key in (
+                ("busy", "seconds"),
+                ("compute", "compute_s"),
+                ("waiting_for_reads", "wait_read_s"),
+                ("waiting_for_writes", "wait_write_s"),
+            )
+        },
         "ingest_reused": ingested.reused,
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
         "megapixels_per_second": round(scene.pixels / 1e6 / total, 3) if total > 0 else None,

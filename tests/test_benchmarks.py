@@ -58,6 +58,7 @@ def test_rss_sampler_sees_descendants() -> None:
     measured = bench.run_measured([sys.executable, "-c", code])
     assert measured.returncode == 0
     assert measured.peak_bytes > 200 * 2**20
+    assert 200 * 2**20 < measured.peak_pss_bytes <= measured.peak_bytes  # private pages count fully in PSS
     assert measured.seconds >= 1.0
     sampler = bench.TreeMemorySampler(interval=0.05)
     with sampler:
@@ -68,13 +69,13 @@ def test_rss_sampler_sees_descendants() -> None:
 def test_format_table_and_crop() -> None:
     rows = [
         {"megapixels": 16.78, "method": "segpipe", "seconds": 100.0, "mp_per_s": 0.1678,
-         "ratio_to_limit": 0.61, "peak_rss_gib": 2.5, "disagreement": 0.0012, "notes": "x"},
+         "ratio_to_limit": 0.61, "peak_rss_gib": 2.5, "peak_pss_gib": 1.25, "disagreement": 0.0012, "notes": "x"},
         {"megapixels": 16.78, "method": "MONAI sliding window", "seconds": None, "notes": "skipped"},
     ]  # fmt: skip
     table = bench.format_table(rows).splitlines()
     assert table[0].startswith("| scene MP | method | wall s | MP/s | x limit | peak RSS GiB")
     assert len(table) == 4
-    assert table[2] == "| 16.8 | segpipe | 100.0 | 0.168 | 0.61 | 2.50 | 0.12 | x |"
+    assert table[2] == "| 16.8 | segpipe | 100.0 | 0.168 | 0.61 | 2.50 | 1.25 | 0.12 | x |"
     assert "–" in table[3] and "skipped" in table[3]
     assert bench.crop_window(4096, 4096) == (1024, 1024, 2048)
     row, col, side = bench.crop_window(1000, 700)
