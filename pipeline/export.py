@@ -29,7 +29,7 @@ from rasterio.crs import CRS
 from rasterio.errors import NotGeoreferencedWarning
 
 from pipeline import store as ws
-from pipeline.read import SceneInfo
+from pipeline.read import GDAL_CACHE_BYTES, SceneInfo
 from pipeline.tile import TileGrid
 from segpipe.errors import OutputError
 
@@ -123,7 +123,7 @@ def export_cog(
     scratch.unlink(missing_ok=True)
     histogram = np.zeros(256, dtype=np.int64)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES):
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             with rasterio.open(scratch, "w", **_profile(scene, count, ws.MASK_NODATA)) as dst:
                 for window in (t.core for t in TileGrid(scene.width, scene.height, BLOCK, 0)):

@@ -26,7 +26,7 @@ from rasterio.errors import NotGeoreferencedWarning
 from rasterio.windows import Window as RioWindow
 
 from pipeline import store as ws
-from pipeline.read import SceneInfo, gdal_path
+from pipeline.read import GDAL_CACHE_BYTES, SceneInfo, gdal_path
 from pipeline.tile import TileGrid, Window
 from segpipe.errors import InputError
 
@@ -183,7 +183,10 @@ def ingest(
             progress(window.area)
 
     try:
-        with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="ingest") as pool:
+        with (
+            rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES),
+            ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="ingest") as pool,
+        ):
             for _ in pool.map(copy, _regions(scene.width, scene.height, region)):
                 pass
     finally:

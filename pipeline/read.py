@@ -200,6 +200,13 @@ def _fingerprint(path: str, header: dict[str, Any]) -> str:
     return digest.hexdigest()
 
 
+#: GDAL's block cache while ingest and export run (``GDAL_CACHEMAX``). GDAL's default is 5 % of RAM, and the
+#: cache fills with every decoded block, so a process's memory grew with the scene up to that (on a 23.5 GiB
+#: machine: +0.5 GiB after ingesting 67 MP, more at 268 MP). Reads are aligned to the scene's blocks and every
+#: block is decoded once, so a small cache costs nothing: ingest of 67 MP took 3.9 s with 64 MiB, 6.6 s with
+#: the default, peak RSS +0.19 GiB instead of +0.52 GiB (2-core EPYC).
+GDAL_CACHE_BYTES = 64 * 2**20
+
 #: Largest block (strip or tile) a scene may have: a read decodes whole blocks, so this bounds a reader's memory.
 #: GDAL serves uncompressed strips, and compressed single strips above ~20 MB, line by line (block height 1),
 #: so a huge single-strip TIFF passes; a raster with giant tiles, or a strip GDAL cannot split, is refused.
