@@ -153,7 +153,6 @@ class TileSegmenter:
         else:
             self.tile_probabilities = ws.array(self.group, ws.TILE_PROBABILITIES)
         self.io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tile-io")
-        self.overlap_io = True
 
     def _read_batch(self, indices: Sequence[int]) -> tuple[list[Tile], np.ndarray, np.ndarray]:
         tiles = [self.grid.tile_at(i) for i in indices]
@@ -230,20 +229,6 @@ class TileSegmenter:
         todo = [list(g) for g in groups if not self._is_done(g)]
         stats = {"tiles": 0, "batches": 0, "compute_s": 0.0, "wait_read_s": 0.0, "wait_write_s": 0.0}
         if not todo:
-            return {**stats, "seconds": time.perf_counter() - start}
-        if not self.overlap_io:
-            for group in todo:
-                t0 = time.perf_counter()
-                tiles, batch, valids = self._read_batch(group)
-                t1 = time.perf_counter()
-                probs = self._forward(batch)
-                t2 = time.perf_counter()
-                self._write(tiles, probs, valids)
-                stats["wait_read_s"] += t1 - t0
-                stats["compute_s"] += t2 - t1
-                stats["wait_write_s"] += time.perf_counter() - t2
-                stats["tiles"] += len(tiles)
-                stats["batches"] += 1
             return {**stats, "seconds": time.perf_counter() - start}
         pending_read: Future[tuple[list[Tile], np.ndarray, np.ndarray]] = self.io.submit(
             self._read_batch, todo[0]
