@@ -5,7 +5,8 @@
 Each (network, size) runs in a fresh subprocess so its peak memory is its own: on CPU the peak resident set size
 minus the RSS after the model is built; on CUDA ``torch.cuda.max_memory_allocated``. Throughput is megapixels of
 input per second over ``--repeats`` timed forward passes (batch 1, inference mode, fp32 on CPU / bf16 autocast on
-CUDA) after one warm-up pass. Inputs are random normal tensors: the networks' cost does not depend on content.
+CUDA) after one warm-up pass. On CPU the malloc thresholds are raised as in segpipe's segmenters
+(:func:`pipeline.infer.retain_freed_memory`). Inputs are random normal tensors: the networks' cost does not depend on content.
 """
 
 from __future__ import annotations
@@ -43,9 +44,12 @@ def measure(architecture: str, extra: dict[str, Any], size: int, repeats: int, d
     import torch
 
     from models.registry import build_model
+    from pipeline.infer import retain_freed_memory
 
     threads = len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
+    if device == "cpu":
+        retain_freed_memory()  # as segpipe's segmenters do: no page-fault churn per forward
     arguments = {"in_channels": 3, "num_classes": 6, "base_channels": 16, "depth": 4, **extra}
     model = build_model(architecture, arguments).eval().to(device)
     params = sum(p.numel() for p in model.parameters())
