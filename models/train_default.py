@@ -154,7 +154,13 @@ def main(argv: list[str] | None = None) -> int:
             epochs=args.epochs,
             colour_jitter=args.colour_jitter,
         )
-        log.info("default training run: %s %s %s -> %s", args.architecture, ARGUMENTS, HYPERPARAMETERS, out)
+        log.info(
+            "default training run: %s %s %s -> %s",
+            args.architecture,
+            ARGUMENTS,
+            {k: getattr(config, k) for k in HYPERPARAMETERS},
+            out,
+        )
         result = train(config)
         written = result.checkpoint
         if out is not None:
