@@ -16,9 +16,9 @@ validation about 6 CPU-seconds per epoch: 2202 s wall on a shared 2-core machine
 validation mIoU 0.446 and still underfits (mIoU 0.52 on training tiles).
 
 Tried since (``--epochs 24 --colour-jitter 0.1 --threads 1``, both architectures at once on the 2 cores): the plain
-U-Net reached 0.510 (best of 24 epochs, 3335 s wall); the attention U-Net peaked at 0.450 within the 12 epochs it
-ran, with validation swinging between 0.19 and 0.45 from one epoch to the next (vegetation and water on the
-blue-cast tile-1 flip). Neither reaches the 0.55 target; the README has the table.
+U-Net reached 0.510 (best of 24 epochs, 3335 s wall); the attention U-Net 0.477 (epoch 20; 4299 s wall over an
+interrupted and resumed run), with validation swinging between 0.19 and 0.47 from one epoch to the next
+(vegetation and water on the blue-cast tile-1 flip). Neither reaches the 0.55 target; the README has the table.
 """
 
 from __future__ import annotations
