@@ -57,6 +57,19 @@ def test_landsat_scene_keeps_its_grid_and_nodata(data_dir: Path, tmp_path: Path)
     }
     assert sum(summary["class_histogram"].values()) == 791 * 718
     assert set(summary["seconds"]) == {"validate", "ingest", "infer", "stitch", "export", "total"}
+    assert summary["tiles"]["blend"] == "crop"  # the default: no stitch pass
+    work = summary["segmenter_seconds"]
+    assert work["compute"] > 0 and work["busy"] >= work["compute"]
+    assert work["waiting_for_reads"] >= 0 and work["waiting_for_writes"] >= 0
+
+
+def test_crop_without_probabilities_gives_the_same_mask(data_dir: Path, tmp_path: Path) -> None:
+    # without --probabilities the segmenters argmax the logits and skip the softmax: same classes
+    scene = data_dir / "RGB.byte.tif"
+    run(scene, tmp_path / "with.tif", probabilities=str(tmp_path / "probs.tif"))
+    run(scene, tmp_path / "without.tif")
+    with rasterio.open(tmp_path / "with.tif") as a, rasterio.open(tmp_path / "without.tif") as b:
+        assert np.array_equal(a.read(1), b.read(1))
 
 
 def test_all_nodata_tiles_are_skipped_and_stay_nodata(
