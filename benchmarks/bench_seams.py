@@ -35,17 +35,16 @@ DEFAULT_OUT = REPO / "benchmarks" / "results" / "seams.json"
 
 
 def mirrored(source: Path, side: int) -> np.ndarray:
-    """A (bands, side, side) scene: ``source`` mirror-tiled (reflected at each repeat, so no hard edges)."""
+    """A (bands, side, side) scene: ``source`` mirror-tiled as the pipeline benchmark's scenes are
+    (:func:`benchmarks.bench_pipeline.mirror_indices`), held in memory."""
     import rasterio
+
+    from benchmarks.bench_pipeline import mirror_indices
 
     with rasterio.open(source) as src:
         data = src.read()
     _, h, w = data.shape
-    rows = np.arange(side) % (2 * h)
-    rows = np.where(rows < h, rows, 2 * h - 1 - rows)
-    cols = np.arange(side) % (2 * w)
-    cols = np.where(cols < w, cols, 2 * w - 1 - cols)
-    return np.ascontiguousarray(data[:, rows][:, :, cols])
+    return np.ascontiguousarray(data[:, mirror_indices(0, side, h)][:, :, mirror_indices(0, side, w)])
 
 
 def parse_configs(text: str) -> list[tuple[int, int]]:

@@ -80,3 +80,46 @@ def test_format_table_and_crop() -> None:
     assert bench.crop_window(4096, 4096) == (1024, 1024, 2048)
     row, col, side = bench.crop_window(1000, 700)
     assert side == 688 and row >= 0 and row + side <= 700 and col + side <= 1000
+
+
+def test_seam_study_finds_crop_exact_when_the_halo_covers_the_receptive_field(
+    make_checkpoint, data_dir: Path, tmp_path: Path  # type: ignore[no-untyped-def]
+) -> None:
+    import torch
+
+    from benchmarks import bench_seams
+    from models.checkpoint import load_model, save_checkpoint
+    from models.networks import receptive_field_radius
+
+    fixture = load_model(
+        make_checkpoint("seams", bands=("r", "g", "b"), mean=(80.0,) * 3, std=(40.0,) * 3, classes=4, depth=2)
+    )
+    with torch.no_grad():  # an untrained net predicts one class everywhere; larger weights make classes vary
+        for p in fixture.module.parameters():
+            if p.dim() > 1:
+                p.mul_(3.0)
+    model = save_checkpoint(fixture.module, fixture.metadata, tmp_path / "varied.safetensors")
+    halo = -(-receptive_field_radius(fixture.module) // 4) * 4
+    out = tmp_path / "seams.json"
+    argv = ["--scene", str(data_dir / "lausanne-1091-322_00.tif"), "--side", "256", "--model", str(model),
+            "--configs", f"64:{halo},64:0", "--margin", str(halo), "--threads", "1", "--out", str(out)]  # fmt: skip
+    assert bench_seams.main(argv) == 0
+    rows = {(r["tile_size"], r["halo"], r["blend"]): r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {(64, halo, "crop"), (64, halo, "cosine"), (64, 0, "crop")}
+    # a plain U-Net with halo >= its receptive field: tiles equal whole-image inference away from the scene edge
+    assert rows[(64, halo, "crop")]["disagreement_interior"] == 0.0
+    assert rows[(64, halo, "crop")]["compute_factor"] == ((64 + 2 * halo) / 64) ** 2
+    # no halo: tile edges see zero padding where whole-image inference sees neighbours
+    assert rows[(64, 0, "crop")]["disagreement_interior"] > 0.0
+
+
+def test_seam_study_scene_is_the_benchmark_mirror_tiling(data_dir: Path) -> None:
+    from benchmarks import bench_seams
+
+    with rasterio.open(data_dir / "RGB.byte.tif") as src:
+        source = src.read()
+    scene = bench_seams.mirrored(data_dir / "RGB.byte.tif", 1600)
+    h, w = source.shape[1:]
+    assert scene.shape == (3, 1600, 1600)
+    assert np.array_equal(scene[:, :h, :w], source)
+    assert np.array_equal(scene[:, h : 2 * h, :w], source[:, ::-1, :])  # reflected, edge row repeated
