@@ -201,10 +201,10 @@ def _fingerprint(path: str, header: dict[str, Any]) -> str:
 
 
 #: GDAL's block cache while ingest and export run (``GDAL_CACHEMAX``). GDAL's default is 5 % of RAM, and the
-#: cache fills with every decoded block, so a process's memory grew with the scene up to that (on a 23.5 GiB
-#: machine: +0.5 GiB after ingesting 67 MP, more at 268 MP). Reads are aligned to the scene's blocks and every
-#: block is decoded once, so a small cache costs nothing: ingest of 67 MP took 3.9 s with 64 MiB, 6.6 s with
-#: the default, peak RSS +0.19 GiB instead of +0.52 GiB (2-core EPYC).
+#: cache fills with every decoded block, so a process's memory grew with the scene up to that. Reads are aligned
+#: to the scene's blocks and every block is decoded once, so a small cache costs nothing. With it, segpipe's peak
+#: in ``benchmarks/bench_pipeline.py`` went from +17 % to +4 % between 16.8 and 268 MP (ingest of 268 MP: 6.7-8.4 s
+#: on 2 EPYC cores); tests/pipeline/test_gdal_cache.py checks the bound.
 GDAL_CACHE_BYTES = 64 * 2**20
 
 #: Largest block (strip or tile) a scene may have: a read decodes whole blocks, so this bounds a reader's memory.
