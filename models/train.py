@@ -50,6 +50,7 @@ from models.data import (
     parse_colour,
     pixel_counts,
 )
+from models.losses import soft_dice_loss
 from pipeline.evaluate import EvaluationResult, confusion_matrix
 from segpipe.errors import ConfigError, ModelError
 
@@ -102,6 +103,8 @@ class TrainConfig:
         max_grad_norm: Clip the gradient norm to this value; None: no clipping.
         colour_jitter: Strength j of the per-tile colour augmentation (0: none; see
             :class:`models.data.TileDataset`).
+        dice_weight: w in loss = cross-entropy + w * soft Dice (:func:`models.losses.soft_dice_loss`, over the
+            classes not in ``ignore_classes``); 0: cross-entropy alone.
         resume: Continue from ``out_dir/state`` if present (an error if it belongs to another configuration).
         num_threads: torch intra-op threads; None leaves torch's default.
         num_workers: DataLoader worker processes (0: load in the training process).
@@ -137,6 +140,7 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     max_grad_norm: float | None = None
     colour_jitter: float = 0.0
+    dice_weight: float = 0.0
     resume: bool = False
     num_threads: int | None = None
     num_workers: int = 0
@@ -189,6 +193,10 @@ class TrainConfig:
             )
         if self.num_threads is not None and self.num_threads < 1:
             raise ConfigError(f"expected num_threads >= 1 or None, got {self.num_threads}")
+        if not 0 <= self.colour_jitter < 1:
+            raise ConfigError(f"expected 0 <= colour_jitter < 1 (0: no colour augmentation), got {self.colour_jitter}")
+        if not 0 <= self.dice_weight < math.inf:
+            raise ConfigError(f"expected dice_weight >= 0 (0: cross-entropy alone), got {self.dice_weight}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ConfigError(f"expected max_grad_norm > 0 or None, got {self.max_grad_norm}")
         _check_choice("class_weighting", self.class_weighting, ("none", "median_frequency", "inverse_sqrt"))
@@ -748,6 +756,7 @@ def train(config: TrainConfig, *, on_epoch_end: Callable[[EpochRecord], None] | 
             "weight_decay": config.weight_decay,
             "class_weighting": config.class_weighting,
             "colour_jitter": config.colour_jitter,
+            "dice_weight": config.dice_weight,
             "class_weights": None if weights is None else [round(float(w), 6) for w in weights],
             "ignore_classes": [class_names[i] for i in config.ignore_classes],
             "seed": config.seed,
@@ -795,6 +804,10 @@ def train(config: TrainConfig, *, on_epoch_end: Callable[[EpochRecord], None] | 
             with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
                 logits = model(x)
             loss = loss_fn(logits.float(), y)
+            if config.dice_weight:
+                loss = loss + config.dice_weight * soft_dice_loss(
+                    logits, y, ignore_index=config.ignore_index, exclude=config.ignore_classes
+                )
             if not torch.isfinite(loss):
                 raise ModelError(
                     f"loss is {loss.item()} at epoch {epoch + 1} step {steps + 1}; lower lr "

@@ -80,6 +80,7 @@ def build_config(
     progress: bool,
     epochs: int | None = None,
     colour_jitter: float | None = None,
+    dice_weight: float | None = None,
 ) -> Any:
     """The :class:`models.train.TrainConfig` of the default run."""
     from models.train import TrainConfig
@@ -100,6 +101,7 @@ def build_config(
             **HYPERPARAMETERS,
             **({"epochs": epochs} if epochs else {}),
             **({"colour_jitter": colour_jitter} if colour_jitter is not None else {}),
+            **({"dice_weight": dice_weight} if dice_weight is not None else {}),
         },
     )
 
@@ -128,6 +130,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="per-band gain/offset augmentation strength j (default 0: none; see models.data.TileDataset)",
     )
+    parser.add_argument(
+        "--dice-weight",
+        type=float,
+        default=None,
+        help="add this times the soft Dice loss to cross-entropy (default 0; see models.losses)",
+    )
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--fresh", action="store_true", help="delete the work dir's state and start over")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (for log files)")
@@ -153,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             progress=not args.no_progress,
             epochs=args.epochs,
             colour_jitter=args.colour_jitter,
+            dice_weight=args.dice_weight,
         )
         log.info(
             "default training run: %s %s %s -> %s",

@@ -261,6 +261,18 @@ def _add_train(sub: Any) -> None:
         "--class-weighting", default="inverse_sqrt", choices=["none", "median_frequency", "inverse_sqrt"]
     )
     p.add_argument(
+        "--dice-weight",
+        type=float,
+        default=0.0,
+        help="add this times the soft Dice loss (mean over classes) to cross-entropy; default 0",
+    )
+    p.add_argument(
+        "--colour-jitter",
+        type=float,
+        default=0.0,
+        help="per-band gain/offset augmentation strength, 0 <= j < 1; default 0 (none)",
+    )
+    p.add_argument(
         "--ignore-class",
         type=_positive,
         action="append",
@@ -312,6 +324,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         tile_size=args.tile_size,
         lr=args.lr,
         class_weighting=args.class_weighting,
+        dice_weight=args.dice_weight,
+        colour_jitter=args.colour_jitter,
         ignore_classes=tuple(args.ignore_class),
         unknown_colours=args.unknown_colours,
         seed=args.seed,

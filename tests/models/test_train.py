@@ -178,6 +178,22 @@ def test_schedule_and_config_checks(folders: tuple[Path, Path], tmp_path: Path) 
         config(folders, tmp_path, class_weighting="log")
     with pytest.raises(ConfigError, match="multiple of 4"):
         train(config(folders, tmp_path / "odd", tile_size=30))
+    with pytest.raises(ConfigError, match="dice_weight"):
+        config(folders, tmp_path, dice_weight=-1.0)
+
+
+def test_dice_term_joins_the_loss_and_the_provenance(folders: tuple[Path, Path], tmp_path: Path) -> None:
+    from models.checkpoint import load_model
+
+    one = {"epochs": 1, "steps_per_epoch": 1}
+    plain = train(config(folders, tmp_path / "ce", **one))
+    dice = train(config(folders, tmp_path / "dice", dice_weight=2.0, **one))
+    # same seed, same first batch, same initial weights: the only difference is the added Dice term,
+    # which an untrained network cannot drive near zero
+    extra = dice.history[0].train_loss - plain.history[0].train_loss
+    assert 2 * 0.3 < extra <= 2.0
+    assert load_model(dice.checkpoint).metadata.provenance["dice_weight"] == 2.0
+    assert load_model(plain.checkpoint).metadata.provenance["dice_weight"] == 0.0
 
 
 def test_default_run_configuration(folders: tuple[Path, Path], tmp_path: Path) -> None:
