@@ -833,7 +833,7 @@ def bench_size(bench: Bench, nominal: float, *, first: bool) -> None:
             out.with_name(out.stem + ".summary.json").unlink(missing_ok=True)
 
     segpipe("segpipe", [])
-    if first or args.no_prefect_all:
+    if args.no_prefect == "all" or (first and args.no_prefect == "first"):
         segpipe("segpipe --no-prefect", ["--no-prefect"])
     for spec in args.variant:
         name, _, extra = spec.partition("=")
@@ -965,7 +965,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME=ARGS",
         help="extra segpipe run with these CLI options, e.g. 'tile1024=--tile-size 1024' (repeatable)",
     )
-    p.add_argument("--no-prefect-all", action="store_true", help="time --no-prefect at every size, not only the first")
+    p.add_argument(
+        "--no-prefect",
+        choices=("first", "all", "none"),
+        default="first",
+        help="sizes at which to also time segpipe --no-prefect (default: the first size only)",
+    )
     p.add_argument("--source", type=Path, default=DEFAULT_SOURCE, help="real image to mirror-tile")
     p.add_argument(
         "--scratch", type=Path, default=DEFAULT_SCRATCH, help=f"scene cache and outputs (default {DEFAULT_SCRATCH})"
