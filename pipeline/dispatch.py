@@ -127,7 +127,13 @@ def work_units(groups: Sequence[list[int]], workers: int, max_groups: int = 4) -
 
 @contextlib.contextmanager
 def ray_session(address: str | None, num_cpus: int) -> Iterator[Any]:
-    """Connect to Ray at ``address``, or start a local instance on loopback that is shut down afterwards."""
+    """Connect to Ray at ``address``, or start a local instance on loopback that is shut down afterwards.
+
+    Without ``address`` the local instance is always a new one (``address="local"``): ``ray.init()`` alone would
+    join any Ray already running on the machine (found through ``/tmp/ray``) and then refuse ``num_cpus``, so a
+    user's own ``ray start --head`` would break every run. Set ``--ray-address`` (or ``RAY_ADDRESS``, which
+    ``auto`` reads) to use such a cluster on purpose.
+    """
     import ray
 
     if ray.is_initialized():
@@ -140,6 +146,7 @@ def ray_session(address: str | None, num_cpus: int) -> Iterator[Any]:
     else:
         with _loopback_only():
             ray.init(
+                address="local",
                 num_cpus=num_cpus,
                 include_dashboard=False,
                 log_to_driver=False,

@@ -35,7 +35,8 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], code: int, t
 
 
 def test_full_run_through_prefect_and_ray(data_dir: Path, tmp_path: Path) -> None:
-    result = segpipe("run", str(data_dir / "RGB.byte.tif"), "mask.tif", "--json", cwd=tmp_path)
+    # 512 px tiles (the shipped model's default is 1024) so that several tiles go through the Ray actors
+    result = segpipe("run", str(data_dir / "RGB.byte.tif"), "mask.tif", "--json", "--tile-size", "512", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     summary = json.loads(result.stdout)
@@ -58,7 +59,7 @@ def test_full_run_through_prefect_and_ray(data_dir: Path, tmp_path: Path) -> Non
             ["run", "{data}/RGB.byte.tif", "out.tif", "--tile-size", "200"],
             "tile size 200 is not a multiple of 16",
         ),
-        (["run", "{data}/RGB.byte.tif", "out.tif", "--halo", "512"], "smaller than twice the halo"),
+        (["run", "{data}/RGB.byte.tif", "out.tif", "--halo", "528"], "smaller than twice the halo"),
         (["run", "{data}/RGB.byte.tif", "out.tif", "--model", "nosuch"], "nosuch"),
         (
             ["run", "{data}/Spain_7370579_S2Hand.tif", "out.tif"],

@@ -76,7 +76,7 @@ def test_default_model() -> None:
     assert meta.provenance["val_miou"] > 0.4  # trained on the Dubai pairs (README: Model)
     assert [c.name for c in meta.classes] == ["building", "land", "road", "vegetation", "water", "unlabeled"]
     assert meta.classes[0].colour == "#3C1098" and meta.classes[-1].colour == "#9B9B9B"
-    assert (meta.tile_size, meta.halo, meta.size_multiple) == (512, 64, 16)
+    assert (meta.tile_size, meta.halo, meta.size_multiple) == (1024, 32, 16)
     assert meta.bands == ("red", "green", "blue")
     assert isinstance(loaded.module, UNet) and loaded.module.size_multiple == 16
     with torch.inference_mode():

@@ -195,3 +195,32 @@ def test_an_input_named_with_dotdot_keeps_its_work_store_in_the_work_dir(
     assert cli("run", "../../x.tif", "m.tif", "--model", rgb_checkpoint, "--work-dir", "work", *LOCAL).code == 0
     assert [p.name for p in (deep / "work").iterdir()] == [ws.store_path("work", "../../x.tif").name]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "locks", "x.tif"]
+
+
+SESSION_PROBE = """
+import json
+from pipeline.dispatch import ray_session
+with ray_session(None, 1) as ray:
+    print(json.dumps({"gcs": ray._private.worker.global_worker.node.gcs_address}))
+"""
+
+
+def test_a_ray_already_running_on_the_machine_is_left_alone(tmp_path: Path) -> None:
+    """A user's own `ray start --head` must neither break a run nor be joined by it without --ray-address."""
+    ray_cli = Path(sys.executable).with_name("ray")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    head = ["--head", "--num-cpus", "1", "--node-ip-address", "127.0.0.1", "--include-dashboard", "false"]
+    start = subprocess.run(
+        [str(ray_cli), "start", *head, "--port", "0"], env=env, capture_output=True, text=True, timeout=120
+    )
+    try:
+        assert start.returncode == 0, start.stderr
+        probe = subprocess.run(
+            [sys.executable, "-c", SESSION_PROBE], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+        )
+        assert probe.returncode == 0, probe.stderr
+        gcs = json.loads(probe.stdout.strip().splitlines()[-1])["gcs"]
+        assert gcs not in start.stdout + start.stderr, "joined the running cluster instead of starting its own"
+    finally:
+        subprocess.run([str(ray_cli), "stop", "--force"], env=env, capture_output=True, timeout=120)
