@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -205,22 +207,27 @@ with ray_session(None, 1) as ray:
 """
 
 
-def test_a_ray_already_running_on_the_machine_is_left_alone(tmp_path: Path) -> None:
-    """A user's own `ray start --head` must neither break a run nor be joined by it without --ray-address."""
-    ray_cli = Path(sys.executable).with_name("ray")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
-    env["RAY_USAGE_STATS_ENABLED"] = "0"
-    head = ["--head", "--num-cpus", "1", "--node-ip-address", "127.0.0.1", "--include-dashboard", "false"]
-    start = subprocess.run(
-        [str(ray_cli), "start", *head, "--port", "0"], env=env, capture_output=True, text=True, timeout=120
-    )
+def test_a_ray_already_running_on_the_machine_is_left_alone() -> None:
+    """A user's own `ray start --head` must neither break a run nor be joined by it without --ray-address.
+
+    `ray start --head` records its address in `<RAY_TMPDIR>/ray/ray_current_cluster`, and a bare `ray.init()` reads
+    that record, tries to join, and refuses `num_cpus`. The test writes the same record (for an address nothing
+    listens on) in a private Ray temp dir instead of starting a real head: same trigger, no second cluster on a
+    2-core CI machine, and no `ray stop` that would kill other Ray processes.
+    """
+    ray_tmp = Path(tempfile.mkdtemp(prefix="sp", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
     try:
-        assert start.returncode == 0, start.stderr
+        record = ray_tmp / "ray" / "ray_current_cluster"
+        record.parent.mkdir()
+        record.write_text("127.0.0.1:1")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+        env.update(RAY_USAGE_STATS_ENABLED="0", RAY_TMPDIR=str(ray_tmp))
         probe = subprocess.run(
             [sys.executable, "-c", SESSION_PROBE], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
         )
         assert probe.returncode == 0, probe.stderr
         gcs = json.loads(probe.stdout.strip().splitlines()[-1])["gcs"]
-        assert gcs not in start.stdout + start.stderr, "joined the running cluster instead of starting its own"
+        assert gcs != "127.0.0.1:1", "joined the recorded cluster instead of starting its own"
+        assert record.read_text() == "127.0.0.1:1", "the user's cluster record was changed"
     finally:
-        subprocess.run([str(ray_cli), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
