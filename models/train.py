@@ -5,6 +5,10 @@
 every epoch, and keeps the checkpoint with the best validation mIoU (``<out_dir>/best.safetensors`` +
 ``.json``, written by :func:`models.checkpoint.save_checkpoint` with full metadata and provenance).
 
+Weight averaging. With ``ema_decay`` > 0 an exponential moving average of the weights (and of the batch-norm
+statistics) is kept beside the trained weights (:func:`ema_update`); it is what is validated, kept as the best
+checkpoint and shipped, while the trained weights' validation mIoU is recorded beside it (``raw_val_miou``).
+
 Resume. After every epoch the whole training state is written without pickle to ``<out_dir>/state/``:
 ``last.safetensors`` (model weights, optimizer moments, RNG states) and ``last.json`` (epoch, optimizer and
 scheduler settings, history, best score, a fingerprint of the configuration, the sha256 of the tensors file).
@@ -18,6 +22,7 @@ atomics make runs close but not identical.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -105,6 +110,8 @@ class TrainConfig:
             :class:`models.data.TileDataset`).
         dice_weight: w in loss = cross-entropy + w * soft Dice (:func:`models.losses.soft_dice_loss`, over the
             classes not in ``ignore_classes``); 0: cross-entropy alone.
+        ema_decay: Decay of the moving average of the weights (:func:`ema_update`; e.g. 0.995 averages over
+            roughly the last 200 steps); 0: no averaging, the trained weights are validated and kept.
         resume: Continue from ``out_dir/state`` if present (an error if it belongs to another configuration).
         num_threads: torch intra-op threads; None leaves torch's default.
         num_workers: DataLoader worker processes (0: load in the training process).
@@ -141,6 +148,7 @@ class TrainConfig:
     max_grad_norm: float | None = None
     colour_jitter: float = 0.0
     dice_weight: float = 0.0
+    ema_decay: float = 0.0
     resume: bool = False
     num_threads: int | None = None
     num_workers: int = 0
@@ -197,6 +205,8 @@ class TrainConfig:
             raise ConfigError(f"expected 0 <= colour_jitter < 1 (0: no colour augmentation), got {self.colour_jitter}")
         if not 0 <= self.dice_weight < math.inf:
             raise ConfigError(f"expected dice_weight >= 0 (0: cross-entropy alone), got {self.dice_weight}")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"expected 0 <= ema_decay < 1 (0: no weight averaging), got {self.ema_decay}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ConfigError(f"expected max_grad_norm > 0 or None, got {self.max_grad_norm}")
         _check_choice("class_weighting", self.class_weighting, ("none", "median_frequency", "inverse_sqrt"))
@@ -273,6 +283,7 @@ class EpochRecord:
     val_miou: float | None = None
     val_iou: Mapping[str, float | None] = field(default_factory=dict)
     val_seconds: float = 0.0
+    raw_val_miou: float | None = None
 
 
 @dataclass(frozen=True)
@@ -357,6 +368,22 @@ def _parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, A
         if p.requires_grad:
             (decay if p.ndim > 1 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+@torch.no_grad()
+def ema_update(average: nn.Module, model: nn.Module, decay: float, step: int) -> None:
+    """Move ``average``'s weights and buffers towards ``model``'s: a <- a + (1 - d) * (m - a).
+
+    ``d = min(decay, (1 + step) / (10 + step))`` (``step`` counts optimizer steps from 0), so the first steps
+    are not dominated by the random initialisation. Integer buffers (batch-norm step counters) are copied.
+    torch's ``AveragedModel`` has no such warm-up, hence these few lines.
+    """
+    d = min(decay, (1 + step) / (10 + step))
+    for a, m in zip(average.state_dict().values(), model.state_dict().values(), strict=True):
+        if a.dtype.is_floating_point:
+            a.lerp_(m, 1 - d)
+        else:
+            a.copy_(m)
 
 
 def predict_image(
@@ -481,11 +508,14 @@ def _save_state(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler,
     info: Mapping[str, Any],
+    average: nn.Module | None = None,
 ) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {
         f"model.{k}": v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()
     }
+    if average is not None:
+        tensors.update({f"ema.{k}": v.detach().to("cpu").contiguous().clone() for k, v in average.state_dict().items()})
     opt = optimizer.state_dict()
     opt_extra: dict[str, dict[str, Any]] = {}
     for idx, entry in opt["state"].items():
@@ -551,8 +581,11 @@ def _restore(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler,
+    average: nn.Module | None = None,
 ) -> None:
     model.load_state_dict({k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")})
+    if average is not None:
+        average.load_state_dict({k[len("ema.") :]: v for k, v in tensors.items() if k.startswith("ema.")})
     opt_state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
         if key.startswith("optimizer."):
@@ -691,6 +724,10 @@ def train(config: TrainConfig, *, on_epoch_end: Callable[[EpochRecord], None] | 
         ignore_index=config.ignore_index,
     )
     ignored_ids = torch.tensor(config.ignore_classes, dtype=torch.int64, device=device)
+    average: nn.Module | None = None
+    if config.ema_decay:
+        average = copy.deepcopy(model).requires_grad_(False)  # no new initialisation: the RNG stream is unchanged
+    kept = average if average is not None else model  # the weights validated, kept and shipped
 
     history: list[EpochRecord] = []
     best_epoch, best_miou, best_iou = 0, -math.inf, {}
@@ -698,7 +735,7 @@ def train(config: TrainConfig, *, on_epoch_end: Callable[[EpochRecord], None] | 
     start_epoch = 0
     if saved is not None:
         tensors, data = saved
-        _restore(tensors, data, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+        _restore(tensors, data, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, average=average)
         start_epoch = int(data["epoch"])
         history = [_record_from_json(r) for r in data["history"]]
         best_epoch = int(data["best_epoch"])
@@ -757,6 +794,7 @@ def train(config: TrainConfig, *, on_epoch_end: Callable[[EpochRecord], None] | 
             "class_weighting": config.class_weighting,
             "colour_jitter": config.colour_jitter,
             "dice_weight": config.dice_weight,
+            "ema_decay": config.ema_decay,
             "class_weights": None if weights is None else [round(float(w), 6) for w in weights],
             "ignore_classes": [class_names[i] for i in config.ignore_classes],
             "seed": config.seed,
@@ -821,6 +859,8 @@ def train(config: TrainConfig, *, on_epoch_end: Callable[[EpochRecord], None] | 
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
+            if average is not None:
+                ema_update(average, model, config.ema_decay, epoch * config.steps_per_epoch + steps)
             loss_sum += loss.detach().to("cpu", torch.float64)
             steps += 1
             if steps % 10 == 0:
@@ -829,23 +869,30 @@ def train(config: TrainConfig, *, on_epoch_end: Callable[[EpochRecord], None] | 
         train_loss = loss_sum.item() / max(steps, 1)
         train_time = time.perf_counter() - epoch_started
         result: EvaluationResult | None = None
+        raw_miou: float | None = None
         val_started = time.perf_counter()
         if val_images:
-            result = validate(
-                model,
-                val_images,
-                val_masks,
-                mean=mean,
-                std=std,
-                class_names=class_names,
-                ignore_index=config.ignore_index,
-                ignore_classes=config.ignore_classes,
-                size_multiple=size_multiple,
-                window=config.val_tile_size,
-                halo=config.halo,
-                device=device,
-                autocast_dtype=autocast_dtype,
-            )
+
+            def validate_weights(net: nn.Module) -> EvaluationResult:
+                return validate(
+                    net,
+                    val_images,
+                    val_masks,
+                    mean=mean,
+                    std=std,
+                    class_names=class_names,
+                    ignore_index=config.ignore_index,
+                    ignore_classes=config.ignore_classes,
+                    size_multiple=size_multiple,
+                    window=config.val_tile_size,
+                    halo=config.halo,
+                    device=device,
+                    autocast_dtype=autocast_dtype,
+                )
+
+            result = validate_weights(kept)
+            if average is not None:
+                raw_miou = _clean(validate_weights(model).miou)
         val_time = time.perf_counter() - val_started
         record = EpochRecord(
             epoch=epoch + 1,
@@ -855,13 +902,14 @@ def train(config: TrainConfig, *, on_epoch_end: Callable[[EpochRecord], None] | 
             val_miou=None if result is None else _clean(result.miou),
             val_iou={} if result is None else result.per_class_iou(),
             val_seconds=round(val_time, 2),
+            raw_val_miou=raw_miou,
         )
         history.append(record)
         val_score = record.val_miou if record.val_miou is not None else -math.inf
         score = float(epoch) if result is None else val_score
         if result is None or best_epoch == 0 or score > best_miou:
             best_epoch, best_miou, best_iou = epoch + 1, score, dict(record.val_iou)
-            save_checkpoint(model, metadata(epoch + 1, result), best_path)
+            save_checkpoint(kept, metadata(epoch + 1, result), best_path)
         info = {
             "config": fingerprint,
             "epoch": epoch + 1,
@@ -874,16 +922,19 @@ def train(config: TrainConfig, *, on_epoch_end: Callable[[EpochRecord], None] | 
             "mean": list(mean),
             "std": list(std),
         }
-        _save_state(state_dir, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, info=info)
+        _save_state(
+            state_dir, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, info=info, average=average
+        )
         iou_text = " ".join(f"{n} {v:.3f}" if v is not None else f"{n} -" for n, v in record.val_iou.items())
         log.info(
-            "epoch %d/%d loss %.4f lr %.2e %.0f s%s%s",
+            "epoch %d/%d loss %.4f lr %.2e %.0f s%s%s%s",
             epoch + 1,
             config.epochs,
             train_loss,
             record.lr,
             train_time,
             "" if result is None else f" | val mIoU {record.val_miou:.4f} ({iou_text}) {val_time:.0f} s",
+            "" if raw_miou is None else f" | trained weights {raw_miou:.4f}",
             " *best*" if best_epoch == epoch + 1 else "",
         )
         if on_epoch_end is not None:

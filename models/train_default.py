@@ -84,6 +84,7 @@ def build_config(
     epochs: int | None = None,
     colour_jitter: float | None = None,
     dice_weight: float | None = None,
+    ema_decay: float | None = None,
 ) -> Any:
     """The :class:`models.train.TrainConfig` of the default run."""
     from models.train import TrainConfig
@@ -105,6 +106,7 @@ def build_config(
             **({"epochs": epochs} if epochs else {}),
             **({"colour_jitter": colour_jitter} if colour_jitter is not None else {}),
             **({"dice_weight": dice_weight} if dice_weight is not None else {}),
+            **({"ema_decay": ema_decay} if ema_decay is not None else {}),
         },
     )
 
@@ -139,6 +141,13 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="add this times the soft Dice loss to cross-entropy (default 0; see models.losses)",
     )
+    parser.add_argument(
+        "--ema-decay",
+        type=float,
+        default=None,
+        help="validate and keep a moving average of the weights with this decay (default 0: none; "
+        "see models.train.ema_update)",
+    )
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--fresh", action="store_true", help="delete the work dir's state and start over")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (for log files)")
@@ -165,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             epochs=args.epochs,
             colour_jitter=args.colour_jitter,
             dice_weight=args.dice_weight,
+            ema_decay=args.ema_decay,
         )
         log.info(
             "default training run: %s %s %s -> %s",

@@ -273,6 +273,13 @@ def _add_train(sub: Any) -> None:
         help="per-band gain/offset augmentation strength, 0 <= j < 1; default 0 (none)",
     )
     p.add_argument(
+        "--ema-decay",
+        type=float,
+        default=0.0,
+        help="validate and keep a moving average of the weights with this decay, 0 <= d < 1 (e.g. 0.995); "
+        "default 0 (none)",
+    )
+    p.add_argument(
         "--ignore-class",
         type=_positive,
         action="append",
@@ -326,6 +333,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         class_weighting=args.class_weighting,
         dice_weight=args.dice_weight,
         colour_jitter=args.colour_jitter,
+        ema_decay=args.ema_decay,
         ignore_classes=tuple(args.ignore_class),
         unknown_colours=args.unknown_colours,
         seed=args.seed,

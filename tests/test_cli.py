@@ -117,7 +117,7 @@ def test_train_command_on_a_real_pair_writes_a_loadable_checkpoint(data_dir: Pat
     result = segpipe(
         "train", "a", "--val", "b", "--out", "run", "--architecture", "unet", "--base-channels", "4",
         "--depth", "2", "--epochs", "1", "--steps", "2", "--batch-size", "2", "--tile-size", "64",
-        "--threads", "1", "--dice-weight", "0.5", "--colour-jitter", "0.1", cwd=tmp_path,
+        "--threads", "1", "--dice-weight", "0.5", "--colour-jitter", "0.1", "--ema-decay", "0.9", cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
@@ -127,6 +127,7 @@ def test_train_command_on_a_real_pair_writes_a_loadable_checkpoint(data_dir: Pat
     meta = load_model(report["checkpoint"]).metadata
     assert meta.architecture == "unet"
     assert (meta.provenance["dice_weight"], meta.provenance["colour_jitter"]) == (0.5, 0.1)
+    assert meta.provenance["ema_decay"] == 0.9
     bad = segpipe("train", "a", "--out", "run2", "--colour-jitter", "1.5", cwd=tmp_path)
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "colour_jitter" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr

@@ -221,3 +221,53 @@ def test_fingerprint_changes_tolerate_fields_added_later(folders: tuple[Path, Pa
     assert _fingerprint_changes(older, current) == []
     assert _fingerprint_changes(older, {**current, "colour_jitter": 0.1}) == ["colour_jitter"]
     assert _fingerprint_changes({**current, "lr": 1.0}, current) == ["lr"]
+
+
+def test_ema_update_follows_the_formula_with_warm_up() -> None:
+    from models.train import ema_update
+
+    model, average = torch.nn.BatchNorm2d(2), torch.nn.BatchNorm2d(2)
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+        average.weight.fill_(1.0)
+    model.num_batches_tracked.fill_(5)
+    ema_update(average, model, 0.99, step=0)  # warm-up: d = min(0.99, 1/10) = 0.1
+    assert torch.allclose(average.weight, torch.full((2,), 0.1 * 1.0 + 0.9 * 3.0))
+    assert int(average.num_batches_tracked) == 5  # integer buffers are copied
+    before = average.weight.clone()
+    ema_update(average, model, 0.99, step=10_000)  # d = 0.99
+    assert torch.allclose(average.weight, 0.99 * before + 0.01 * 3.0)
+
+
+def test_weight_average_is_validated_kept_and_resumed(folders: tuple[Path, Path], tmp_path: Path) -> None:
+    from models.checkpoint import load_model
+
+    whole = train(config(folders, tmp_path / "whole", ema_decay=0.9))
+    state = load_file(str(whole.state))
+    ema_keys = [k for k in state if k.startswith("ema.")]
+    assert ema_keys and len(ema_keys) == len([k for k in state if k.startswith("model.")])
+    assert any(not torch.equal(state[k], state["model." + k[4:]]) for k in ema_keys)
+    assert all(r.raw_val_miou is not None for r in whole.history)  # the trained weights are scored beside it
+    assert load_model(whole.checkpoint).metadata.provenance["ema_decay"] == 0.9
+    # the kept checkpoint holds the average's weights, not the trained ones (no validation: the last epoch's)
+    last = train(config(folders, tmp_path / "noval", val_dirs=(), ema_decay=0.9, epochs=1, steps_per_epoch=3))
+    kept, last_state = load_model(last.checkpoint).module.state_dict(), load_file(str(last.state))
+    assert all(torch.equal(kept[k], last_state["ema." + k]) for k in kept)
+    assert not all(torch.equal(kept[k], last_state["model." + k]) for k in kept)
+
+    def stop_after_first(record: EpochRecord) -> None:
+        if record.epoch == 1:
+            raise Interrupt
+
+    interrupted = config(folders, tmp_path / "parts", ema_decay=0.9)
+    with pytest.raises(Interrupt):
+        train(interrupted, on_epoch_end=stop_after_first)
+    with pytest.raises(ConfigError, match="ema_decay"):
+        train(dataclasses.replace(interrupted, resume=True, ema_decay=0.0))
+    resumed = train(dataclasses.replace(interrupted, resume=True))
+    assert [r.val_miou for r in resumed.history] == [r.val_miou for r in whole.history]
+    b = load_file(str(resumed.state))
+    assert all(torch.equal(state[k], b[k]) for k in ema_keys)
+    assert whole.checkpoint.read_bytes() == resumed.checkpoint.read_bytes()
+    with pytest.raises(ConfigError, match="ema_decay"):
+        config(folders, tmp_path / "bad", ema_decay=1.0)
