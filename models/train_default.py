@@ -20,7 +20,9 @@ exactly at the same thread count, and up to floating-point summation order acros
 
 Tried (README, "The model"): 10 epochs without jitter (attention 0.446, plain 0.433; the previous shipped model);
 the same 24 epochs for the plain U-Net (0.510); and ``--dice-weight 1`` (soft Dice added to cross-entropy): plain
-U-Net 0.480, attention U-Net 0.453 (stopped after 21 epochs), i.e. worse. No setting reached the 0.55 target.
+U-Net 0.480, attention U-Net 0.453 (stopped after 21 epochs), i.e. worse; ``--ema-decay 0.995`` (a moving average
+of the weights is kept): plain 0.472, attention 0.479 at epoch 3, both 0.44-0.47 over the last five epochs. No
+setting reached the 0.55 target.
 """
 
 from __future__ import annotations
