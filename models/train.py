@@ -820,6 +820,23 @@ def train(config: TrainConfig, *, on_epoch_end: Callable[[EpochRecord], None] | 
             provenance=provenance,
         )
 
+    def validate_weights(net: nn.Module) -> EvaluationResult:
+        return validate(
+            net,
+            val_images,
+            val_masks,
+            mean=mean,
+            std=std,
+            class_names=class_names,
+            ignore_index=config.ignore_index,
+            ignore_classes=config.ignore_classes,
+            size_multiple=size_multiple,
+            window=config.val_tile_size,
+            halo=config.halo,
+            device=device,
+            autocast_dtype=autocast_dtype,
+        )
+
     for epoch in range(start_epoch, config.epochs):
         epoch_started = time.perf_counter()
         dataset.set_epoch(epoch)
@@ -872,24 +889,6 @@ def train(config: TrainConfig, *, on_epoch_end: Callable[[EpochRecord], None] | 
         raw_miou: float | None = None
         val_started = time.perf_counter()
         if val_images:
-
-            def validate_weights(net: nn.Module) -> EvaluationResult:
-                return validate(
-                    net,
-                    val_images,
-                    val_masks,
-                    mean=mean,
-                    std=std,
-                    class_names=class_names,
-                    ignore_index=config.ignore_index,
-                    ignore_classes=config.ignore_classes,
-                    size_multiple=size_multiple,
-                    window=config.val_tile_size,
-                    halo=config.halo,
-                    device=device,
-                    autocast_dtype=autocast_dtype,
-                )
-
             result = validate_weights(kept)
             if average is not None:
                 raw_miou = _clean(validate_weights(model).miou)
