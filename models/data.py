@@ -25,6 +25,7 @@ Training data is small next to a scene (the whole Dubai set is 70 Mpx, 270 MB as
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from typing import Literal
 import numpy as np
 import rasterio
 import torch
+import torch.nn.functional as F
 from rasterio.enums import ColorInterp
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from torch.utils.data import Dataset
@@ -447,6 +449,9 @@ class TileDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
 
     An image is picked with probability proportional to its area (every pixel equally likely) or uniformly;
     then a tile position uniformly; then one of the 8 dihedral transforms (4 rotations x optional flip);
+    with ``scale_jitter`` = s > 0, the tile first covers ``round(T * f)`` image pixels, with a zoom factor f
+    drawn log-uniformly from [1 / (1 + s), 1 + s], resampled to T x T (image: bilinear, antialiased when
+    shrinking; mask: nearest): it imitates the differences in ground sample distance (m/px) between areas;
     then, if ``colour_jitter`` = j > 0, a colour change x * g_c + o, clipped to 0-255, with a gain g_c per band
     drawn from [1 - j, 1 + j] and one offset o from [-128 j, 128 j] (0-255 units): it imitates the
     exposure and white-balance differences between areas, which a held-out area exposes.
@@ -470,6 +475,7 @@ class TileDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         augment: bool = True,
         weight_by_area: bool = True,
         colour_jitter: float = 0.0,
+        scale_jitter: float = 0.0,
         ignore_index: int = 255,
     ) -> None:
         if len(images) != len(masks) or not images:
@@ -499,6 +505,9 @@ class TileDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         if not 0 <= colour_jitter < 1:
             raise ConfigError(f"expected 0 <= colour_jitter < 1, got {colour_jitter}")
         self.colour_jitter = colour_jitter
+        if not 0 <= scale_jitter <= 1:
+            raise ConfigError(f"expected 0 <= scale_jitter <= 1 (zoom factors 1/(1+s)..1+s), got {scale_jitter}")
+        self.scale_jitter = scale_jitter
         self.epoch = 0
         areas = np.array([m.size for m in masks], dtype=np.float64)
         self.probabilities = areas / areas.sum() if weight_by_area else np.full(len(masks), 1 / len(masks))
@@ -515,22 +524,29 @@ class TileDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         k = int(rng.choice(len(self.images), p=self.probabilities))
         image, mask = self.images[k], self.masks[k]
         t = self.tile_size
+        if self.scale_jitter > 0:  # c image pixels become the t tile pixels
+            bound = math.log1p(self.scale_jitter)
+            c = max(1, round(t * math.exp(rng.uniform(-bound, bound))))
+        else:
+            c = t
         h, w = mask.shape
-        y = int(rng.integers(0, max(h - t, 0) + 1))
-        x = int(rng.integers(0, max(w - t, 0) + 1))
+        y = int(rng.integers(0, max(h - c, 0) + 1))
+        x = int(rng.integers(0, max(w - c, 0) + 1))
         rot, flip = (int(rng.integers(0, 4)), bool(rng.integers(0, 2))) if self.augment else (0, False)
-        raw = image[:, y : y + t, x : x + t]
+        raw = image[:, y : y + c, x : x + c]
         if self.colour_jitter > 0:
             j = self.colour_jitter
             gain = rng.uniform(1 - j, 1 + j, size=(raw.shape[0], 1, 1))
             offset = rng.uniform(-j, j) * 128.0
             raw = np.clip(raw.astype(np.float32) * gain.astype(np.float32) + np.float32(offset), 0, 255)
         img = normalise(raw, self.mean, self.std)
-        msk = mask[y : y + t, x : x + t]
-        if img.shape[1:] != (t, t):
-            ph, pw = t - img.shape[1], t - img.shape[2]
+        msk = mask[y : y + c, x : x + c]
+        if img.shape[1:] != (c, c):
+            ph, pw = c - img.shape[1], c - img.shape[2]
             img = np.pad(img, ((0, 0), (0, ph), (0, pw)))
             msk = np.pad(msk, ((0, ph), (0, pw)), constant_values=self.ignore_index)
+        if c != t:
+            img, msk = _resample(img, msk, t)
         if self.augment:
             img = np.rot90(img, rot, axes=(1, 2))
             msk = np.rot90(msk, rot, axes=(0, 1))
@@ -541,6 +557,23 @@ class TileDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
             torch.from_numpy(np.ascontiguousarray(img)),
             torch.from_numpy(np.ascontiguousarray(msk).astype(np.int64)),
         )
+
+
+def _resample(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Resample a (C, c, c) float32 image and its (c, c) mask to ``size`` x ``size`` pixels.
+
+    The image bilinearly (antialiased when shrinking, pixel centres aligned), the mask by nearest neighbour
+    at the same pixel centres, so labels stay labels (class ids and the ignore index, never blends).
+    """
+    shrink = image.shape[-1] > size
+    img = F.interpolate(
+        torch.from_numpy(np.ascontiguousarray(image))[None], size=(size, size), mode="bilinear",
+        align_corners=False, antialias=shrink,
+    )[0].numpy()
+    msk = F.interpolate(
+        torch.from_numpy(np.ascontiguousarray(mask))[None, None].float(), size=(size, size), mode="nearest-exact"
+    )[0, 0].numpy().astype(mask.dtype)
+    return img, msk
 
 
 def normalise(image: np.ndarray, mean: np.ndarray | Sequence[float], std: np.ndarray | Sequence[float]) -> np.ndarray:

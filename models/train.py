@@ -108,6 +108,8 @@ class TrainConfig:
         max_grad_norm: Clip the gradient norm to this value; None: no clipping.
         colour_jitter: Strength j of the per-tile colour augmentation (0: none; see
             :class:`models.data.TileDataset`).
+        scale_jitter: Strength s of the per-tile zoom augmentation, factors 1/(1+s)..1+s (0: none; see
+            :class:`models.data.TileDataset`).
         dice_weight: w in loss = cross-entropy + w * soft Dice (:func:`models.losses.soft_dice_loss`, over the
             classes not in ``ignore_classes``); 0: cross-entropy alone.
         ema_decay: Decay of the moving average of the weights (:func:`ema_update`; e.g. 0.995 averages over
@@ -147,6 +149,7 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     max_grad_norm: float | None = None
     colour_jitter: float = 0.0
+    scale_jitter: float = 0.0
     dice_weight: float = 0.0
     ema_decay: float = 0.0
     resume: bool = False
@@ -203,6 +206,10 @@ class TrainConfig:
             raise ConfigError(f"expected num_threads >= 1 or None, got {self.num_threads}")
         if not 0 <= self.colour_jitter < 1:
             raise ConfigError(f"expected 0 <= colour_jitter < 1 (0: no colour augmentation), got {self.colour_jitter}")
+        if not 0 <= self.scale_jitter <= 1:
+            raise ConfigError(
+                f"expected 0 <= scale_jitter <= 1 (0: no scale augmentation), got {self.scale_jitter}"
+            )
         if not 0 <= self.dice_weight < math.inf:
             raise ConfigError(f"expected dice_weight >= 0 (0: cross-entropy alone), got {self.dice_weight}")
         if not 0 <= self.ema_decay < 1:
@@ -760,6 +767,7 @@ def train(config: TrainConfig, *, on_epoch_end: Callable[[EpochRecord], None] | 
         seed=config.seed,
         ignore_index=config.ignore_index,
         colour_jitter=config.colour_jitter,
+        scale_jitter=config.scale_jitter,
     )
     loader = DataLoader(
         dataset,
@@ -793,6 +801,7 @@ def train(config: TrainConfig, *, on_epoch_end: Callable[[EpochRecord], None] | 
             "weight_decay": config.weight_decay,
             "class_weighting": config.class_weighting,
             "colour_jitter": config.colour_jitter,
+            "scale_jitter": config.scale_jitter,
             "dice_weight": config.dice_weight,
             "ema_decay": config.ema_decay,
             "class_weights": None if weights is None else [round(float(w), 6) for w in weights],

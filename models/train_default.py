@@ -85,6 +85,7 @@ def build_config(
     progress: bool,
     epochs: int | None = None,
     colour_jitter: float | None = None,
+    scale_jitter: float | None = None,
     dice_weight: float | None = None,
     ema_decay: float | None = None,
 ) -> Any:
@@ -107,6 +108,7 @@ def build_config(
             **HYPERPARAMETERS,
             **({"epochs": epochs} if epochs else {}),
             **({"colour_jitter": colour_jitter} if colour_jitter is not None else {}),
+            **({"scale_jitter": scale_jitter} if scale_jitter is not None else {}),
             **({"dice_weight": dice_weight} if dice_weight is not None else {}),
             **({"ema_decay": ema_decay} if ema_decay is not None else {}),
         },
@@ -136,6 +138,13 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=None,
         help="per-band gain/offset augmentation strength j (default 0.1; 0: none; see models.data.TileDataset)",
+    )
+    parser.add_argument(
+        "--scale-jitter",
+        type=float,
+        default=None,
+        help="zoom augmentation strength s: tiles cover 1/(1+s)..1+s times their size (default 0: none; "
+        "see models.data.TileDataset)",
     )
     parser.add_argument(
         "--dice-weight",
@@ -175,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
             progress=not args.no_progress,
             epochs=args.epochs,
             colour_jitter=args.colour_jitter,
+            scale_jitter=args.scale_jitter,
             dice_weight=args.dice_weight,
             ema_decay=args.ema_decay,
         )

@@ -273,6 +273,13 @@ def _add_train(sub: Any) -> None:
         help="per-band gain/offset augmentation strength, 0 <= j < 1; default 0 (none)",
     )
     p.add_argument(
+        "--scale-jitter",
+        type=float,
+        default=0.0,
+        help="zoom augmentation strength s, 0 <= s <= 1: each tile covers 1/(1+s) to 1+s times its size in "
+        "image pixels; default 0 (none)",
+    )
+    p.add_argument(
         "--ema-decay",
         type=float,
         default=0.0,
@@ -333,6 +340,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         class_weighting=args.class_weighting,
         dice_weight=args.dice_weight,
         colour_jitter=args.colour_jitter,
+        scale_jitter=args.scale_jitter,
         ema_decay=args.ema_decay,
         ignore_classes=tuple(args.ignore_class),
         unknown_colours=args.unknown_colours,

@@ -117,7 +117,9 @@ def test_train_command_on_a_real_pair_writes_a_loadable_checkpoint(data_dir: Pat
     result = segpipe(
         "train", "a", "--val", "b", "--out", "run", "--architecture", "unet", "--base-channels", "4",
         "--depth", "2", "--epochs", "1", "--steps", "2", "--batch-size", "2", "--tile-size", "64",
-        "--threads", "1", "--dice-weight", "0.5", "--colour-jitter", "0.1", "--ema-decay", "0.9", cwd=tmp_path,
+        "--threads", "1", "--dice-weight", "0.5", "--colour-jitter", "0.1", "--ema-decay", "0.9",
+        "--scale-jitter", "0.25",
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
@@ -127,11 +129,13 @@ def test_train_command_on_a_real_pair_writes_a_loadable_checkpoint(data_dir: Pat
     meta = load_model(report["checkpoint"]).metadata
     assert meta.architecture == "unet"
     assert (meta.provenance["dice_weight"], meta.provenance["colour_jitter"]) == (0.5, 0.1)
-    assert meta.provenance["ema_decay"] == 0.9
+    assert (meta.provenance["ema_decay"], meta.provenance["scale_jitter"]) == (0.9, 0.25)
     bad = segpipe("train", "a", "--out", "run2", "--colour-jitter", "1.5", cwd=tmp_path)
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "colour_jitter" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
     assert not (tmp_path / "run2").exists()
+    bad = segpipe("train", "a", "--out", "run3", "--scale-jitter", "2", cwd=tmp_path)
+    assert bad.returncode == 2 and "scale_jitter" in bad.stderr and not (tmp_path / "run3").exists()
 
 
 def test_evaluate_command_reports_json_and_rejects_size_mismatch(data_dir: Path, tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
+import torch
 from rasterio.errors import NotGeoreferencedWarning
 
 from models.data import (
@@ -336,3 +337,43 @@ def test_colour_jitter_changes_colours_not_geometry() -> None:
         assert x1.min() >= 0 and x1.max() <= 255
     with pytest.raises(ConfigError, match="colour_jitter"):
         TileDataset([image], [mask], colour_jitter=1.5, **kw)  # type: ignore[arg-type]
+
+
+def _ramp_pair(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Bands: 0.1 x column, 0.1 x row, 0 (ramps); mask: class ids of 24 px blocks (5 classes)."""
+    yy, xx = np.mgrid[0:size, 0:size]
+    mask = (((yy // 24) + (xx // 24)) % 5).astype(np.uint8)
+    image = np.stack([0.1 * xx, 0.1 * yy, np.zeros_like(xx, dtype=np.float64)]).astype(np.float32)
+    return image, mask
+
+
+def test_scale_jitter_zooms_image_and_mask_together() -> None:
+    """Each tile covers 1/(1+s)..1+s times its size; image and mask are resampled at the same pixel centres."""
+    image, mask = _ramp_pair(600)
+    kw = {"tile_size": 64, "mean": (0, 0, 0), "std": (1, 1, 1), "length": 40, "seed": 3}
+    zoomed = TileDataset([image], [mask], scale_jitter=0.5, **kw)  # type: ignore[arg-type]
+    slopes, agree = [], []
+    for i in range(40):
+        x, y = zoomed[i]
+        assert x.shape == (3, 64, 64) and y.shape == (64, 64) and y.dtype == torch.int64
+        assert set(y.unique().tolist()) <= set(range(5))  # nearest: labels, never blends
+        # The ramps say which image pixel each tile pixel samples; the mask must hold that pixel's class.
+        col, row = (np.rint(x[b].numpy() / 0.1).astype(int) for b in (0, 1))
+        expected = ((row // 24) + (col // 24)) % 5
+        agree.append((expected == y.numpy())[2:-2, 2:-2].mean())
+        # The ramp's slope per tile pixel is 0.1 x the zoom factor (rotations only move it between axes).
+        gy, gx = np.gradient(x[0].numpy())
+        slopes.append(float(np.median(np.abs(gx) + np.abs(gy))) / 0.1)
+    assert np.mean(agree) > 0.995, np.mean(agree)
+    assert 1 / 1.5 - 0.01 <= min(slopes) < 0.8 and 1.25 < max(slopes) <= 1.5 + 0.01
+    again = TileDataset([image], [mask], scale_jitter=0.5, **kw)  # type: ignore[arg-type]
+    assert all(again[i][0].equal(zoomed[i][0]) and again[i][1].equal(zoomed[i][1]) for i in range(5))
+
+
+def test_scale_jitter_pads_small_images_with_ignore() -> None:
+    image, mask = _ramp_pair(50)
+    ds = TileDataset([image], [mask], tile_size=48, mean=(0, 0, 0), std=(1, 1, 1), length=30, seed=0, scale_jitter=0.5)
+    labels = set().union(*(set(ds[i][1].unique().tolist()) for i in range(30)))
+    assert 255 in labels and labels - {255} <= set(range(5))
+    with pytest.raises(ConfigError, match="scale_jitter"):
+        TileDataset([image], [mask], tile_size=48, mean=(0, 0, 0), std=(1, 1, 1), length=1, scale_jitter=1.5)
