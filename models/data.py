@@ -454,7 +454,11 @@ class TileDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     shrinking; mask: nearest): it imitates the differences in ground sample distance (m/px) between areas;
     then, if ``colour_jitter`` = j > 0, a colour change x * g_c + o, clipped to 0-255, with a gain g_c per band
     drawn from [1 - j, 1 + j] and one offset o from [-128 j, 128 j] (0-255 units): it imitates the
-    exposure and white-balance differences between areas, which a held-out area exposes.
+    exposure and white-balance differences between areas, which a held-out area exposes; then, if
+    ``saturation_jitter`` = q > 0 (and the image has more than one band), each pixel is moved away from or
+    towards its grey value (the mean over bands) by a factor drawn from [1 - q, 1 + q], clipped to 0-255: at
+    q = 1 some tiles are nearly grey, which teaches the network not to lean on hue alone (a held-out area's
+    water may be greener, its vegetation bluer, than any training area's).
     Images smaller than the tile are padded: the image with the mean (0 after normalisation), the mask with
     ``ignore_index``.
 
@@ -476,6 +480,7 @@ class TileDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         weight_by_area: bool = True,
         colour_jitter: float = 0.0,
         scale_jitter: float = 0.0,
+        saturation_jitter: float = 0.0,
         ignore_index: int = 255,
     ) -> None:
         if len(images) != len(masks) or not images:
@@ -508,6 +513,9 @@ class TileDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         if not 0 <= scale_jitter <= 1:
             raise ConfigError(f"expected 0 <= scale_jitter <= 1 (zoom factors 1/(1+s)..1+s), got {scale_jitter}")
         self.scale_jitter = scale_jitter
+        if not 0 <= saturation_jitter <= 1:
+            raise ConfigError(f"expected 0 <= saturation_jitter <= 1, got {saturation_jitter}")
+        self.saturation_jitter = saturation_jitter
         self.epoch = 0
         areas = np.array([m.size for m in masks], dtype=np.float64)
         self.probabilities = areas / areas.sum() if weight_by_area else np.full(len(masks), 1 / len(masks))
@@ -539,6 +547,11 @@ class TileDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
             gain = rng.uniform(1 - j, 1 + j, size=(raw.shape[0], 1, 1))
             offset = rng.uniform(-j, j) * 128.0
             raw = np.clip(raw.astype(np.float32) * gain.astype(np.float32) + np.float32(offset), 0, 255)
+        if self.saturation_jitter > 0 and raw.shape[0] > 1:
+            q = self.saturation_jitter
+            factor = np.float32(rng.uniform(1 - q, 1 + q))
+            grey = raw.astype(np.float32).mean(axis=0, keepdims=True)
+            raw = np.clip(grey + factor * (raw.astype(np.float32) - grey), 0, 255)
         img = normalise(raw, self.mean, self.std)
         msk = mask[y : y + c, x : x + c]
         if img.shape[1:] != (c, c):

@@ -78,13 +78,17 @@ class UNet(nn.Module):
       ``window`` x ``window`` bottleneck pixels = ``window * 2**depth`` input pixels) after the bottleneck.
     - ``attention_gates``: an :class:`AttentionGate` on every skip, gated by the decoder feature one level
       down.
+    - ``downsample``: d > 1 runs the whole network at 1/d of the input resolution: the input is averaged over
+      d x d blocks (an anti-aliased reduction) and the logits are upsampled bilinearly by d back to the input
+      grid. Cost falls by about d**2 and every receptive field grows by d, at the price of detail finer than
+      d pixels (boundaries are interpolated).
 
     Layout: input (B, in_channels, H, W) float32, normalised; H and W multiples of ``size_multiple`` =
-    2**depth (ModelError otherwise). Output: logits (B, num_classes, H, W).
+    ``downsample * 2**depth`` (ModelError otherwise). Output: logits (B, num_classes, H, W).
 
     Tiling: the plain U-Net and local attention have a bounded receptive field (see
     :func:`receptive_field_radius`), so tiles with a halo of that radius give exactly the untiled result
-    provided tile origins are multiples of ``shift_multiple`` (2**depth, or ``window * 2**depth`` with local
+    provided tile origins are multiples of ``shift_multiple`` (``size_multiple``, times ``window`` with local
     attention, whose windows are anchored at the tile origin). SE/CBAM channel pooling and global
     self-attention see the whole tile, so tiled output equals untiled output only approximately; the pipeline
     blends halos.
@@ -102,6 +106,7 @@ class UNet(nn.Module):
         attention_gates: Gate every skip connection.
         heads: Self-attention heads; must divide ``base_channels * 2**depth``.
         window: Local attention window side, in bottleneck pixels.
+        downsample: Factor by which the network's working resolution is below the input's (1: none).
     """
 
     def __init__(
@@ -115,6 +120,7 @@ class UNet(nn.Module):
         attention_gates: bool = False,
         heads: int = 4,
         window: int = 8,
+        downsample: int = 1,
     ) -> None:
         super().__init__()
         owner = "UNet"
@@ -133,6 +139,9 @@ class UNet(nn.Module):
         self.attention_gates = attention_gates
         self.heads = positive_int(owner, "heads", heads)
         self.window = positive_int(owner, "window", window)
+        self.downsample = positive_int(owner, "downsample", downsample)
+        if downsample > 8:
+            raise ModelError(f"UNet: 'downsample' must be at most 8, got {downsample}")
 
         widths = [base_channels * 2**level for level in range(depth + 1)]
         kind: ChannelAttentionKind = channel_attention
@@ -164,8 +173,8 @@ class UNet(nn.Module):
 
     @property
     def size_multiple(self) -> int:
-        """Input H and W must be multiples of this (2**depth)."""
-        return int(2**self.depth)
+        """Input H and W must be multiples of this (``downsample * 2**depth``)."""
+        return int(self.downsample * 2**self.depth)
 
     @property
     def shift_multiple(self) -> int:
@@ -183,7 +192,8 @@ class UNet(nn.Module):
         m = self.size_multiple
         if h % m or w % m:
             raise ModelError(
-                f"UNet: input height and width must be multiples of {m} (2**depth), got {h} x {w}; "
+                f"UNet: input height and width must be multiples of {m} "
+                f"({'downsample * ' if self.downsample > 1 else ''}2**depth), got {h} x {w}; "
                 f"pad the tile to {-(-h // m) * m} x {-(-w // m) * m}"
             )
 
@@ -199,6 +209,8 @@ class UNet(nn.Module):
         ``"bottleneck.self_attention"`` and ``"gate{l}"`` (levels l = 1..depth, 1 = full resolution).
         """
         self.check_input(x)
+        if self.downsample > 1:
+            x = F.avg_pool2d(x, self.downsample)
         maps: dict[str, Tensor] | None = {} if return_attention else None
         skips: list[Tensor] = []
         for level, encoder in enumerate(self.encoders, start=1):
@@ -222,6 +234,8 @@ class UNet(nn.Module):
             x = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
             x = self.decoders[level - 1](torch.cat([x, skip], dim=1), maps, f"dec{level}")
         logits: Tensor = self.head(x)
+        if self.downsample > 1:
+            logits = F.interpolate(logits, scale_factor=float(self.downsample), mode="bilinear", align_corners=False)
         if maps is None:
             return logits
         return logits, maps
@@ -239,7 +253,9 @@ def receptive_field_radius(model: nn.Module) -> int:
             + sum_{l<depth} (2**(l+1) + c * 2**l)
 
     with c = 2 (two 3x3 convolutions per stage, plus 3 with CBAM). Gates do not widen it (their coarse input
-    is the decoder feature that is up-sampled anyway). Plain U-Net, depth 4: 137 pixels. Not counted: SE/CBAM
+    is the decoder feature that is up-sampled anyway). Plain U-Net, depth 4: 137 pixels. With ``downsample``
+    d > 1 the network runs on a grid of spacing d, so r is multiplied by d, and the d x d input averaging
+    (d - 1) and the final bilinear up-sampling (d) are added. Not counted: SE/CBAM
     global channel pooling and global self-attention, which see the whole tile (their influence on far pixels
     is damped, not cut off), and zero padding at tile borders. The *effective* receptive field, where the
     weights actually matter, is typically much smaller than this bound.
@@ -264,4 +280,5 @@ def receptive_field_radius(model: nn.Module) -> int:
         radius += (model.window - 1) * 2**model.depth
     for level in range(model.depth):
         radius += 2 ** (level + 1) + c * 2**level  # bilinear up-sampling, then decoder stage
-    return radius
+    d = model.downsample
+    return radius if d == 1 else radius * d + (d - 1) + d

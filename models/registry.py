@@ -22,6 +22,7 @@ def attention_unet(
     attention_gates: bool = True,
     heads: int = 4,
     window: int = 8,
+    downsample: int = 1,
 ) -> UNet:
     """U-Net with CBAM after every stage, local self-attention at the bottleneck and gated skips."""
     return UNet(
@@ -34,12 +35,13 @@ def attention_unet(
         attention_gates=attention_gates,
         heads=heads,
         window=window,
+        downsample=downsample,
     )
 
 
-def unet(in_channels: int, num_classes: int, base_channels: int = 16, depth: int = 4) -> UNet:
-    """Plain U-Net with the same channel widths as :func:`attention_unet`, for ablation."""
-    return UNet(in_channels, num_classes, base_channels=base_channels, depth=depth)
+def unet(in_channels: int, num_classes: int, base_channels: int = 16, depth: int = 4, downsample: int = 1) -> UNet:
+    """Plain U-Net with the same channel widths (and working resolution) as :func:`attention_unet`, for ablation."""
+    return UNet(in_channels, num_classes, base_channels=base_channels, depth=depth, downsample=downsample)
 
 
 #: Registry of architectures: the ``architecture`` field of checkpoint metadata names one of these.

@@ -57,6 +57,7 @@ from models.data import (
 )
 from models.losses import soft_dice_loss
 from pipeline.evaluate import EvaluationResult, confusion_matrix
+from pipeline.infer import retain_freed_memory
 from segpipe.errors import ConfigError, ModelError
 
 log = logging.getLogger(__name__)
@@ -110,6 +111,8 @@ class TrainConfig:
             :class:`models.data.TileDataset`).
         scale_jitter: Strength s of the per-tile zoom augmentation, factors 1/(1+s)..1+s (0: none; see
             :class:`models.data.TileDataset`).
+        saturation_jitter: Strength q of the per-tile saturation augmentation, factors 1-q..1+q (0: none;
+            see :class:`models.data.TileDataset`).
         dice_weight: w in loss = cross-entropy + w * soft Dice (:func:`models.losses.soft_dice_loss`, over the
             classes not in ``ignore_classes``); 0: cross-entropy alone.
         ema_decay: Decay of the moving average of the weights (:func:`ema_update`; e.g. 0.995 averages over
@@ -150,6 +153,7 @@ class TrainConfig:
     max_grad_norm: float | None = None
     colour_jitter: float = 0.0
     scale_jitter: float = 0.0
+    saturation_jitter: float = 0.0
     dice_weight: float = 0.0
     ema_decay: float = 0.0
     resume: bool = False
@@ -209,6 +213,10 @@ class TrainConfig:
         if not 0 <= self.scale_jitter <= 1:
             raise ConfigError(
                 f"expected 0 <= scale_jitter <= 1 (0: no scale augmentation), got {self.scale_jitter}"
+            )
+        if not 0 <= self.saturation_jitter <= 1:
+            raise ConfigError(
+                f"expected 0 <= saturation_jitter <= 1 (0: no saturation augmentation), got {self.saturation_jitter}"
             )
         if not 0 <= self.dice_weight < math.inf:
             raise ConfigError(f"expected dice_weight >= 0 (0: cross-entropy alone), got {self.dice_weight}")
@@ -713,7 +721,14 @@ def train(config: TrainConfig, *, on_epoch_end: Callable[[EpochRecord], None] | 
     random.seed(config.seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    model = build_model(config.architecture, config.arguments).to(device)
+    if device.type == "cpu":
+        retain_freed_memory()
+    # channels-last activations: oneDNN's convolutions (CPU) and cuDNN's (GPU) run faster on them; measured on
+    # 2 Xeon cores, an fp32 step of the default model (8 tiles of 256 px) takes 2.3 s instead of 2.6 s, and
+    # 4.3 s with neither this nor the malloc setting above. Saved tensors are made contiguous again.
+    model = build_model(config.architecture, config.arguments)
+    # torch's stubs for Module.to omit the memory_format keyword that it accepts
+    model = model.to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]
     size_multiple = int(getattr(model, "size_multiple", 1))
     if config.tile_size % size_multiple:
         raise ConfigError(
@@ -768,6 +783,7 @@ def train(config: TrainConfig, *, on_epoch_end: Callable[[EpochRecord], None] | 
         ignore_index=config.ignore_index,
         colour_jitter=config.colour_jitter,
         scale_jitter=config.scale_jitter,
+        saturation_jitter=config.saturation_jitter,
     )
     loader = DataLoader(
         dataset,
@@ -802,6 +818,7 @@ def train(config: TrainConfig, *, on_epoch_end: Callable[[EpochRecord], None] | 
             "class_weighting": config.class_weighting,
             "colour_jitter": config.colour_jitter,
             "scale_jitter": config.scale_jitter,
+            "saturation_jitter": config.saturation_jitter,
             "dice_weight": config.dice_weight,
             "ema_decay": config.ema_decay,
             "class_weights": None if weights is None else [round(float(w), 6) for w in weights],
@@ -861,7 +878,7 @@ def train(config: TrainConfig, *, on_epoch_end: Callable[[EpochRecord], None] | 
             dynamic_ncols=True,
         )
         for x, y in bar:
-            x = x.to(device, non_blocking=True)
+            x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             y = y.to(device, non_blocking=True)
             if ignored_ids.numel():
                 y = torch.where(torch.isin(y, ignored_ids), config.ignore_index, y)

@@ -339,6 +339,33 @@ def test_colour_jitter_changes_colours_not_geometry() -> None:
         TileDataset([image], [mask], colour_jitter=1.5, **kw)  # type: ignore[arg-type]
 
 
+def test_saturation_jitter_moves_pixels_along_their_grey_axis() -> None:
+    """Each tile's pixels move towards or away from their grey value by one factor in [1 - q, 1 + q]."""
+    rng = np.random.default_rng(5)
+    image = rng.integers(60, 200, size=(3, 40, 40)).astype(np.uint8)
+    mask = np.zeros((40, 40), dtype=np.uint8)
+    kw = {"tile_size": 40, "mean": (0, 0, 0), "std": (1, 1, 1), "length": 30, "seed": 2, "augment": False}
+    plain = TileDataset([image], [mask], **kw)  # type: ignore[arg-type]
+    jittered = TileDataset([image], [mask], saturation_jitter=0.8, **kw)  # type: ignore[arg-type]
+    factors = []
+    for i in range(30):
+        (x0, y0), (x1, y1) = plain[i], jittered[i]
+        assert y0.equal(y1)
+        grey0, grey1 = x0.mean(0), x1.mean(0)
+        unclipped = (x1 > 0).all(0) & (x1 < 255).all(0)
+        torch.testing.assert_close(grey1[unclipped], grey0[unclipped], atol=1e-3, rtol=0)  # grey kept
+        apart = unclipped & ((x0 - grey0).abs() > 1).all(0)  # pixels that have a colour to scale
+        ratio = (x1 - grey1)[:, apart] / (x0 - grey0)[:, apart]
+        factor = float(ratio.median())
+        torch.testing.assert_close(ratio, torch.full_like(ratio, factor), atol=1e-3, rtol=1e-3)
+        factors.append(factor)
+    assert 0.2 - 1e-6 <= min(factors) < 0.5 and 1.5 < max(factors) <= 1.8 + 1e-6
+    grey = TileDataset([image[:1]], [mask], **{**kw, "mean": (0,), "std": (1,)}, saturation_jitter=1.0)  # type: ignore[arg-type]
+    assert grey[0][0].equal(torch.from_numpy(image[:1].astype(np.float32)))  # one band: nothing to desaturate
+    with pytest.raises(ConfigError, match="saturation_jitter"):
+        TileDataset([image], [mask], saturation_jitter=1.5, **kw)  # type: ignore[arg-type]
+
+
 def _ramp_pair(size: int) -> tuple[np.ndarray, np.ndarray]:
     """Bands: 0.1 x column, 0.1 x row, 0 (ramps); mask: class ids of 24 px blocks (5 classes)."""
     yy, xx = np.mgrid[0:size, 0:size]

@@ -37,6 +37,25 @@ def test_output_shape(variant: str, depth: int, size: tuple[int, int]) -> None:
     assert all(p.grad is not None for p in model.parameters())
 
 
+@pytest.mark.parametrize("variant", ["plain", "cbam-local-gates"])
+def test_downsample_keeps_the_input_grid(variant: str) -> None:
+    model = UNet(3, 5, base_channels=4, depth=2, heads=2, window=2, downsample=2, **VARIANTS[variant])
+    assert model.size_multiple == 8
+    x = torch.randn(2, 3, 24, 40)
+    logits = model(x)
+    assert logits.shape == (2, 5, 24, 40)
+    logits.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    with pytest.raises(ModelError, match=r"multiples of 8 \(downsample \* 2\*\*depth\), got 20 x 40"):
+        model(torch.randn(1, 3, 20, 40))
+    # The network sees 2 x 2 block means: a change that keeps every block mean changes nothing.
+    model.eval()
+    y = x.clone()
+    y[:, :, 0::2, 0::2] += 1.0
+    y[:, :, 1::2, 1::2] -= 1.0
+    torch.testing.assert_close(model(x), model(y))
+
+
 def test_size_must_be_a_multiple() -> None:
     model = UNet(3, 2, base_channels=4, depth=3)
     assert model.size_multiple == 8
@@ -89,17 +108,21 @@ def test_plain_and_attention_parameter_counts() -> None:
         ({"depth": 2}, 29),
         ({"depth": 4, **FULL}, 387),
         ({"depth": 2, "self_attention": "local", "window": 3}, 29 + 2 * 4),
+        ({"depth": 2, "downsample": 2}, 29 * 2 + 1 + 2),
     ],
 )
 def test_receptive_field_formula(kwargs: dict[str, Any], expected: int) -> None:
     assert receptive_field_radius(UNet(3, 2, base_channels=4, **kwargs)) == expected
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"self_attention": "local", "attention_gates": True, "window": 2}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"self_attention": "local", "attention_gates": True, "window": 2}, {"downsample": 2}],
+)
 def test_receptive_field_bounds_the_gradient(kwargs: dict[str, Any]) -> None:
     model = randomise(UNet(1, 1, base_channels=4, depth=2, heads=2, **kwargs))
     radius = receptive_field_radius(model)
-    size, centre = 96, 48
+    size, centre = 192, 96
     x = torch.randn(1, 1, size, size, requires_grad=True)
     model(x)[0, 0, centre, centre].backward()
     assert x.grad is not None
@@ -121,18 +144,21 @@ def _shifted_outputs(model: UNet, dy: int, dx: int) -> tuple[torch.Tensor, torch
     return a[:, :, lo:hi, lo:hi], b[:, :, lo - dy : hi - dy, lo - dx : hi - dx]
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"self_attention": "local", "attention_gates": True, "window": 2}])
-def test_translation_equivariance(kwargs: dict[str, Any]) -> None:
+@pytest.mark.parametrize(
+    ("kwargs", "expected_shift"),
+    [({}, 4), ({"self_attention": "local", "attention_gates": True, "window": 2}, 8), ({"downsample": 2}, 8)],
+)
+def test_translation_equivariance(kwargs: dict[str, Any], expected_shift: int) -> None:
     model = randomise(UNet(2, 3, base_channels=4, depth=2, heads=2, **kwargs))
     if model.context is not None:
         with torch.no_grad():
             model.context.gamma.fill_(20.0)  # make attention dominate, so a misaligned window would show
-    shift = model.shift_multiple  # 4, or 8 with 2 x 2 windows at the 1/4-resolution bottleneck
-    assert shift == (8 if kwargs else 4)
+    shift = model.shift_multiple  # 4; 8 with 2 x 2 windows at the 1/4-resolution bottleneck, or at half resolution
+    assert shift == expected_shift
     a, b = _shifted_outputs(model, 2 * shift, shift)
     assert a.std(dim=(2, 3)).max() > 1e-2  # the output does depend on the input: the test can fail
     torch.testing.assert_close(a, b)
-    if kwargs:  # windows are anchored at the tile origin: a shift by size_multiple alone moves them
+    if model.context is not None:  # windows are anchored at the tile origin: a shift by size_multiple moves them
         a, b = _shifted_outputs(model, model.size_multiple, 0)
         assert (a - b).abs().max() > 1e-2
 
