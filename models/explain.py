@@ -182,10 +182,11 @@ def _spatial_panels(maps: dict[str, Tensor], loaded: LoadedModel, size: int) -> 
     panels: list[tuple[str, np.ndarray]] = []
     module: Any = loaded.module
     depth = int(getattr(module, "depth", 0))
+    bottleneck_step = int(getattr(module, "size_multiple", 2**depth))  # input pixels per bottleneck pixel
     window = getattr(module, "window", None) if getattr(module, "self_attention", "") == "local" else None
     for name, value in maps.items():
         if name.endswith("self_attention"):
-            side = size // (2**depth) if depth else int(math.sqrt(value.shape[-1]))
+            side = size // bottleneck_step if depth else int(math.sqrt(value.shape[-1]))
             padded = -(-side // window) * window if window else side
             panels.append(
                 (f"{name} (received)", received_attention(value, (padded, padded), window)[:side, :side])

@@ -55,7 +55,7 @@ from models.data import (
     parse_colour,
     pixel_counts,
 )
-from models.losses import soft_dice_loss
+from models.losses import lovasz_softmax_loss, soft_dice_loss
 from pipeline.evaluate import EvaluationResult, confusion_matrix
 from pipeline.infer import retain_freed_memory
 from segpipe.errors import ConfigError, ModelError
@@ -107,6 +107,8 @@ class TrainConfig:
             if the CPU has bf16 instructions, else fp32), "fp32", "bf16" (autocast, CPU or CUDA) or "fp16"
             (CUDA only, with loss scaling).
         max_grad_norm: Clip the gradient norm to this value; None: no clipping.
+        sample_by_area: Pick training images with probability proportional to their area (every labelled
+            pixel equally likely); False: every image equally likely.
         colour_jitter: Strength j of the per-tile colour augmentation (0: none; see
             :class:`models.data.TileDataset`).
         scale_jitter: Strength s of the per-tile zoom augmentation, factors 1/(1+s)..1+s (0: none; see
@@ -115,6 +117,8 @@ class TrainConfig:
             see :class:`models.data.TileDataset`).
         dice_weight: w in loss = cross-entropy + w * soft Dice (:func:`models.losses.soft_dice_loss`, over the
             classes not in ``ignore_classes``); 0: cross-entropy alone.
+        lovasz_weight: w in loss = cross-entropy + w * Lovasz-softmax (:func:`models.losses.lovasz_softmax_loss`,
+            a surrogate of 1 - IoU per class); 0: none.
         ema_decay: Decay of the moving average of the weights (:func:`ema_update`; e.g. 0.995 averages over
             roughly the last 200 steps); 0: no averaging, the trained weights are validated and kept.
         resume: Continue from ``out_dir/state`` if present (an error if it belongs to another configuration).
@@ -151,10 +155,12 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     max_grad_norm: float | None = None
+    sample_by_area: bool = True
     colour_jitter: float = 0.0
     scale_jitter: float = 0.0
     saturation_jitter: float = 0.0
     dice_weight: float = 0.0
+    lovasz_weight: float = 0.0
     ema_decay: float = 0.0
     resume: bool = False
     num_threads: int | None = None
@@ -220,6 +226,8 @@ class TrainConfig:
             )
         if not 0 <= self.dice_weight < math.inf:
             raise ConfigError(f"expected dice_weight >= 0 (0: cross-entropy alone), got {self.dice_weight}")
+        if not 0 <= self.lovasz_weight < math.inf:
+            raise ConfigError(f"expected lovasz_weight >= 0 (0: no Lovasz term), got {self.lovasz_weight}")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"expected 0 <= ema_decay < 1 (0: no weight averaging), got {self.ema_decay}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
@@ -781,6 +789,7 @@ def train(config: TrainConfig, *, on_epoch_end: Callable[[EpochRecord], None] | 
         length=config.steps_per_epoch * config.batch_size,
         seed=config.seed,
         ignore_index=config.ignore_index,
+        weight_by_area=config.sample_by_area,
         colour_jitter=config.colour_jitter,
         scale_jitter=config.scale_jitter,
         saturation_jitter=config.saturation_jitter,
@@ -816,10 +825,12 @@ def train(config: TrainConfig, *, on_epoch_end: Callable[[EpochRecord], None] | 
             "lr": config.lr,
             "weight_decay": config.weight_decay,
             "class_weighting": config.class_weighting,
+            "sample_by_area": config.sample_by_area,
             "colour_jitter": config.colour_jitter,
             "scale_jitter": config.scale_jitter,
             "saturation_jitter": config.saturation_jitter,
             "dice_weight": config.dice_weight,
+            "lovasz_weight": config.lovasz_weight,
             "ema_decay": config.ema_decay,
             "class_weights": None if weights is None else [round(float(w), 6) for w in weights],
             "ignore_classes": [class_names[i] for i in config.ignore_classes],
@@ -887,6 +898,10 @@ def train(config: TrainConfig, *, on_epoch_end: Callable[[EpochRecord], None] | 
             loss = loss_fn(logits.float(), y)
             if config.dice_weight:
                 loss = loss + config.dice_weight * soft_dice_loss(
+                    logits, y, ignore_index=config.ignore_index, exclude=config.ignore_classes
+                )
+            if config.lovasz_weight:
+                loss = loss + config.lovasz_weight * lovasz_softmax_loss(
                     logits, y, ignore_index=config.ignore_index, exclude=config.ignore_classes
                 )
             if not torch.isfinite(loss):

@@ -249,6 +249,13 @@ def _add_train(sub: Any) -> None:
     p.add_argument("--base-channels", type=_positive, default=16)
     p.add_argument("--depth", type=_positive, default=4)
     p.add_argument(
+        "--downsample",
+        type=_positive,
+        default=1,
+        help="run the network at 1/N of the input resolution (input averaged over N x N blocks, logits "
+        "upsampled back); default 1",
+    )
+    p.add_argument(
         "--classes",
         help="name:#RRGGBB,... in class-id order (default: the Dubai aerial classes and mask colours)",
     )
@@ -267,6 +274,13 @@ def _add_train(sub: Any) -> None:
         help="add this times the soft Dice loss (mean over classes) to cross-entropy; default 0",
     )
     p.add_argument(
+        "--lovasz-weight",
+        type=float,
+        default=0.0,
+        help="add this times the Lovasz-softmax loss (a surrogate of 1 - IoU per class) to cross-entropy; "
+        "default 0",
+    )
+    p.add_argument(
         "--colour-jitter",
         type=float,
         default=0.0,
@@ -278,6 +292,13 @@ def _add_train(sub: Any) -> None:
         default=0.0,
         help="zoom augmentation strength s, 0 <= s <= 1: each tile covers 1/(1+s) to 1+s times its size in "
         "image pixels; default 0 (none)",
+    )
+    p.add_argument(
+        "--saturation-jitter",
+        type=float,
+        default=0.0,
+        help="saturation augmentation strength q, 0 <= q <= 1: colours scaled about their grey value by "
+        "1-q to 1+q; default 0 (none)",
     )
     p.add_argument(
         "--ema-decay",
@@ -330,6 +351,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             "num_classes": len(classes),
             "base_channels": args.base_channels,
             "depth": args.depth,
+            **({"downsample": args.downsample} if args.downsample != 1 else {}),
         },
         classes=classes,
         epochs=args.epochs,
@@ -339,8 +361,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         lr=args.lr,
         class_weighting=args.class_weighting,
         dice_weight=args.dice_weight,
+        lovasz_weight=args.lovasz_weight,
         colour_jitter=args.colour_jitter,
         scale_jitter=args.scale_jitter,
+        saturation_jitter=args.saturation_jitter,
         ema_decay=args.ema_decay,
         ignore_classes=tuple(args.ignore_class),
         unknown_colours=args.unknown_colours,

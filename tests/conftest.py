@@ -76,7 +76,7 @@ def make_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> CheckpointFacto
             std=tuple(std),
             tile_size=tile_size,
             halo=halo,
-            size_multiple=2**depth,
+            size_multiple=int(getattr(module, "size_multiple", 2**depth)),
             provenance={"trained": False, "note": "test fixture"},
         )
         directory = tmp_path_factory.mktemp("models")

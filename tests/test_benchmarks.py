@@ -123,3 +123,36 @@ def test_seam_study_scene_is_the_benchmark_mirror_tiling(data_dir: Path) -> None
     assert scene.shape == (3, 1600, 1600)
     assert np.array_equal(scene[:, :h, :w], source)
     assert np.array_equal(scene[:, h : 2 * h, :w], source[:, ::-1, :])  # reflected, edge row repeated
+
+
+def test_recipe_variants_are_valid_training_configs(tmp_path: Path) -> None:
+    """Every screening variant names real TrainConfig fields and architecture arguments (validated on build)."""
+    import dataclasses
+    import shutil
+
+    from benchmarks import bench_recipes
+    from models.registry import build_model
+    from models.train_default import ARGUMENTS, build_config
+
+    data_dir = Path(__file__).resolve().parent / "data" / "dubai"
+    for name in ("tile-1", "tile-2"):
+        for kind, suffix in (("images", ".jpg"), ("masks", ".png")):
+            (tmp_path / name / kind).mkdir(parents=True)
+            shutil.copy(data_dir / f"image_part_005{suffix}", tmp_path / name / kind)
+    assert set(bench_recipes.DESCRIPTIONS) == set(bench_recipes.VARIANTS)
+    for architecture, overrides, arguments in bench_recipes.VARIANTS.values():
+        config = build_config(
+            architecture, data=tmp_path, work_dir=tmp_path / "w", resume=True, num_threads=1, device="cpu",
+            progress=False,
+        )
+        config = dataclasses.replace(config, arguments={**ARGUMENTS, **arguments}, **overrides)
+        model = build_model(config.architecture, config.arguments)
+        assert config.tile_size % model.size_multiple == 0
+    row = {
+        "variant": "base", "description": "d", "best_miou": 0.5, "best_epoch": 3, "mean_miou_from_epoch_4": None,
+        "best_iou": {"building": 0.1, "land": 0.2, "road": None, "vegetation": 0.4, "water": 0.5},
+    }
+    assert bench_recipes.table([row]).splitlines()[-1] == (
+        "| base | d | 0.500 (3) | - | 0.100 | 0.200 | 0.000 | 0.400 | 0.500 |"
+    )
+    assert bench_recipes.main(["--variants", "nope"]) == 2

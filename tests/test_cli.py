@@ -118,7 +118,7 @@ def test_train_command_on_a_real_pair_writes_a_loadable_checkpoint(data_dir: Pat
         "train", "a", "--val", "b", "--out", "run", "--architecture", "unet", "--base-channels", "4",
         "--depth", "2", "--epochs", "1", "--steps", "2", "--batch-size", "2", "--tile-size", "64",
         "--threads", "1", "--dice-weight", "0.5", "--colour-jitter", "0.1", "--ema-decay", "0.9",
-        "--scale-jitter", "0.25",
+        "--scale-jitter", "0.25", "--saturation-jitter", "0.5", "--lovasz-weight", "0.5", "--downsample", "2",
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
@@ -130,6 +130,8 @@ def test_train_command_on_a_real_pair_writes_a_loadable_checkpoint(data_dir: Pat
     assert meta.architecture == "unet"
     assert (meta.provenance["dice_weight"], meta.provenance["colour_jitter"]) == (0.5, 0.1)
     assert (meta.provenance["ema_decay"], meta.provenance["scale_jitter"]) == (0.9, 0.25)
+    assert (meta.provenance["saturation_jitter"], meta.provenance["lovasz_weight"]) == (0.5, 0.5)
+    assert meta.arguments["downsample"] == 2 and meta.size_multiple == 8
     bad = segpipe("train", "a", "--out", "run2", "--colour-jitter", "1.5", cwd=tmp_path)
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "colour_jitter" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr

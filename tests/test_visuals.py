@@ -29,6 +29,18 @@ def test_explain_writes_a_png_with_attention_panels(data_dir: Path, tmp_path: Pa
     assert len(np.unique(pixels.reshape(pixels.shape[0], -1), axis=1).T) > 100
 
 
+def test_explain_a_half_resolution_attention_model(make_checkpoint, data_dir: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """With downsample 2 the bottleneck is 1/(2 * 2**depth) of the tile: the self-attention panel must fit it."""
+    checkpoint = make_checkpoint(
+        "half-attention", architecture="attention_unet", bands=("r", "g", "b"), mean=(100.0,) * 3,
+        std=(50.0,) * 3, depth=2, heads=2, window=2, downsample=2,
+    )
+    out = tmp_path / "explain.png"
+    scene = data_dir / "lausanne-1091-322_00.tif"
+    assert main(["explain", str(scene), "--model", str(checkpoint), "--size", "64", "--out", str(out)]) == 0
+    assert png_pixels(out).shape[2] > 1000
+
+
 def test_explain_rejects_a_size_the_model_cannot_take(data_dir: Path, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     code = main(
         ["explain", str(data_dir / "RGB.byte.tif"), "--size", "100", "--out", str(tmp_path / "x.png")]

@@ -1,4 +1,4 @@
-"""Soft Dice loss: bounds, ignored pixels and classes, gradients, and its place in training."""
+"""Soft Dice and Lovasz-softmax losses: bounds, hand-computed values, ignored pixels and classes, gradients."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.losses import soft_dice_loss
+from models.losses import lovasz_softmax_loss, soft_dice_loss
 from segpipe.errors import ConfigError
 
 
@@ -66,3 +66,46 @@ def test_bad_shapes_are_refused() -> None:
         soft_dice_loss(torch.zeros(1, 3, 4, 4), torch.zeros(1, 4, 5, dtype=torch.int64))
     with pytest.raises(ConfigError, match="smooth"):
         soft_dice_loss(torch.zeros(1, 3, 4, 4), torch.zeros(1, 4, 4, dtype=torch.int64), smooth=0)
+
+
+def test_lovasz_equals_jaccard_loss_for_hard_predictions() -> None:
+    """At one-hot probabilities the Lovasz extension is exact: mean over present classes of 1 - IoU."""
+    g = torch.Generator().manual_seed(3)
+    target = torch.randint(0, 4, (2, 10, 10), generator=g)
+    pred = torch.randint(0, 4, (2, 10, 10), generator=g)
+    target[0, 0] = 255
+    loss = lovasz_softmax_loss(_confident(pred, 4, scale=200.0), target)
+    valid = target != 255
+    ious = []
+    for c in range(4):
+        t, p = (target == c) & valid, (pred == c) & valid
+        ious.append((t & p).sum().item() / (t | p).sum().item())
+    assert loss.item() == pytest.approx(1 - sum(ious) / 4, abs=1e-5)
+    assert lovasz_softmax_loss(_confident(target, 4, scale=200.0), target).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_lovasz_hand_computed_value() -> None:
+    # 2 pixels, classes 0 and 1, uniform logits: p = 0.5 everywhere, every error 0.5.
+    # Class 0 (truth 1, 0): sorted errors [0.5, 0.5], gradient [1 - 0/1, (1 - 0/2) - 1] = [1, 0] -> 0.5; same for 1.
+    target = torch.tensor([[[0, 1]]])
+    assert lovasz_softmax_loss(torch.zeros(1, 2, 1, 2), target).item() == pytest.approx(0.5)
+
+
+def test_lovasz_ignores_pixels_and_classes_and_lowers_with_its_gradient() -> None:
+    g = torch.Generator().manual_seed(4)
+    target = torch.randint(0, 3, (1, 8, 8), generator=g)
+    target[0, :3] = 255
+    logits = torch.randn(1, 3, 8, 8, generator=g)
+    changed = logits.clone()
+    changed[:, :, :3] = torch.randn(1, 3, 3, 8, generator=g) * 10
+    assert torch.equal(lovasz_softmax_loss(logits, target), lovasz_softmax_loss(changed, target))
+    no_two = torch.where(target == 2, 255, target)
+    assert lovasz_softmax_loss(_confident(no_two, 3), no_two, exclude=(2,)).item() == pytest.approx(0.0, abs=1e-5)
+    assert lovasz_softmax_loss(logits, torch.full_like(target, 255)).item() == 0.0
+    x = logits.clone().requires_grad_(True)
+    before = lovasz_softmax_loss(x, target)
+    before.backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    assert lovasz_softmax_loss((x - 5.0 * x.grad).detach(), target) < before
+    with pytest.raises(ConfigError, match=r"\(B, K, H, W\)"):
+        lovasz_softmax_loss(torch.zeros(1, 3, 4, 4), torch.zeros(1, 4, 5, dtype=torch.int64))

@@ -79,10 +79,22 @@ def bounded_model(make_checkpoint) -> tuple[Path, int]:  # type: ignore[no-untyp
     return path, halo
 
 
+@pytest.fixture(scope="module")
+def half_resolution_model(make_checkpoint) -> tuple[Path, int]:  # type: ignore[no-untyped-def]
+    """A plain U-Net that works at half resolution (downsample 2), and a halo covering its receptive field."""
+    path = make_checkpoint(
+        "half", bands=("r", "g", "b"), mean=(80.0,) * 3, std=(40.0,) * 3, classes=4, depth=2, downsample=2
+    )
+    module = load_model(path).module
+    radius, multiple = receptive_field_radius(module), module.size_multiple
+    return path, -(-radius // multiple) * multiple
+
+
+@pytest.mark.parametrize("model", ["bounded_model", "half_resolution_model"])
 def test_crop_with_halo_covering_the_receptive_field_equals_whole_image(
-    bounded_model: tuple[Path, int], data_dir: Path, tmp_path: Path
+    model: str, data_dir: Path, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    checkpoint, halo = bounded_model
+    checkpoint, halo = request.getfixturevalue(model)
     scene = data_dir / "RGB.byte.tif"
     reference, valid = whole_image_probabilities(scene, checkpoint, halo)
     mask, probabilities = tiled(scene, checkpoint, tmp_path, tile=2 * halo, halo=halo, blend="crop")
