@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -122,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-dir", type=Path, default=REPO / "out" / "recipes")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "recipes.json")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(process)d %(name)s: %(message)s")
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = sorted(set(names) - set(VARIANTS))
     if unknown or not names or args.epochs < 4 or args.threads < 1 or args.jobs < 1:
@@ -136,17 +138,24 @@ def main(argv: list[str] | None = None) -> int:
             pool.submit(run_variant, name, args.epochs, args.threads, str(args.work_dir), str(args.data))
             for name in names
         ]
-        rows = [f.result() for f in futures]
+        rows, failed = [], []
+        for name, future in zip(names, futures, strict=True):
+            try:
+                rows.append(future.result())
+            except Exception as exc:  # one variant's failure must not lose the others' results
+                failed.append({"variant": name, "error": f"{type(exc).__name__}: {exc}"})
+                print(f"error: variant {name}: {exc}", file=sys.stderr)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     report = {
         "command": "python -m benchmarks.bench_recipes " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": machine(),
         "variants": rows,
+        "failed": failed,
     }
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(table(rows))
     print(f"\nJSON: {args.out}")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
