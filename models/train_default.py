@@ -13,7 +13,9 @@ Interrupted? Run the same command again: it resumes after the last completed epo
 Budget of the shipped model: 1440 steps of 8 tiles of 256 x 256 px (24 epochs of 60 steps), with colour jitter
 0.1. With bf16 autocast on a CPU with AVX512-BF16 (fp32 takes about twice as long), an epoch of the attention
 U-Net took 100-127 s with 2 threads on the otherwise idle 2-core machine (epochs 15-24 of the shipped run),
-validation 4-5 s: about 45 minutes for the 24 epochs. The
+validation 4-5 s: about 45 minutes for the 24 epochs. On a 2-core Intel Xeon without bf16 (fp32, with the
+channels-last and malloc settings of :mod:`models.train`) epochs 1-8 took 120-182 s + 7-8 s of validation
+(2 threads, alone): about 65-70 minutes for the 24 epochs (2026-12-01; the run was cut short). The
 shipped checkpoint is epoch 20 of such a run (held-out tile-1 mIoU 0.477), which ran 12 epochs with one thread
 beside the plain U-Net ablation and was resumed with two threads; a resume reproduces an uninterrupted run
 exactly at the same thread count, and up to floating-point summation order across thread counts.

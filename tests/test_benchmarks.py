@@ -156,3 +156,19 @@ def test_recipe_variants_are_valid_training_configs(tmp_path: Path) -> None:
         "| base | d | 0.500 (3) | - | 0.100 | 0.200 | 0.000 | 0.400 | 0.500 |"
     )
     assert bench_recipes.main(["--variants", "nope"]) == 2
+
+
+def test_recipe_oracle_takes_each_class_best_over_all_epochs() -> None:
+    """The oracle mean combines each class's best epoch across runs; missing or None scores count as nothing."""
+    from benchmarks.bench_recipes import oracle
+
+    run_a = [
+        {"val_iou": {"building": 0.2, "land": 0.8, "road": None, "vegetation": 0.1, "water": 0.9, "unlabeled": 1.0}},
+        {"val_iou": {"building": 0.4, "land": 0.7, "road": 0.1, "vegetation": 0.0, "water": 0.5}},
+    ]
+    run_b = [{"val_iou": {"road": 0.3, "vegetation": 0.2}}, {"val_iou": {}}]
+    result = oracle([run_a, run_b])
+    assert result["per_class_iou"] == {"building": 0.4, "land": 0.8, "road": 0.3, "vegetation": 0.2, "water": 0.9}
+    assert abs(result["miou"] - 0.52) < 1e-12
+    assert result["epochs"] == 3
+    assert oracle([])["miou"] == 0.0
