@@ -31,6 +31,9 @@ def _quiet_environment(verbose: bool) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "CRITICAL")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    # Prefect's ephemeral API server gets 20 s to start by default, which a busy machine misses (seen with two
+    # training runs on the 2 cores: "Timed out while attempting to connect to ephemeral Prefect API server").
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s" if verbose else "warning: %(message)s",

@@ -156,3 +156,19 @@ def test_evaluate_command_reports_json_and_rejects_size_mismatch(data_dir: Path,
         dst.write(np.zeros((1, 2, 3), dtype=np.uint8))
     result = segpipe("evaluate", "p.tif", "small.tif", cwd=tmp_path)
     assert result.returncode == 2 and result.stderr.startswith("error: ")
+
+
+@pytest.mark.parametrize(("given", "expected"), [(None, 120), ("7", 7)])
+def test_cli_gives_prefect_server_time_to_start_on_a_busy_machine(given: str | None, expected: int) -> None:
+    """Prefect's 20 s default for its ephemeral server was missed with two trainings on 2 cores; a user's value wins."""
+    env = {k: v for k, v in ENV.items() if k != "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"}
+    if given is not None:
+        env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = given
+    code = (
+        "from segpipe.cli import _quiet_environment; _quiet_environment(False); "
+        "from prefect.settings import get_current_settings; "
+        "print(get_current_settings().server.ephemeral.startup_timeout_seconds)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert int(result.stdout.strip().splitlines()[-1]) == expected
