@@ -20,6 +20,14 @@ from torch import Tensor
 from segpipe.errors import ConfigError
 
 
+def _check_shapes(logits: Tensor, target: Tensor) -> None:
+    """Refuse logits that are not (B, K, H, W) or a target that is not (B, H, W) on the same grid."""
+    if logits.ndim != 4 or target.shape != (logits.shape[0], *logits.shape[2:]):
+        raise ConfigError(
+            f"expected logits (B, K, H, W) and target (B, H, W), got {tuple(logits.shape)} and {tuple(target.shape)}"
+        )
+
+
 def soft_dice_loss(
     logits: Tensor,
     target: Tensor,
@@ -42,10 +50,7 @@ def soft_dice_loss(
     Returns:
         A scalar in [0, 1]: 0 when the softmax puts all of each valid pixel's mass on its true class.
     """
-    if logits.ndim != 4 or target.shape != (logits.shape[0], *logits.shape[2:]):
-        raise ConfigError(
-            f"expected logits (B, K, H, W) and target (B, H, W), got {tuple(logits.shape)} and {tuple(target.shape)}"
-        )
+    _check_shapes(logits, target)
     if smooth <= 0:
         raise ConfigError(f"expected smooth > 0, got {smooth}")
     k = logits.shape[1]
@@ -102,10 +107,7 @@ def lovasz_softmax_loss(
         A scalar in [0, 1]: 0 when every valid pixel's softmax puts all its mass on the true class; equal to
         the mean of 1 - IoU over present classes when the softmax is one-hot (a hard prediction).
     """
-    if logits.ndim != 4 or target.shape != (logits.shape[0], *logits.shape[2:]):
-        raise ConfigError(
-            f"expected logits (B, K, H, W) and target (B, H, W), got {tuple(logits.shape)} and {tuple(target.shape)}"
-        )
+    _check_shapes(logits, target)
     k = logits.shape[1]
     probs = F.softmax(logits.float(), dim=1).permute(0, 2, 3, 1).reshape(-1, k)
     labels = target.reshape(-1)
