@@ -731,9 +731,10 @@ def train(config: TrainConfig, *, on_epoch_end: Callable[[EpochRecord], None] | 
         torch.backends.cudnn.benchmark = True
     if device.type == "cpu":
         retain_freed_memory()
-    # channels-last activations: oneDNN's convolutions (CPU) and cuDNN's (GPU) run faster on them; measured on
-    # 2 Xeon cores, an fp32 step of the default model (8 tiles of 256 px) takes 2.3 s instead of 2.6 s, and
-    # 4.3 s with neither this nor the malloc setting above. Saved tensors are made contiguous again.
+    # channels-last activations: oneDNN's convolutions (CPU) and cuDNN's (GPU) run faster on them; on 2 EPYC
+    # cores an fp32 step of the default model (8 tiles of 256 px) takes 1.72 s instead of 2.17 s, and 3.51 s
+    # with neither this nor the malloc setting above (benchmarks/bench_train_step.py). Saved tensors are made
+    # contiguous again.
     model = build_model(config.architecture, config.arguments)
     # torch's stubs for Module.to omit the memory_format keyword that it accepts
     model = model.to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]

@@ -11,7 +11,8 @@ state, best checkpoint) go to ``--work-dir`` (default ``out/train-default-<archi
 Interrupted? Run the same command again: it resumes after the last completed epoch (``--fresh`` starts over).
 
 Budget of the shipped model: 1440 steps of 8 tiles of 256 x 256 px (24 epochs of 60 steps), with colour jitter
-0.1. With bf16 autocast on a CPU with AVX512-BF16 (fp32 takes about twice as long), an epoch of the attention
+0.1. With bf16 autocast on a CPU with AVX512-BF16 (fp32 took twice as long then; with the malloc and
+channels-last settings added since, 1.2x: ``benchmarks/bench_train_step.py``), an epoch of the attention
 U-Net took 100-127 s with 2 threads on the otherwise idle 2-core machine (epochs 15-24 of the shipped run),
 validation 4-5 s: about 45 minutes for the 24 epochs. On a 2-core Intel Xeon without bf16 (fp32, with the
 channels-last and malloc settings of :mod:`models.train`) epochs 1-8 took 120-182 s + 7-8 s of validation

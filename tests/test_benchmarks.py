@@ -172,3 +172,21 @@ def test_recipe_oracle_takes_each_class_best_over_all_epochs() -> None:
     assert abs(result["miou"] - 0.52) < 1e-12
     assert result["epochs"] == 3
     assert oracle([])["miou"] == 0.0
+
+
+def test_train_step_table_compares_with_neither_setting_at_the_same_precision() -> None:
+    from benchmarks import bench_train_step
+
+    def row(precision: str, malloc: bool, channels_last: bool, median: float) -> dict[str, object]:
+        return {
+            "architecture": "unet", "precision": precision, "malloc": malloc, "channels_last": channels_last,
+            "median_s": median,
+        }
+
+    rows = [row("fp32", False, False, 4.0), row("fp32", True, True, 2.0), row("bf16", False, False, 1.0),
+            row("bf16", True, True, 0.8)]
+    lines = bench_train_step.table(rows).splitlines()
+    assert lines[3] == "| unet | fp32 | yes | yes | 2.00 | 2.00x |"
+    assert lines[5] == "| unet | bf16 | yes | yes | 0.80 | 1.25x |"
+    assert bench_train_step.main(["--steps", "0"]) == 2
+    assert bench_train_step.main(["--architectures", "nope"]) == 2
