@@ -6,7 +6,7 @@ Each (network, size) runs in a fresh subprocess so its peak memory is its own: o
 minus the RSS after the model is built; on CUDA ``torch.cuda.max_memory_allocated``. Throughput is megapixels of
 input per second over ``--repeats`` timed forward passes (batch 1, inference mode, fp32 on CPU / bf16 autocast on
 CUDA) after one warm-up pass. On CPU the malloc thresholds are raised as in segpipe's segmenters
-(:func:`pipeline.infer.retain_freed_memory`). Inputs are random normal tensors: the networks' cost does not
+(:func:`segpipe.core.runtime.retain_freed_memory`). Inputs are random normal tensors: the networks' cost does not
 depend on content.
 """
 
@@ -43,9 +43,9 @@ def measure(architecture: str, extra: dict[str, Any], size: int, repeats: int, d
     import resource
 
     import torch
+    from segpipe.models.registry import build_model
 
-    from models.registry import build_model
-    from pipeline.infer import retain_freed_memory
+    from segpipe.core.runtime import retain_freed_memory
 
     threads = len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)

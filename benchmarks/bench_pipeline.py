@@ -13,8 +13,8 @@ For every scene size, in one run:
 2. **Model-only limit.** The model's forward pass on in-memory tensors (real pixels of the scene, normalised)
    at segpipe's batch size, tile input size and precision, torch threads = cores: a few batches are timed and
    the time for exactly the scene's pixel count is extrapolated from them. The limit and the peers run with
-   the same malloc thresholds as segpipe's segmenters (``pipeline.infer.retain_freed_memory``; ``--plain-allocator``
-   turns that off), so that no method gains from the allocator alone.
+   the same malloc thresholds as segpipe's segmenters (``segpipe.core.runtime.retain_freed_memory``;
+   ``--plain-allocator`` turns that off), so that no method gains from the allocator alone.
 3. **segpipe.** ``segpipe run SCENE OUT.tif --json`` as a subprocess (Prefect flow, Ray actors, zarr work
    store, COG out), and ``--no-prefect`` to separate Prefect's fixed start-up cost.
 4. **Peers**, same model and scene: MONAI's ``sliding_window_inference`` (gaussian, overlap 0.25, roi = segpipe's
@@ -315,7 +315,7 @@ def _torch_setup(device: str, plain_allocator: bool = False) -> Any:
         torch.set_num_threads(cores())
         if not plain_allocator:
             try:
-                from pipeline.infer import retain_freed_memory
+                from segpipe.core.runtime import retain_freed_memory
             except ImportError:  # a segpipe without it
                 _ALLOCATOR["retain_freed_memory"] = False
             else:
@@ -326,7 +326,7 @@ def _torch_setup(device: str, plain_allocator: bool = False) -> Any:
 def _load(setup: Setup) -> tuple[Any, Any, np.ndarray, np.ndarray]:
     """(torch, module, mean (bands,1,1), std (bands,1,1))."""
     torch = _torch_setup(setup.device, setup.plain_allocator)
-    from models.checkpoint import load_model
+    from segpipe.models.checkpoint import load_model
 
     loaded = load_model(setup.model, device=setup.device)
     module = loaded.module
@@ -695,7 +695,8 @@ def segpipe_command() -> list[str]:
 
 def plan_setup(scene: Path, model: str, device: str, plain_allocator: bool = False) -> Setup:
     """segpipe's own resolution of tile size, halo and batch size for this scene and model."""
-    from pipeline.plan import RunSettings, make_plan
+    from segpipe.pipeline.plan import make_plan
+    from segpipe.pipeline.settings import RunSettings
 
     with tempfile.TemporaryDirectory() as tmp:
         plan = make_plan(RunSettings(input=str(scene), output=str(Path(tmp) / "plan.tif"), model=model))
@@ -981,7 +982,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--plain-allocator",
         action="store_true",
-        help="run the limit and the peers without segpipe's malloc thresholds (pipeline.infer.retain_freed_memory)",
+        help="run the limit and the peers without segpipe's malloc thresholds "
+        "(segpipe.core.runtime.retain_freed_memory)",
     )
     p.add_argument("--reference-margin", type=int, default=128, help="context pixels around the reference crop")
     p.add_argument("--keep-outputs", action="store_true", help="keep the masks under the scratch dir")

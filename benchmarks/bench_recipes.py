@@ -2,8 +2,9 @@
 
     .venv/bin/python -m benchmarks.bench_recipes [--variants base,ds2,...] [--epochs 12] [--threads 1] [--jobs 2]
 
-Each variant is the default training run (:mod:`models.train_default`: data split, seed, schedule shape) with the
-plain U-Net, ``--epochs`` epochs and a few settings changed (:data:`VARIANTS`). ``--jobs`` variants run at once,
+Each variant is the default training run (:mod:`segpipe.models.train_default`: data split, seed, schedule
+shape) with the plain U-Net, ``--epochs`` epochs and a few settings changed (:data:`VARIANTS`). ``--jobs``
+variants run at once,
 each in its own process with ``--threads`` torch threads (on 2 cores, two one-thread runs get more done than one
 two-thread run). Work folders go to ``--work-dir/<variant>`` (default ``out/recipes``): a finished variant is read
 back, an interrupted one resumes.
@@ -58,8 +59,8 @@ DESCRIPTIONS: dict[str, str] = {
 
 def run_variant(name: str, epochs: int, threads: int, work_dir: str, data: str) -> dict[str, Any]:
     """Train one variant (or read it back / resume it); returns its summary and per-epoch history."""
-    from models.train import train
-    from models.train_default import ARGUMENTS, build_config
+    from segpipe.models.train_default import ARGUMENTS, build_config
+    from segpipe.models.training import train
 
     architecture, overrides, arguments = VARIANTS[name]
     config = build_config(
@@ -132,8 +133,9 @@ def oracle(histories: list[list[dict[str, Any]]]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from segpipe.models.train_default import DEFAULT_DATA
+
     from benchmarks.bench_models import machine
-    from models.train_default import DEFAULT_DATA
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_recipes", description=__doc__.split("\n")[0])
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")

@@ -5,9 +5,9 @@
 
 The model runs once on the whole scene (a ``side`` x ``side`` window of ``--scene``, default the real aerial
 image ``../shared/data/rasterio/cogeo.tif`` mirror-tiled to 2048 x 2048 px) and once per tile of each
-``tile:halo`` configuration, with segpipe's own tiling (:class:`pipeline.tile.TileGrid`), tile reads
-(:func:`pipeline.infer.read_tile_input`, mirror padding at the scene edge), normalisation and blending
-(:func:`pipeline.stitch.blend_core`). Both blends of a configuration use the same tile predictions. Reported:
+``tile:halo`` configuration, with segpipe's own tiling (:class:`segpipe.pipeline.tile.TileGrid`), tile reads
+(:func:`segpipe.core.tiles.read_tile_input`, mirror padding at the scene edge), normalisation and blending
+(:func:`segpipe.pipeline.stitch.blend_core`). Both blends of a configuration use the same tile predictions. Reported:
 the share of pixels whose class differs from whole-image inference, in the interior (``--margin`` px away from
 the scene edge, where whole-image inference sees real context and tiles see mirrored context) and overall, and
 the forward seconds of the tiles (compute cost of the halo).
@@ -67,12 +67,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     import torch
+    from segpipe.models.checkpoint import load_model
+    from segpipe.pipeline.stitch import blend_core
 
-    from models.checkpoint import load_model
-    from pipeline.blend import weights_2d
-    from pipeline.infer import normalise, read_tile_input
-    from pipeline.stitch import blend_core
-    from pipeline.tile import TileGrid
+    from segpipe.core.blend import weights_2d
+    from segpipe.core.pixels import normalise
+    from segpipe.core.tiles import TileGrid, read_tile_input
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             return torch.softmax(model(torch.from_numpy(x)[None]).float(), dim=1)[0].numpy()
 
     t = time.perf_counter()
-    reference = forward(normalise(scene, valid, meta.mean, meta.std)).argmax(0)
+    reference = forward(normalise(scene, meta.mean, meta.std, valid)).argmax(0)
     reference_s = time.perf_counter() - t
     m = args.margin
     inner = (slice(m, args.side - m), slice(m, args.side - m))
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         predictions = {}
         for tile in grid:
             pixels, ok = read_tile_input(scene, valid, tile)
-            predictions[(tile.row, tile.col)] = (tile, forward(normalise(pixels, ok, meta.mean, meta.std)))
+            predictions[(tile.row, tile.col)] = (tile, forward(normalise(pixels, meta.mean, meta.std, ok)))
         seconds = time.perf_counter() - t
         for blend in ("crop", "cosine"):
             if blend == "cosine" and halo == 0:

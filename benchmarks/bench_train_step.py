@@ -2,13 +2,13 @@
 
     .venv/bin/python -m benchmarks.bench_train_step [--architectures attention_unet,unet] [--steps 5] [--threads 2]
 
-A step is what :func:`models.train.train` does per batch: forward, weighted cross-entropy, backward and an AdamW
-update, on a batch of 8 tiles of 256 x 256 px (BCHW, random pixels and labels: the cost does not depend on
-them) with the default model's arguments (:data:`models.train_default.ARGUMENTS`). Each configuration runs in
-its own process, because the malloc setting (:func:`pipeline.infer.retain_freed_memory`) cannot be undone:
+A step is what :func:`segpipe.models.training.train` does per batch: forward, weighted cross-entropy, backward and
+an AdamW update, on a batch of 8 tiles of 256 x 256 px (BCHW, random pixels and labels: the cost does not depend on
+them) with the default model's arguments (:data:`segpipe.models.train_default.ARGUMENTS`). Each configuration runs in
+its own process, because the malloc setting (:func:`segpipe.core.runtime.retain_freed_memory`) cannot be undone:
 
-- ``malloc``: glibc's mmap and trim thresholds raised, as :func:`models.train.train` does on the CPU;
-- ``channels_last``: model and inputs in channels-last memory format, as :func:`models.train.train` does;
+- ``malloc``: glibc's mmap and trim thresholds raised, as :func:`segpipe.models.training.train` does on the CPU;
+- ``channels_last``: model and inputs in channels-last memory format, as :func:`segpipe.models.training.train` does;
 - precision ``fp32``, and ``bf16`` autocast where the CPU has bf16 instructions (what ``precision="auto"`` picks).
 
 Prints a markdown table of the median step time over ``--steps`` steps (after 2 warm-up steps) and writes JSON
@@ -36,11 +36,11 @@ def time_steps(
 ) -> list[float]:
     """Seconds of each of ``steps`` training steps (after the warm-up), in this process."""
     import torch
+    from segpipe.models.registry import build_model
+    from segpipe.models.train_default import ARGUMENTS
     from torch import nn
 
-    from models.registry import build_model
-    from models.train_default import ARGUMENTS
-    from pipeline.infer import retain_freed_memory
+    from segpipe.core.runtime import retain_freed_memory
 
     torch.set_num_threads(threads)
     if malloc:
@@ -113,9 +113,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(time_steps(**json.loads(args.one), steps=args.steps, threads=args.threads)))
         return 0
 
+    from segpipe.models.registry import ARCHITECTURES
+
     from benchmarks.bench_models import machine
-    from models.registry import ARCHITECTURES
-    from models.train import cpu_has_bf16
+    from segpipe.core.runtime import cpu_has_bf16
 
     architectures = [a.strip() for a in args.architectures.split(",") if a.strip()]
     unknown = sorted(set(architectures) - set(ARCHITECTURES))

@@ -1,24 +1,26 @@
-"""The ``segment_dataset`` flow (every scene of a folder) and its nightly deployment.
+"""The ``segment_dataset`` flow: every scene of a folder, on one Ray instance.
 
-A nightly run processes what is new: a scene whose mask and summary already exist is skipped unless
-``overwrite``. One Ray instance serves all scenes of a run (start-up stays out of the per-scene path). A scene
-that fails is reported and the others go on; the flow fails at the end, naming the failed scenes.
+A run processes what is new: a scene whose mask and summary already exist is skipped unless ``overwrite``. One
+Ray instance serves all scenes of a run (start-up stays out of the per-scene path). A scene that fails is
+reported and the others go on; the flow fails at the end, naming the failed scenes. Its nightly deployment is
+:mod:`segpipe.flows.deploy`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 from prefect import flow
+from segpipe.flows.segment import segment_scene
+from segpipe.pipeline.dispatch import ray_session
+from segpipe.pipeline.settings import RunOptions, RunSettings
 
-from flows.segment import segment_scene
-from pipeline.dispatch import ray_session
-from pipeline.plan import RunSettings
-from segpipe.errors import ConfigError, SegpipeError
+from segpipe.core.errors import ConfigError, SegpipeError
+from segpipe.core.runtime import available_cores
 
 log = logging.getLogger(__name__)
 
@@ -39,46 +41,52 @@ def mask_path(output_dir: str, scene: Path) -> Path:
     return Path(output_dir) / f"{scene.stem}.mask.tif"
 
 
+def probabilities_path(output_dir: str, scene: Path) -> Path:
+    """Where a scene's probabilities go: ``<output_dir>/<scene stem>.probabilities.tif``."""
+    return Path(output_dir) / f"{scene.stem}.probabilities.tif"
+
+
 @flow(name="segment_dataset", persist_result=False)
 def segment_dataset(
     input_dir: str,
     output_dir: str,
-    model: str = "default",
-    blend: str = "crop",
-    device: str = "auto",
-    workers: int | None = None,
-    work_dir: str | None = None,
-    ray_address: str | None = None,
-    overwrite: bool = False,
-    executor: str = "ray",
+    options: RunOptions | None = None,
+    probabilities: bool = False,
 ) -> dict[str, Any]:
     """Segment every raster in ``input_dir`` into ``output_dir`` (one COG mask and summary per scene).
+
+    Args:
+        input_dir: Folder of scenes (see :data:`RASTER_PATTERNS`).
+        output_dir: Folder for the outputs (created if missing).
+        options: The run options of every scene (default: all defaults). ``work_dir`` holds one folder per scene;
+            ``overwrite`` redoes scenes that already have a mask.
+        probabilities: Also write per-class probabilities for every scene.
 
     Returns:
         ``{"done": [...], "skipped": [...], "failed": {scene: error}}`` with scene paths.
     """
+    options = options or RunOptions()
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     done: list[str] = []
     skipped: list[str] = []
     failed: dict[str, str] = {}
-    with ray_session(ray_address, _cores()) if executor == "ray" else contextlib.nullcontext():
+    local = options.executor == "local"
+    with contextlib.nullcontext() if local else ray_session(options.ray_address, available_cores()):
         for scene in scenes_in(input_dir):
             output = mask_path(output_dir, scene)
             summary = output.with_name(output.stem + ".summary.json")
-            if output.exists() and summary.exists() and not overwrite:
+            if output.exists() and summary.exists() and not options.overwrite:
                 skipped.append(str(scene))
                 continue
-            settings = RunSettings(
-                input=str(scene),
-                output=str(output),
-                model=model,
-                blend=blend,
-                device=device,
-                workers=workers,
-                work_dir=str(Path(work_dir) / scene.stem) if work_dir else None,
-                ray_address=ray_address,
-                overwrite=True,
-                executor=executor,
+            settings = dataclasses.replace(
+                RunSettings.for_scene(
+                    options,
+                    input=str(scene),
+                    output=str(output),
+                    probabilities=str(probabilities_path(output_dir, scene)) if probabilities else None,
+                ),
+                work_dir=str(Path(options.work_dir) / scene.stem) if options.work_dir else None,
+                overwrite=True,  # only reached when the scene has no complete outputs, or with overwrite
             )
             try:
                 segment_scene.with_options(flow_run_name=scene.name)(settings)
@@ -91,23 +99,3 @@ def segment_dataset(
         reasons = "; ".join(f"{Path(k).name}: {v}" for k, v in failed.items())
         raise SegpipeError(f"{len(failed)} of {len(done) + len(failed)} scenes failed: {reasons}")
     return result
-
-
-def _cores() -> int:
-    return os.cpu_count() or 1
-
-
-def serve_nightly(
-    input_dir: str, output_dir: str, *, cron: str = "0 2 * * *", name: str = "nightly", **options: Any
-) -> None:
-    """Serve ``segment_dataset`` on a cron schedule (blocks; Ctrl-C stops it).
-
-    Point ``PREFECT_API_URL`` at a Prefect server to see and manage the runs in its UI; without it the
-    schedule lives in Prefect's ephemeral API for as long as this process runs.
-    """
-    segment_dataset.serve(
-        name=name,
-        cron=cron,
-        parameters={"input_dir": input_dir, "output_dir": output_dir, **options},
-        description=f"segment new scenes of {input_dir} into {output_dir}",
-    )

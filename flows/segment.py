@@ -1,7 +1,8 @@
-"""The ``segment_scene`` Prefect flow: one task per stage of :func:`pipeline.run.run_scene`.
+"""The ``segment_scene`` Prefect flow: one task per stage of :func:`segpipe.pipeline.run.run_scene`.
 
 With no configuration Prefect runs in ephemeral mode (a temporary local API on loopback, no server to run);
-with ``PREFECT_API_URL`` set, runs are recorded on that server and can be scheduled (see :mod:`flows.deploy`).
+with ``PREFECT_API_URL`` set, runs are recorded on that server. Scheduled runs of whole folders are
+:mod:`segpipe.flows.dataset` and :mod:`segpipe.flows.deploy`.
 """
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ from typing import Any
 
 from prefect import flow, task
 from prefect.cache_policies import NONE
-
-from pipeline.plan import RunSettings
-from pipeline.run import run_scene
+from segpipe.pipeline.plan import RunPlan
+from segpipe.pipeline.run import run_scene
+from segpipe.pipeline.settings import RunSettings
 
 
 def as_task(stage: Callable[..., Any]) -> Callable[..., Any]:
@@ -23,6 +24,11 @@ def as_task(stage: Callable[..., Any]) -> Callable[..., Any]:
 
 
 @flow(name="segment_scene", persist_result=False, validate_parameters=False)
-def segment_scene(settings: RunSettings) -> dict[str, Any]:
-    """Segment one scene (see :func:`pipeline.run.run_scene`); returns the run summary."""
-    return run_scene(settings, wrap=as_task)
+def segment_scene(settings: RunSettings, plan: RunPlan | None = None) -> dict[str, Any]:
+    """Segment one scene (see :func:`segpipe.pipeline.run.run_scene`); returns the run summary.
+
+    Args:
+        settings: The scene and the run's options.
+        plan: The validated plan, when the caller has made it already (the model is then loaded once).
+    """
+    return run_scene(settings, plan=plan, wrap=as_task)

@@ -1,0 +1,4 @@
+"""segpipe.models: see the package docstring of :mod:`segpipe`."""
+
+if __name__ != "segpipe.models":  # the folder is mapped into the segpipe package (pyproject.toml)
+    raise ImportError(f"import segpipe.models, not {__name__}: this folder is part of the segpipe package")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import Any
 
-from segpipe.errors import ModelError
+from segpipe.core.errors import ModelError
 
 
 def positive_int(owner: str, name: str, value: Any) -> int:

@@ -26,19 +26,19 @@ from pathlib import Path
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
-from torch import Tensor, nn
-
-from models.external import OnnxModel, TorchScriptModel
-from models.metadata import (
+from segpipe.models.external import OnnxModel, TorchScriptModel
+from segpipe.models.metadata import (
     EXTERNAL_ARCHITECTURES,
     ClassInfo,
     ModelMetadata,
-    atomic_write,
     read_metadata,
     write_metadata,
 )
-from models.registry import ARCHITECTURES, build_model
-from segpipe.errors import ConfigError, ModelError
+from segpipe.models.registry import ARCHITECTURES, build_model
+from torch import Tensor, nn
+
+from segpipe.core.errors import ConfigError, ModelError
+from segpipe.core.files import write_atomically
 
 __all__ = [
     "ClassInfo",
@@ -88,7 +88,7 @@ def _refusal(path: Path, what: str) -> ModelError:
     return ModelError(
         f"model file {path} is {what}; segpipe never unpickles (unpickling can run arbitrary code) "
         "and accepts only safetensors, ONNX or TorchScript files with a JSON sidecar. Convert it once in a "
-        "trusted environment: load it there and call models.checkpoint.save_checkpoint(module, metadata, "
+        "trusted environment: load it there and call segpipe.models.checkpoint.save_checkpoint(module, metadata, "
         "'model.safetensors')"
     )
 
@@ -200,7 +200,7 @@ def resolve_model_path(name_or_path: str | Path) -> Path:
             if text == "default":
                 raise ModelError(
                     f"the packaged default model is missing ({default_model_path()}); "
-                    "recreate it with: python -m models.make_default"
+                    "recreate it with: python -m segpipe.models.make_default"
                 )
             raise ModelError(
                 f"no packaged model named {text!r} (available: {', '.join(_packaged_names()) or 'none'}) "
@@ -290,7 +290,7 @@ def save_checkpoint(module: nn.Module, metadata: ModelMetadata, path: str | Path
         raise ModelError(
             f"{where}: architecture {metadata.architecture!r} is not in the registry "
             f"({', '.join(sorted(ARCHITECTURES))}); export ONNX/TorchScript models yourself and give them a "
-            "sidecar with models.checkpoint.write_metadata"
+            "sidecar with segpipe.models.checkpoint.write_metadata"
         )
     reference = build_model(metadata.architecture, metadata.arguments)
     state = {key: value.detach().to("cpu").clone().contiguous() for key, value in module.state_dict().items()}
@@ -298,7 +298,7 @@ def save_checkpoint(module: nn.Module, metadata: ModelMetadata, path: str | Path
     _check_consistency(reference, metadata, where)
     data = save_safetensors(state, metadata={"format": "pt"})
     write_metadata(metadata, sidecar)
-    atomic_write(weights, data)
+    write_atomically(weights, data)
     logger.info("saved checkpoint %s (%d tensors)", weights, len(state))
     return weights
 
@@ -369,7 +369,7 @@ def load_model(name_or_path: str | Path, *, device: str = "cpu") -> LoadedModel:
     if not sidecar.is_file():
         raise ModelError(
             f"model file {path} has no metadata sidecar {sidecar}; every checkpoint needs one "
-            "(see models.checkpoint.ModelMetadata and write_metadata)"
+            "(see segpipe.models.checkpoint.ModelMetadata and write_metadata)"
         )
     metadata = read_metadata(sidecar)
     module: nn.Module

@@ -13,7 +13,7 @@ Masks come in three kinds and :func:`read_mask` turns each into a class-id raste
   palette order, so palette indices are *not* class ids);
 - three or four bands: RGB colour-coded (alpha, if present, is not used), mapped with the colour table.
 
-A colour (or a class id) that is not in the table is an :class:`~segpipe.errors.InputError` naming the file
+A colour (or a class id) that is not in the table is an :class:`~segpipe.core.errors.InputError` naming the file
 and the colour, unless ``unknown="ignore"``: then those pixels get ``ignore_index`` and are left out of the
 loss and of the metrics. (Seven Dubai masks have a few hundred to a few thousand pure black #000000 pixels,
 which are not a class.)
@@ -26,148 +26,28 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import rasterio
 import torch
 import torch.nn.functional as F
 from rasterio.enums import ColorInterp
-from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
+from segpipe.models.dubai import DEFAULT_VALIDATION_TILE
 from torch.utils.data import Dataset
 
-from segpipe.errors import ConfigError, InputError
+from segpipe.core.colours import ColourTable, Unknown
+from segpipe.core.errors import ConfigError, InputError
+from segpipe.core.pixels import normalise
+from segpipe.core.raster import open_raster
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
 MASK_SUFFIXES = (".png", ".tif", ".tiff")
 
-#: The Dubai aerial classes, in class-id order, with the colours actually used in the mask PNGs (the
-#: ``classes.json`` of the original upload lists different colours and is wrong).
-DUBAI_CLASSES: tuple[tuple[str, str], ...] = (
-    ("building", "#3C1098"),
-    ("land", "#8429F6"),
-    ("road", "#6EC1E4"),
-    ("vegetation", "#FEDD3A"),
-    ("water", "#E2A929"),
-    ("unlabeled", "#9B9B9B"),
-)
-#: Class id of "unlabeled" in :data:`DUBAI_CLASSES`: not a real class, left out of the headline mIoU.
-DUBAI_UNLABELED = 5
-
-#: The tile folder held out for validation by default. tile-1 (9 images of 797x644, 4.6 Mpx, 6.6 % of the
-#: set) has every real class at >= 4.7 % of its pixels (land 62, water 14, road 13, building 5.3,
-#: vegetation 4.7 %). tile-7 would be a poor choice: it is 48 % of all pixels (training would lose half of
-#: the data), water is only 1.5 % of it (a noisy IoU), and validating its 34 Mpx every epoch costs more than
-#: an epoch of training on a CPU.
-DEFAULT_VALIDATION_TILE = "tile-1"
-
-Unknown = Literal["error", "ignore"]
-
-
-def parse_colour(colour: str) -> tuple[int, int, int]:
-    """Parse ``"#RRGGBB"`` (case-insensitive, ``#`` optional) into an (r, g, b) tuple of 0-255 ints."""
-    text = colour.strip().removeprefix("#")
-    if len(text) != 6:
-        raise ConfigError(f"expected a colour as '#RRGGBB', got {colour!r}")
-    try:
-        value = int(text, 16)
-    except ValueError:
-        raise ConfigError(f"expected a colour as '#RRGGBB' (hex digits), got {colour!r}") from None
-    return (value >> 16) & 255, (value >> 8) & 255, value & 255
-
-
-def _pack(rgb: np.ndarray) -> np.ndarray:
-    """(3, ...) uint8 -> (...) int32 codes 0xRRGGBB."""
-    return (rgb[0].astype(np.int32) << 16) | (rgb[1].astype(np.int32) << 8) | rgb[2].astype(np.int32)
-
-
-def _hex(code: int) -> str:
-    return f"#{code:06X}"
-
-
-@dataclass(frozen=True)
-class ColourTable:
-    """Maps mask colours to class ids: ``colours[i]`` is the colour of class ``i``.
-
-    Build one with :meth:`from_hex` (``ColourTable.from_hex(["#3C1098", ...])``).
-    """
-
-    colours: tuple[tuple[int, int, int], ...]
-
-    def __post_init__(self) -> None:
-        if not self.colours:
-            raise ConfigError("expected at least one colour in the colour table, got none")
-        if len(self.colours) > 255:
-            raise ConfigError(f"expected at most 255 classes in a colour table, got {len(self.colours)}")
-        codes = [(r << 16) | (g << 8) | b for r, g, b in self.colours]
-        if len(set(codes)) != len(codes):
-            raise ConfigError(f"expected distinct colours in the colour table, got {self.hex_colours}")
-
-    @classmethod
-    def from_hex(cls, colours: Iterable[str]) -> ColourTable:
-        """A table from ``"#RRGGBB"`` strings in class-id order."""
-        return cls(tuple(parse_colour(c) for c in colours))
-
-    @property
-    def hex_colours(self) -> tuple[str, ...]:
-        return tuple(_hex((r << 16) | (g << 8) | b) for r, g, b in self.colours)
-
-    def __len__(self) -> int:
-        return len(self.colours)
-
-    def to_class_ids(
-        self,
-        rgb: np.ndarray,
-        *,
-        source: str = "<array>",
-        unknown: Unknown = "error",
-        ignore_index: int = 255,
-    ) -> np.ndarray:
-        """Map a colour-coded mask to class ids.
-
-        Args:
-            rgb: (3, H, W) uint8 array, bands red, green, blue.
-            source: Name of the file, for error messages.
-            unknown: "error" raises on a colour not in the table; "ignore" gives those pixels
-                ``ignore_index``.
-            ignore_index: Value for unknown colours when ``unknown="ignore"``.
-
-        Returns:
-            (H, W) uint8 class ids.
-        """
-        if rgb.ndim != 3 or rgb.shape[0] != 3:
-            raise InputError(f"{source}: expected a (3, H, W) colour mask, got shape {rgb.shape}")
-        codes = _pack(rgb)
-        table = np.array([(r << 16) | (g << 8) | b for r, g, b in self.colours], dtype=np.int32)
-        order = np.argsort(table)
-        sorted_table = table[order]
-        pos = np.clip(np.searchsorted(sorted_table, codes), 0, len(table) - 1)
-        known = sorted_table[pos] == codes
-        out = order[pos].astype(np.uint8)
-        if not known.all():
-            bad, counts = np.unique(codes[~known], return_counts=True)
-            if unknown == "error":
-                listed = ", ".join(f"{_hex(int(c))} ({int(n)} px)" for c, n in zip(bad[:5], counts[:5], strict=True))
-                raise InputError(
-                    f"{source}: mask colour(s) not in the colour table: {listed}; the table has "
-                    f"{', '.join(self.hex_colours)}. Add the colour to the class table, or pass "
-                    f"unknown='ignore' to give such pixels the ignore index {ignore_index}"
-                )
-            log.info(
-                "%s: %d px of unknown colour(s) %s set to ignore index %d",
-                source,
-                int(counts.sum()),
-                ", ".join(_hex(int(c)) for c in bad[:5]),
-                ignore_index,
-            )
-            out[~known] = ignore_index
-        return out
 
 
 @dataclass(frozen=True)
@@ -176,13 +56,6 @@ class SamplePair:
 
     image: Path
     mask: Path
-
-
-def _open(path: Path) -> rasterio.DatasetReader:
-    try:
-        return rasterio.open(path)
-    except RasterioIOError as exc:
-        raise InputError(f"{path}: cannot be read as a raster ({exc}); check the file") from None
 
 
 def find_pairs(folder: str | Path) -> list[SamplePair]:
@@ -227,13 +100,11 @@ def read_image(path: str | Path, *, bands: Sequence[int] | None = None) -> np.nd
         bands: 1-based band indexes to read, in order; default all bands.
     """
     path = Path(path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        with _open(path) as src:
-            indexes = list(bands) if bands is not None else list(range(1, src.count + 1))
-            if max(indexes) > src.count or min(indexes) < 1:
-                raise InputError(f"{path}: has {src.count} band(s), cannot read bands {indexes}")
-            return src.read(indexes)
+    with open_raster(str(path), role="image", hint="give a JPEG, PNG or TIFF image") as src:
+        indexes = list(bands) if bands is not None else list(range(1, src.count + 1))
+        if max(indexes) > src.count or min(indexes) < 1:
+            raise InputError(f"{path}: has {src.count} band(s), cannot read bands {indexes}")
+        return src.read(indexes)
 
 
 def read_mask(
@@ -256,12 +127,10 @@ def read_mask(
     path = Path(path)
     if num_classes is None and colour_table is not None:
         num_classes = len(colour_table)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        with _open(path) as src:
-            data = src.read()
-            paletted = src.count == 1 and src.colorinterp[0] == ColorInterp.palette
-            colormap = src.colormap(1) if paletted else None
+    with open_raster(str(path), role="mask", hint="give a PNG or TIFF mask") as src:
+        data = src.read()
+        paletted = src.count == 1 and src.colorinterp[0] == ColorInterp.palette
+        colormap = src.colormap(1) if paletted else None
     if not np.issubdtype(data.dtype, np.integer):
         raise InputError(f"{path}: expected an integer mask, got {data.dtype}; masks hold class ids or colours")
     name = str(path)
@@ -587,13 +456,6 @@ def _resample(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarra
         torch.from_numpy(np.ascontiguousarray(mask))[None, None].float(), size=(size, size), mode="nearest-exact"
     )[0, 0].numpy().astype(mask.dtype)
     return img, msk
-
-
-def normalise(image: np.ndarray, mean: np.ndarray | Sequence[float], std: np.ndarray | Sequence[float]) -> np.ndarray:
-    """(C, H, W) pixels in 0-255 units -> float32 (x - mean) / std, per band."""
-    m = np.asarray(mean, dtype=np.float32).reshape(-1, 1, 1)
-    s = np.asarray(std, dtype=np.float32).reshape(-1, 1, 1)
-    return (image.astype(np.float32) - m) / s
 
 
 def band_statistics(images: Iterable[np.ndarray]) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -1,6 +1,6 @@
 """Models from elsewhere: ONNX (through onnxruntime) and TorchScript, wrapped as ``nn.Module``s.
 
-Both are loaded from bytes already read (and checksummed) by :mod:`models.checkpoint`. The wrappers check the
+Both are loaded from bytes already read (and checksummed) by :mod:`segpipe.models.checkpoint`. The wrappers check the
 input against the sidecar (bands, fixed input size) and the output against the classes, so a mismatched
 sidecar fails loudly on the first batch instead of producing a wrong mask.
 """
@@ -13,10 +13,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from segpipe.models.metadata import ModelMetadata
 from torch import Tensor, nn
 
-from models.metadata import ModelMetadata
-from segpipe.errors import ModelError
+from segpipe.core.errors import ModelError
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from segpipe.errors import ConfigError
+from segpipe.core.errors import ConfigError
 
 
 def _check_shapes(logits: Tensor, target: Tensor) -> None:

@@ -1,4 +1,4 @@
-"""Write the packaged default model: ``python -m models.make_default [--output PATH]``.
+"""Write the packaged default model: ``python -m segpipe.models.make_default [--output PATH]``.
 
 Fixed-seed, untrained attention U-Net weights (CBAM + local attention + gates, base 16, depth 4) for the six
 classes of the Dubai aerial dataset, so the pipeline runs end to end before a trained model exists. Its masks
@@ -12,19 +12,9 @@ import argparse
 from pathlib import Path
 
 import torch
-
-from models.checkpoint import ClassInfo, ModelMetadata, default_model_path, save_checkpoint
-from models.registry import build_model
-
-#: Dubai aerial dataset classes, in output-channel order, with its colours.
-DUBAI_CLASSES = (
-    ClassInfo("building", "#3C1098"),
-    ClassInfo("land", "#8429F6"),
-    ClassInfo("road", "#6EC1E4"),
-    ClassInfo("vegetation", "#FEDD3A"),
-    ClassInfo("water", "#E2A929"),
-    ClassInfo("unlabeled", "#9B9B9B"),
-)
+from segpipe.models.checkpoint import ClassInfo, ModelMetadata, default_model_path, save_checkpoint
+from segpipe.models.dubai import DUBAI_CLASSES
+from segpipe.models.registry import build_model
 
 ARGUMENTS = {
     "in_channels": 3,
@@ -44,7 +34,7 @@ def default_metadata() -> ModelMetadata:
     return ModelMetadata(
         architecture="attention_unet",
         arguments=ARGUMENTS,
-        classes=DUBAI_CLASSES,
+        classes=tuple(ClassInfo(name, colour) for name, colour in DUBAI_CLASSES),
         bands=("red", "green", "blue"),
         mean=(123.7, 116.3, 103.5),
         std=(58.4, 57.1, 57.4),

@@ -16,22 +16,20 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from segpipe.errors import ModelError
+from segpipe.core.colours import parse_colour
+from segpipe.core.errors import ModelError
+from segpipe.core.files import write_json_atomically
 
 #: ``architecture`` values for models that are not built from the registry.
 EXTERNAL_ARCHITECTURES = ("onnx", "torchscript")
 
 _COLOUR = re.compile(r"^#[0-9A-Fa-f]{6}$")
-#: Suffix of temporary files written before an atomic rename (ignored by git).
-PARTIAL_SUFFIX = ".segpipe-partial"
 
 
 class _FieldError(ModelError):
@@ -111,7 +109,7 @@ class ClassInfo:
     @property
     def rgb(self) -> tuple[int, int, int]:
         """The colour as (red, green, blue) in 0..255."""
-        return int(self.colour[1:3], 16), int(self.colour[3:5], 16), int(self.colour[5:7], 16)
+        return parse_colour(self.colour)
 
 
 def _classes(value: Any) -> tuple[ClassInfo, ...]:
@@ -152,7 +150,7 @@ class ModelMetadata:
     """What a checkpoint's network expects and produces; the content of its JSON sidecar.
 
     Attributes:
-        architecture: A registry name (see ``models.registry.ARCHITECTURES``), or "onnx" / "torchscript".
+        architecture: A registry name (see ``segpipe.models.registry.ARCHITECTURES``), or "onnx" / "torchscript".
         arguments: Keyword arguments for ``build_model`` (JSON values).
         classes: Output channel i is ``classes[i]``.
         bands: Input band names, in input-channel order.
@@ -286,7 +284,7 @@ def read_metadata(path: str | Path) -> ModelMetadata:
     except FileNotFoundError:
         raise ModelError(
             f"model metadata {path} is missing; every checkpoint needs a JSON sidecar with the same stem "
-            "(see models.metadata.ModelMetadata)"
+            "(see segpipe.models.metadata.ModelMetadata)"
         ) from None
     except (OSError, UnicodeDecodeError) as error:
         raise ModelError(f"model metadata {path} cannot be read ({error}); check the file") from None
@@ -297,27 +295,11 @@ def read_metadata(path: str | Path) -> ModelMetadata:
     return ModelMetadata.from_dict(data, source=str(path))
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file next to ``path``, fsync it, then rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=PARTIAL_SUFFIX)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(temporary, 0o644)  # mkstemp creates 0600; checkpoints are meant to be shared
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def write_metadata(metadata: ModelMetadata, path: str | Path) -> Path:
     """Write ``metadata`` as the JSON sidecar ``<stem>.json`` of ``path``, atomically; return its path.
 
     Use it to give an exported ONNX or TorchScript model its sidecar (``path`` may be the model file itself).
     """
     sidecar = Path(path).with_suffix(".json")
-    atomic_write(sidecar, (json.dumps(metadata.to_dict(), indent=2) + "\n").encode("utf-8"))
+    write_json_atomically(sidecar, metadata.to_dict())
     return sidecar

@@ -1,8 +1,8 @@
-"""Train the packaged default model: ``python -m models.train_default [--architecture unet] [--out PATH]``.
+"""Train the packaged default model: ``python -m segpipe.models.train_default [--architecture unet] [--out PATH]``.
 
 Fixed data split, hyperparameters and seed (:data:`ARGUMENTS`, :data:`HYPERPARAMETERS`): the Dubai aerial set
 under ``../shared/data/dubai-aerial``, tile-1 held out for validation (see
-:data:`models.data.DEFAULT_VALIDATION_TILE`), the six classes with "unlabeled" left out of the loss and of the
+:data:`segpipe.models.dubai.DEFAULT_VALIDATION_TILE`), the six classes with "unlabeled" left out of the loss and of the
 mIoU, and the few pure black (#000000) mask pixels ignored. For ``attention_unet`` the best epoch's
 checkpoint is written to ``models/weights/default.safetensors`` + ``.json`` (or ``--out``); the ``unet``
 ablation, same widths and budget, stays in its work dir unless ``--out`` is given. Working files (resume
@@ -10,22 +10,8 @@ state, best checkpoint) go to ``--work-dir`` (default ``out/train-default-<archi
 
 Interrupted? Run the same command again: it resumes after the last completed epoch (``--fresh`` starts over).
 
-Budget of the shipped model: 1440 steps of 8 tiles of 256 x 256 px (24 epochs of 60 steps), with colour jitter
-0.1. With bf16 autocast on a CPU with AVX512-BF16 (fp32 took twice as long then; with the malloc and
-channels-last settings added since, 1.2x: ``benchmarks/bench_train_step.py``), an epoch of the attention
-U-Net took 100-127 s with 2 threads on the otherwise idle 2-core machine (epochs 15-24 of the shipped run),
-validation 4-5 s: about 45 minutes for the 24 epochs. On a 2-core Intel Xeon without bf16 (fp32, with the
-channels-last and malloc settings of :mod:`models.train`) epochs 1-8 took 120-182 s + 7-8 s of validation
-(2 threads, alone): about 65-70 minutes for the 24 epochs (2026-12-01; the run was cut short). The
-shipped checkpoint is epoch 20 of such a run (held-out tile-1 mIoU 0.477), which ran 12 epochs with one thread
-beside the plain U-Net ablation and was resumed with two threads; a resume reproduces an uninterrupted run
-exactly at the same thread count, and up to floating-point summation order across thread counts.
-
-Tried (README, "The model"): 10 epochs without jitter (attention 0.446, plain 0.433; the previous shipped model);
-the same 24 epochs for the plain U-Net (0.510); and ``--dice-weight 1`` (soft Dice added to cross-entropy): plain
-U-Net 0.480, attention U-Net 0.453 (stopped after 21 epochs), i.e. worse; ``--ema-decay 0.995`` (a moving average
-of the weights is kept): plain 0.472, attention 0.479 at epoch 3, both 0.44-0.47 over the last five epochs. No
-setting reached the 0.55 target.
+The recipe's figures (time per epoch on 2 CPU cores, held-out scores of the shipped run and of the variants
+tried) are in the README's "The model" and ``benchmarks/README.md``.
 """
 
 from __future__ import annotations
@@ -37,8 +23,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from models.data import DEFAULT_VALIDATION_TILE, DUBAI_CLASSES, DUBAI_UNLABELED, split_folders
-from segpipe.errors import SegpipeError
+from segpipe.models.data import split_folders
+from segpipe.models.dubai import DEFAULT_VALIDATION_TILE, DUBAI_CLASSES, DUBAI_UNLABELED
+from segpipe.models.training.config import TrainConfig
+
+from segpipe.core.errors import SegpipeError
+from segpipe.core.options import add_arguments, given
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +44,7 @@ ARGUMENTS: dict[str, Any] = {
     "depth": 4,
 }
 
-#: Everything else of the default training run (see :class:`models.train.TrainConfig`).
+#: Everything else of the default training run (see :class:`~segpipe.models.training.config.TrainConfig`).
 HYPERPARAMETERS: dict[str, Any] = {
     "epochs": 24,
     "steps_per_epoch": 60,
@@ -86,15 +76,10 @@ def build_config(
     num_threads: int | None,
     device: str,
     progress: bool,
-    epochs: int | None = None,
-    colour_jitter: float | None = None,
-    scale_jitter: float | None = None,
-    dice_weight: float | None = None,
-    ema_decay: float | None = None,
-) -> Any:
-    """The :class:`models.train.TrainConfig` of the default run."""
-    from models.train import TrainConfig
-
+    **overrides: Any,
+) -> TrainConfig:
+    """The :class:`~segpipe.models.training.config.TrainConfig` of the default run; ``overrides`` replace fields of
+    :data:`HYPERPARAMETERS` (or set others)."""
     train_dirs, val_dirs = split_folders(data, validation=DEFAULT_VALIDATION_TILE)
     return TrainConfig(
         train_dirs=tuple(train_dirs),
@@ -105,22 +90,21 @@ def build_config(
         classes=DUBAI_CLASSES,
         resume=resume,
         num_threads=num_threads,
-        device=device,  # type: ignore[arg-type]
+        device=device,  # type: ignore[arg-type]  # checked by TrainConfig
         progress=progress,
-        **{
-            **HYPERPARAMETERS,
-            **({"epochs": epochs} if epochs else {}),
-            **({"colour_jitter": colour_jitter} if colour_jitter is not None else {}),
-            **({"scale_jitter": scale_jitter} if scale_jitter is not None else {}),
-            **({"dice_weight": dice_weight} if dice_weight is not None else {}),
-            **({"ema_decay": ema_decay} if ema_decay is not None else {}),
-        },
+        **{**HYPERPARAMETERS, **overrides},
     )
 
 
+#: TrainConfig fields that ``python -m segpipe.models.train_default`` lets a run change.
+OVERRIDABLE = ("epochs", "colour_jitter", "scale_jitter", "dice_weight", "ema_decay", "num_threads", "device")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m models.train_default", description=__doc__.split("\n")[0])
-    parser.add_argument("--architecture", choices=("attention_unet", "unet"), default="attention_unet")
+    parser = argparse.ArgumentParser(prog="python -m segpipe.models.train_default", description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--architecture", choices=("attention_unet", "unet"), default="attention_unet", help="the network trained"
+    )
     parser.add_argument(
         "--out",
         type=Path,
@@ -134,35 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="resume state and run files (default: out/train-default-<arch>)",
     )
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--epochs", type=int, default=None, help="override the schedule's 24 epochs of 60 steps")
-    parser.add_argument(
-        "--colour-jitter",
-        type=float,
-        default=None,
-        help="per-band gain/offset augmentation strength j (default 0.1; 0: none; see models.data.TileDataset)",
-    )
-    parser.add_argument(
-        "--scale-jitter",
-        type=float,
-        default=None,
-        help="zoom augmentation strength s: tiles cover 1/(1+s)..1+s times their size (default 0: none; "
-        "see models.data.TileDataset)",
-    )
-    parser.add_argument(
-        "--dice-weight",
-        type=float,
-        default=None,
-        help="add this times the soft Dice loss to cross-entropy (default 0; see models.losses)",
-    )
-    parser.add_argument(
-        "--ema-decay",
-        type=float,
-        default=None,
-        help="validate and keep a moving average of the weights with this decay (default 0: none; "
-        "see models.train.ema_update)",
-    )
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    fields = add_arguments(parser, TrainConfig, only=OVERRIDABLE, show_defaults=False)
     parser.add_argument("--fresh", action="store_true", help="delete the work dir's state and start over")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (for log files)")
     args = parser.parse_args(argv)
@@ -172,24 +128,21 @@ def main(argv: list[str] | None = None) -> int:
     out: Path | None = args.out or (DEFAULT_OUT if args.architecture == "attention_unet" else None)
     work_dir = args.work_dir or REPO / "out" / f"train-default-{args.architecture}"
     try:
-        from models.checkpoint import load_model, save_checkpoint
-        from models.train import train
+        from segpipe.models.checkpoint import load_model, save_checkpoint
+        from segpipe.models.training import train
 
         if args.fresh and work_dir.exists():
             shutil.rmtree(work_dir)
+        overrides = given(args, fields)
         config = build_config(
             args.architecture,
             data=args.data,
             work_dir=work_dir,
             resume=True,
-            num_threads=args.threads,
-            device=args.device,
+            num_threads=overrides.pop("num_threads", None),
+            device=overrides.pop("device", "auto"),
             progress=not args.no_progress,
-            epochs=args.epochs,
-            colour_jitter=args.colour_jitter,
-            scale_jitter=args.scale_jitter,
-            dice_weight=args.dice_weight,
-            ema_decay=args.ema_decay,
+            **overrides,
         )
         log.info(
             "default training run: %s %s %s -> %s",

@@ -12,32 +12,25 @@ Which pixels are scored:
 - every other pixel is scored. A predicted class in ``ignore`` on a scored pixel is a miss (a model cannot
   raise its score by predicting an ignored class).
 
-Metrics per class c, with TP/FP/FN from the confusion matrix (rows: ground truth, columns: prediction):
-IoU = TP / (TP + FP + FN), precision = TP / (TP + FP), recall = TP / (TP + FN), F1 = 2TP / (2TP + FP + FN);
-undefined ratios are NaN (``None`` in JSON). mIoU is the mean IoU over the classes that occur in the ground
-truth or the prediction of scored pixels and are not ignored. Overall accuracy = trace / scored pixels.
+The metrics themselves (IoU, F1, precision, recall, mIoU) are :mod:`segpipe.core.metrics`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import math
-import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import rasterio
 from rasterio.enums import ColorInterp
-from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from rasterio.windows import Window
 
-from segpipe.errors import ConfigError, InputError
-
-if TYPE_CHECKING:
-    from models.data import ColourTable
+from segpipe.core.colours import ColourTable
+from segpipe.core.errors import ConfigError, InputError
+from segpipe.core.metrics import EvaluationResult, confusion_matrix
+from segpipe.core.raster import open_raster
 
 log = logging.getLogger(__name__)
 
@@ -45,227 +38,10 @@ log = logging.getLogger(__name__)
 MAX_INFERRED_CLASSES = 1024
 
 
-def confusion_matrix(
-    truth: np.ndarray,
-    prediction: np.ndarray,
-    num_classes: int,
-    *,
-    valid: np.ndarray | None = None,
-) -> np.ndarray:
-    """Counts ``[t, p]`` of pixels with ground truth ``t`` and prediction ``p`` (int64, K x K).
-
-    Args:
-        truth: Class ids, any integer dtype.
-        prediction: Class ids, same shape.
-        num_classes: K; every scored value must be in 0..K-1.
-        valid: Optional boolean array, same shape: only these pixels are counted.
-    """
-    if truth.shape != prediction.shape:
-        raise InputError(f"expected ground truth and prediction of one shape, got {truth.shape} and {prediction.shape}")
-    t = truth.astype(np.int64, copy=False).ravel()
-    p = prediction.astype(np.int64, copy=False).ravel()
-    if valid is not None:
-        keep = valid.ravel()
-        t, p = t[keep], p[keep]
-    if t.size and (min(int(t.min()), int(p.min())) < 0 or max(int(t.max()), int(p.max())) >= num_classes):
-        raise InputError(f"class ids outside 0..{num_classes - 1} among the scored pixels")
-    return np.bincount(t * num_classes + p, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
-
-
-def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(den > 0, num / np.maximum(den, 1), np.nan)
-
-
-def _clean(value: float) -> float | None:
-    return None if math.isnan(value) else float(value)
-
-
-@dataclass(frozen=True, eq=False)
-class EvaluationResult:
-    """A confusion matrix and the metrics derived from it.
-
-    Attributes:
-        confusion: (K, K) int64 pixel counts, rows ground truth, columns prediction.
-        class_names: K names (``class_<i>`` where none were given).
-        ignored: Class ids (and other values) whose ground-truth pixels were skipped.
-        ignored_pixels: Pixels skipped for their ground truth (in ``ignored`` or ground-truth nodata).
-        nodata_pixels: Pixels skipped because the prediction is nodata there.
-    """
-
-    confusion: np.ndarray
-    class_names: tuple[str, ...]
-    ignored: tuple[int, ...] = ()
-    ignored_pixels: int = 0
-    nodata_pixels: int = 0
-    sources: dict[str, str] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        k = self.confusion.shape[0]
-        if self.confusion.shape != (k, k) or len(self.class_names) != k:
-            raise ConfigError(
-                f"expected a square confusion matrix with one name per class, got shape "
-                f"{self.confusion.shape} and {len(self.class_names)} names"
-            )
-
-    @classmethod
-    def from_confusion(
-        cls,
-        confusion: np.ndarray,
-        *,
-        class_names: Sequence[str] | None = None,
-        ignored: Sequence[int] = (),
-        ignored_pixels: int = 0,
-        nodata_pixels: int = 0,
-    ) -> EvaluationResult:
-        k = confusion.shape[0]
-        names = tuple(class_names) if class_names is not None else tuple(f"class_{i}" for i in range(k))
-        return cls(
-            np.asarray(confusion, dtype=np.int64),
-            names,
-            tuple(int(i) for i in ignored),
-            int(ignored_pixels),
-            int(nodata_pixels),
-        )
-
-    @property
-    def num_classes(self) -> int:
-        return self.confusion.shape[0]
-
-    @property
-    def true_positives(self) -> np.ndarray:
-        return np.diag(self.confusion).astype(np.float64)
-
-    @property
-    def support(self) -> np.ndarray:
-        """Ground-truth pixels per class (scored pixels only)."""
-        return self.confusion.sum(axis=1)
-
-    @property
-    def predicted(self) -> np.ndarray:
-        """Predicted pixels per class (scored pixels only)."""
-        return self.confusion.sum(axis=0)
-
-    @property
-    def scored_pixels(self) -> int:
-        return int(self.confusion.sum())
-
-    @property
-    def iou(self) -> np.ndarray:
-        tp = self.true_positives
-        return _ratio(tp, self.support + self.predicted - tp)
-
-    @property
-    def precision(self) -> np.ndarray:
-        return _ratio(self.true_positives, self.predicted)
-
-    @property
-    def recall(self) -> np.ndarray:
-        return _ratio(self.true_positives, self.support)
-
-    @property
-    def f1(self) -> np.ndarray:
-        tp = self.true_positives
-        return _ratio(2 * tp, self.support + self.predicted)
-
-    @property
-    def counted_classes(self) -> np.ndarray:
-        """Class ids in the mIoU: present in ground truth or prediction, and not ignored."""
-        present = (self.support + self.predicted) > 0
-        present[[i for i in self.ignored if 0 <= i < self.num_classes]] = False
-        return np.flatnonzero(present)
-
-    @property
-    def miou(self) -> float:
-        """Mean IoU over :attr:`counted_classes` (NaN if there is none)."""
-        ids = self.counted_classes
-        return float(np.nanmean(self.iou[ids])) if ids.size else math.nan
-
-    @property
-    def mean_f1(self) -> float:
-        ids = self.counted_classes
-        return float(np.nanmean(self.f1[ids])) if ids.size else math.nan
-
-    @property
-    def overall_accuracy(self) -> float:
-        total = self.scored_pixels
-        return float(np.trace(self.confusion)) / total if total else math.nan
-
-    def per_class_iou(self) -> dict[str, float | None]:
-        """IoU by class name for the counted classes (``None`` where undefined)."""
-        iou = self.iou
-        return {self.class_names[i]: _clean(float(iou[i])) for i in self.counted_classes}
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable summary (NaN becomes ``None``)."""
-        counted = set(self.counted_classes.tolist())
-        iou, f1, precision, recall = self.iou, self.f1, self.precision, self.recall
-        classes = [
-            {
-                "id": i,
-                "name": self.class_names[i],
-                "iou": _clean(float(iou[i])),
-                "f1": _clean(float(f1[i])),
-                "precision": _clean(float(precision[i])),
-                "recall": _clean(float(recall[i])),
-                "support": int(self.support[i]),
-                "predicted": int(self.predicted[i]),
-                "in_miou": i in counted,
-            }
-            for i in range(self.num_classes)
-        ]
-        return {
-            "miou": _clean(self.miou),
-            "mean_f1": _clean(self.mean_f1),
-            "overall_accuracy": _clean(self.overall_accuracy),
-            "classes": classes,
-            "scored_pixels": self.scored_pixels,
-            "ignored": list(self.ignored),
-            "ignored_pixels": self.ignored_pixels,
-            "nodata_pixels": self.nodata_pixels,
-            "confusion": self.confusion.tolist(),
-            **({"sources": dict(self.sources)} if self.sources else {}),
-        }
-
-    def to_markdown(self) -> str:
-        """A Markdown table of the per-class metrics with the summary lines below it."""
-
-        def fmt(v: float) -> str:
-            return "-" if math.isnan(v) else f"{v:.4f}"
-
-        counted = set(self.counted_classes.tolist())
-        lines = [
-            "| id | class | IoU | F1 | precision | recall | GT pixels | predicted pixels |",
-            "|---:|---|---:|---:|---:|---:|---:|---:|",
-        ]
-        iou, f1, precision, recall = self.iou, self.f1, self.precision, self.recall
-        for i in range(self.num_classes):
-            note = "" if i in counted else " (not in mIoU)"
-            lines.append(
-                f"| {i} | {self.class_names[i]}{note} | {fmt(iou[i])} | {fmt(f1[i])} | {fmt(precision[i])} "
-                f"| {fmt(recall[i])} | {int(self.support[i])} | {int(self.predicted[i])} |"
-            )
-        lines += [
-            "",
-            f"mIoU {fmt(self.miou)} over {len(counted)} classes; mean F1 {fmt(self.mean_f1)}; "
-            f"overall accuracy {fmt(self.overall_accuracy)}; {self.scored_pixels} pixels scored.",
-            f"Skipped: {self.ignored_pixels} pixels with ignored ground truth {list(self.ignored)} or "
-            f"ground-truth nodata; {self.nodata_pixels} pixels where the prediction is nodata.",
-        ]
-        return "\n".join(lines)
-
-
 def _blocks(width: int, height: int, size: int) -> Iterator[Window]:
     for row in range(0, height, size):
         for col in range(0, width, size):
             yield Window(col, row, min(size, width - col), min(size, height - row))
-
-
-def _open(path: str | Path, role: str) -> rasterio.DatasetReader:
-    try:
-        return rasterio.open(path)
-    except RasterioIOError as exc:
-        raise InputError(f"{role} {path}: cannot be opened ({exc}); check the path") from None
 
 
 def evaluate(
@@ -309,72 +85,72 @@ def evaluate(
         raise ConfigError(f"expected num_classes >= 1, got {num_classes}")
     ignore_values = np.array(sorted({int(i) for i in ignore}), dtype=np.int64)
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        with _open(pred_path, "prediction") as pred, _open(gt_path, "ground truth") as gt:
-            if (pred.width, pred.height) != (gt.width, gt.height):
-                raise InputError(
-                    f"prediction {pred_path} is {pred.width}x{pred.height} px but ground truth {gt_path} is "
-                    f"{gt.width}x{gt.height} px (width x height); compare masks of the same grid"
-                )
-            if pred.count != 1 or not np.issubdtype(np.dtype(pred.dtypes[0]), np.integer):
-                raise InputError(
-                    f"prediction {pred_path}: expected one integer band of class ids, got "
-                    f"{pred.count} band(s) of {pred.dtypes[0]}"
-                )
-            colour_mode = gt.count >= 3 or (
-                gt.count == 1 and gt.colorinterp[0] == ColorInterp.palette and colour_table is not None
+    with contextlib.ExitStack() as stack:
+        pred = stack.enter_context(open_raster(str(pred_path), role="prediction", hint="give a class-id raster"))
+        gt = stack.enter_context(open_raster(str(gt_path), role="ground truth", hint="give a class-id raster"))
+        if (pred.width, pred.height) != (gt.width, gt.height):
+            raise InputError(
+                f"prediction {pred_path} is {pred.width}x{pred.height} px but ground truth {gt_path} is "
+                f"{gt.width}x{gt.height} px (width x height); compare masks of the same grid"
             )
-            if colour_mode and colour_table is None:
-                raise ConfigError(
-                    f"ground truth {gt_path} has {gt.count} bands (colour-coded); pass a "
-                    f"colour table to map its colours to class ids"
-                )
-            if not colour_mode and (gt.count != 1 or not np.issubdtype(np.dtype(gt.dtypes[0]), np.integer)):
-                raise InputError(
-                    f"ground truth {gt_path}: expected one integer band of class ids, got "
-                    f"{gt.count} band(s) of {gt.dtypes[0]}"
-                )
-            palette_lut = _palette_lut(gt, colour_table) if colour_mode and gt.count == 1 else None
-            pred_nodata, gt_nodata = pred.nodata, None if colour_mode else gt.nodata
-            k = num_classes if num_classes is not None else 1
-            confusion = np.zeros((k, k), dtype=np.int64)
-            ignored_pixels = nodata_pixels = 0
-            for window in _blocks(pred.width, pred.height, block_size):
-                p = pred.read(1, window=window).astype(np.int64)
-                if colour_mode and palette_lut is None:
-                    assert colour_table is not None
-                    t = colour_table.to_class_ids(
-                        gt.read([1, 2, 3], window=window), source=str(gt_path), ignore_index=255
-                    ).astype(np.int64)
-                elif palette_lut is not None:
-                    t = palette_lut[gt.read(1, window=window)].astype(np.int64)
-                else:
-                    t = gt.read(1, window=window).astype(np.int64)
-                skip_gt = np.isin(t, ignore_values)
-                if gt_nodata is not None:
-                    skip_gt |= t == gt_nodata
-                no_pred = ~skip_gt & (p == pred_nodata) if pred_nodata is not None else np.zeros_like(skip_gt)
-                valid = ~skip_gt & ~no_pred
-                ignored_pixels += int(skip_gt.sum())
-                nodata_pixels += int(no_pred.sum())
-                tv, pv = t[valid], p[valid]
-                if tv.size == 0:
-                    continue
-                low = min(int(tv.min()), int(pv.min()))
-                high = max(int(tv.max()), int(pv.max()))
-                if low < 0 or (num_classes is not None and high >= num_classes):
-                    _raise_bad_value(tv, pv, num_classes, pred_path, gt_path)
-                if high >= k:
-                    if high >= MAX_INFERRED_CLASSES:
-                        raise InputError(
-                            f"class id {high} in {pred_path} or {gt_path}; pass num_classes "
-                            f"(and ignore / nodata for fill values)"
-                        )
-                    grown = np.zeros((high + 1, high + 1), dtype=np.int64)
-                    grown[:k, :k] = confusion
-                    confusion, k = grown, high + 1
-                confusion += confusion_matrix(tv, pv, k)
+        if pred.count != 1 or not np.issubdtype(np.dtype(pred.dtypes[0]), np.integer):
+            raise InputError(
+                f"prediction {pred_path}: expected one integer band of class ids, got "
+                f"{pred.count} band(s) of {pred.dtypes[0]}"
+            )
+        colour_mode = gt.count >= 3 or (
+            gt.count == 1 and gt.colorinterp[0] == ColorInterp.palette and colour_table is not None
+        )
+        if colour_mode and colour_table is None:
+            raise ConfigError(
+                f"ground truth {gt_path} has {gt.count} bands (colour-coded); pass a "
+                f"colour table to map its colours to class ids"
+            )
+        if not colour_mode and (gt.count != 1 or not np.issubdtype(np.dtype(gt.dtypes[0]), np.integer)):
+            raise InputError(
+                f"ground truth {gt_path}: expected one integer band of class ids, got "
+                f"{gt.count} band(s) of {gt.dtypes[0]}"
+            )
+        palette_lut = _palette_lut(gt, colour_table) if colour_mode and gt.count == 1 else None
+        pred_nodata, gt_nodata = pred.nodata, None if colour_mode else gt.nodata
+        k = num_classes if num_classes is not None else 1
+        confusion = np.zeros((k, k), dtype=np.int64)
+        ignored_pixels = nodata_pixels = 0
+        for window in _blocks(pred.width, pred.height, block_size):
+            p = pred.read(1, window=window).astype(np.int64)
+            if colour_mode and palette_lut is None:
+                assert colour_table is not None
+                t = colour_table.to_class_ids(
+                    gt.read([1, 2, 3], window=window), source=str(gt_path), ignore_index=255
+                ).astype(np.int64)
+            elif palette_lut is not None:
+                t = palette_lut[gt.read(1, window=window)].astype(np.int64)
+            else:
+                t = gt.read(1, window=window).astype(np.int64)
+            skip_gt = np.isin(t, ignore_values)
+            if gt_nodata is not None:
+                skip_gt |= t == gt_nodata
+            no_pred = ~skip_gt & (p == pred_nodata) if pred_nodata is not None else np.zeros_like(skip_gt)
+            valid = ~skip_gt & ~no_pred
+            ignored_pixels += int(skip_gt.sum())
+            nodata_pixels += int(no_pred.sum())
+            tv, pv = t[valid], p[valid]
+            if tv.size == 0:
+                continue
+            low = min(int(tv.min()), int(pv.min()))
+            high = max(int(tv.max()), int(pv.max()))
+            if low < 0 or (num_classes is not None and high >= num_classes):
+                _raise_bad_value(tv, pv, num_classes, pred_path, gt_path)
+            if high >= k:
+                if high >= MAX_INFERRED_CLASSES:
+                    raise InputError(
+                        f"class id {high} in {pred_path} or {gt_path}; pass num_classes "
+                        f"(and ignore / nodata for fill values)"
+                    )
+                grown = np.zeros((high + 1, high + 1), dtype=np.int64)
+                grown[:k, :k] = confusion
+                confusion, k = grown, high + 1
+            confusion += confusion_matrix(tv, pv, k)
     names = tuple(class_names) if class_names is not None else tuple(f"class_{i}" for i in range(k))
     result = EvaluationResult(
         confusion,

@@ -1,37 +1,43 @@
-"""Export stage: the store's ``mask`` (or ``probabilities``) as a Cloud Optimized GeoTIFF on the scene's grid.
+"""Export stage: sinks, the seam through which a run's results leave the work store.
 
-Window by window, the array is copied into a tiled GeoTIFF in the work directory (memory bounded by one
-block); GDAL's COG driver then writes the final file with overviews (mode resampling for class ids, average
-for probabilities), BigTIFF when needed, under a hidden temporary name next to the output, and the file is
-renamed into place only when it is complete and valid. A failed or killed export never leaves a file at the
-output path.
+A :class:`Sink` is one output of a run (the mask COG, the probabilities COG): it checks its path before any work
+starts and writes itself from the work store after inference. Sinks are registered in :data:`SINKS` by kind and
+file suffix; a new output format is one class and one entry there, and the run does not change.
+
+The COG sinks: window by window, the array is copied into a tiled GeoTIFF in a local scratch folder (memory
+bounded by one block); GDAL's COG driver then writes the final file with overviews (mode resampling for class
+ids, average for probabilities), BigTIFF when needed, under a hidden temporary name next to the output, and the
+file is renamed into place only when it is complete and valid. A failed or killed export never leaves a file at
+the output path.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
+import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 import rasterio
 import rasterio.shutil
-import zarr
 from affine import Affine
 from rasterio._err import CPLE_BaseError  # GDAL errors that rasterio raises without wrapping them
 from rasterio.crs import CRS
 from rasterio.errors import NotGeoreferencedWarning
+from segpipe.pipeline import store as ws
+from segpipe.pipeline.read import SceneInfo
 
-from pipeline import store as ws
-from pipeline.read import GDAL_CACHE_BYTES, SceneInfo
-from pipeline.tile import TileGrid
-from segpipe.errors import OutputError
+from segpipe.core.colours import rgba
+from segpipe.core.errors import ConfigError, OutputError
+from segpipe.core.files import atomic_output
+from segpipe.core.raster import GDAL_CACHE_BYTES
+from segpipe.core.tiles import TileGrid
 
 log = logging.getLogger(__name__)
 
@@ -44,31 +50,6 @@ class ExportResult:
     seconds: float
     histogram: dict[int, int]
     bytes: int
-
-
-def partial_path(output: str | Path) -> Path:
-    """The hidden temporary name an output is written under before it is renamed into place."""
-    out = Path(output)
-    return out.with_name(f".{out.name}.segpipe-partial")
-
-
-@contextlib.contextmanager
-def atomic_output(output: str | Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``output``; on success rename it to ``output``, on failure remove it."""
-    tmp = partial_path(output)
-    tmp.unlink(missing_ok=True)
-    try:
-        yield tmp
-        os.replace(tmp, output)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def hex_to_rgba(colour: str) -> tuple[int, int, int, int]:
-    """``"#3C1098"`` -> ``(60, 16, 152, 255)``."""
-    value = colour.lstrip("#")
-    return int(value[0:2], 16), int(value[2:4], 16), int(value[4:6], 16), 255
 
 
 def _profile(scene: SceneInfo, count: int, nodata: int) -> dict[str, Any]:
@@ -91,7 +72,7 @@ def _profile(scene: SceneInfo, count: int, nodata: int) -> dict[str, Any]:
 
 
 def export_cog(
-    group: zarr.Group,
+    store: ws.WorkStore,
     name: str,
     output: str | Path,
     *,
@@ -104,19 +85,19 @@ def export_cog(
     """Write array ``name`` of the work store (``mask`` or ``probabilities``) as a COG at ``output``.
 
     Args:
-        group: The work store.
+        store: The work store.
         name: ``mask`` (one band of class ids, nodata 255, colour table) or ``probabilities`` (one band per
             class, probability x 254, nodata 255).
         output: Final path of the COG.
-        scratch_dir: Where the intermediate tiled GeoTIFF goes (the work directory).
+        scratch_dir: A local folder for the intermediate tiled GeoTIFF.
         class_names: Class names in class-id order (tags and band descriptions).
         colours: ``#RRGGBB`` per class, for the mask's colour table.
         workers: GDAL threads for compression and overviews.
         progress: Called with pixels copied.
     """
     start = time.perf_counter()
-    scene = SceneInfo.from_attrs(ws.attrs(group)["scene"])
-    array = ws.array(group, name)
+    scene = SceneInfo.from_attrs(store.attrs["scene"])
+    array = store.array(name)
     is_mask = name == ws.MASK
     count = 1 if is_mask else int(array.shape[0])
     scratch = Path(scratch_dir) / f".{Path(output).name}.export.tif"
@@ -146,7 +127,7 @@ def export_cog(
                 if is_mask:
                     dst.set_band_description(1, "class")
                     if colours:
-                        table = {i: hex_to_rgba(c) for i, c in enumerate(colours)}
+                        table = {i: rgba(c) for i, c in enumerate(colours)}
                         table[ws.MASK_NODATA] = (0, 0, 0, 0)
                         dst.write_colormap(1, table)
                     dst.update_tags(1, **{f"CLASS_{i}": n for i, n in enumerate(names)})
@@ -192,3 +173,124 @@ def _check_cog(path: Path) -> None:
         is_valid, errors, _ = cog_validate(str(path), quiet=True)
     if not is_valid:
         raise RuntimeError(f"GDAL wrote an invalid COG at {path}: {errors}")
+
+
+# --- sinks -------------------------------------------------------------------------------------------------
+
+
+@runtime_checkable
+class Sink(Protocol):
+    """One output of a run, written from the work store after inference."""
+
+    #: What it holds: ``mask`` or ``probabilities``.
+    kind: ClassVar[str]
+
+    @property
+    def path(self) -> str:
+        """Where it goes."""
+        ...
+
+    def check(self, *, overwrite: bool) -> None:
+        """Raise a SegpipeError now, before any work, if the output cannot be written."""
+        ...
+
+    def write(
+        self,
+        store: ws.WorkStore,
+        *,
+        class_names: Sequence[str],
+        colours: Sequence[str],
+        scratch_dir: Path,
+        workers: int,
+        progress: Callable[[int], Any] | None = None,
+    ) -> ExportResult:
+        """Write the output from ``store``, atomically."""
+        ...
+
+
+def check_local_output(path: str, what: str, *, overwrite: bool) -> None:
+    """Raise OutputError unless ``path`` can be written as a new (or, with ``overwrite``, a replaced) file."""
+    out = Path(path)
+    if out.is_dir():
+        raise OutputError(f"{what} {path!r} is a directory; give a file name such as {out / 'mask.tif'}")
+    parent = out.parent if str(out.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise OutputError(f"the directory of {what} {path!r}, {parent}, is a file; give a path in a directory")
+    if not parent.is_dir():
+        raise OutputError(f"the directory of {what} {path!r} does not exist; create {parent} first")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write {what} {path!r}: directory {parent} is not writable")
+    try:  # os.access says yes to root everywhere, and to read-only mounts, /proc and /sys: try for real
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".segpipe-write-test-"):
+            pass
+    except OSError as exc:
+        raise OutputError(
+            f"cannot write {what} {path!r}: directory {parent} is not writable ({exc.strerror or exc})"
+        ) from None
+    if out.exists() and not overwrite:
+        raise OutputError(f"{what} {path!r} already exists; pass --overwrite to replace it")
+
+
+@dataclass(frozen=True)
+class CogSink:
+    """The work store's ``mask`` (or ``probabilities``) as a Cloud Optimized GeoTIFF; see :func:`export_cog`."""
+
+    path: str
+    #: The option that names it, for messages.
+    what: str = "output"
+    kind: ClassVar[str] = ws.MASK
+
+    def check(self, *, overwrite: bool) -> None:
+        check_local_output(self.path, self.what, overwrite=overwrite)
+
+    def write(
+        self,
+        store: ws.WorkStore,
+        *,
+        class_names: Sequence[str],
+        colours: Sequence[str],
+        scratch_dir: Path,
+        workers: int,
+        progress: Callable[[int], Any] | None = None,
+    ) -> ExportResult:
+        return export_cog(
+            store,
+            self.kind,
+            self.path,
+            scratch_dir=scratch_dir,
+            class_names=class_names,
+            colours=colours,
+            workers=workers,
+            progress=progress,
+        )
+
+
+@dataclass(frozen=True)
+class ProbabilitiesCogSink(CogSink):
+    """Per-class probabilities (probability x 254, nodata 255) as a Cloud Optimized GeoTIFF, one band per class."""
+
+    what: str = "--probabilities"
+    kind: ClassVar[str] = ws.PROBABILITIES
+
+
+#: Registered sinks: kind -> file suffix -> sink class.
+SINKS: dict[str, dict[str, type[CogSink]]] = {
+    ws.MASK: {".tif": CogSink, ".tiff": CogSink},
+    ws.PROBABILITIES: {".tif": ProbabilitiesCogSink, ".tiff": ProbabilitiesCogSink},
+}
+
+
+def sink_for(kind: str, path: str) -> Sink:
+    """The sink that writes ``kind`` to ``path``, chosen by the path's suffix.
+
+    Raises:
+        ConfigError: no sink writes that suffix.
+    """
+    by_suffix = SINKS[kind]
+    suffix = Path(path).suffix.lower()
+    if suffix not in by_suffix:
+        what = "output" if kind == ws.MASK else f"--{kind}"
+        raise ConfigError(
+            f"{what} {path!r} must end in {' or '.join(by_suffix)} (it is written as a Cloud Optimized GeoTIFF)"
+        )
+    return by_suffix[suffix](path)

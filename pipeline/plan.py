@@ -1,43 +1,25 @@
 """Validate a run before any work starts and resolve its settings into a :class:`RunPlan`.
 
-Everything a user can get wrong is checked here, in about a second: the scene, the model and its fit to the
-scene, tile size and halo, and the output paths. The stages then run on a plan that is known to be sound.
+Everything a user can get wrong is checked here, in about a second: the options, the scene, the model and its fit
+to the scene, tile size and halo, and the outputs (each sink checks its own path). The stages then run on a plan
+that is known to be sound; the model is loaded once for it.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.blend import BLENDS
-from pipeline.read import SceneInfo, describe_scene
-from pipeline.tile import TileGrid, validate_tiling
-from segpipe.errors import ConfigError, ModelError, OutputError
+from segpipe.pipeline import store as ws
+from segpipe.pipeline.export import Sink, sink_for
+from segpipe.pipeline.read import SceneInfo, describe_scene
+from segpipe.pipeline.settings import RunSettings
 
-OUTPUT_SUFFIXES = (".tif", ".tiff")
-
-
-@dataclass(frozen=True)
-class RunSettings:
-    """What the user asked for (the CLI's options); None means "use the model's or the machine's default"."""
-
-    input: str
-    output: str
-    model: str = "default"
-    tile_size: int | None = None
-    halo: int | None = None
-    blend: str = "crop"
-    batch_size: int | None = None
-    workers: int | None = None
-    device: str = "auto"
-    work_dir: str | None = None
-    probabilities: str | None = None
-    ray_address: str | None = None
-    overwrite: bool = False
-    executor: str = "ray"
+from segpipe.core.errors import ConfigError, ModelError, OutputError
+from segpipe.core.runtime import available_cores, local_gpus
+from segpipe.core.tiles import TileGrid, validate_tiling
 
 
 @dataclass(frozen=True)
@@ -56,7 +38,18 @@ class ModelSummary:
 
 @dataclass(frozen=True)
 class RunPlan:
-    """A validated, fully resolved run."""
+    """A validated, fully resolved run.
+
+    Attributes:
+        settings: What was asked for.
+        scene: The scene's description.
+        model: The model's summary (its file and checksum: segmenters load it themselves).
+        tile_size: Core side in pixels.
+        halo: Halo in pixels.
+        batch_size: Tiles per forward pass.
+        grid: The tile grid over the scene.
+        sinks: The outputs, mask first.
+    """
 
     settings: RunSettings
     scene: SceneInfo
@@ -65,37 +58,26 @@ class RunPlan:
     halo: int
     batch_size: int
     grid: TileGrid
+    sinks: tuple[Sink, ...] = ()
 
     @property
     def summary_path(self) -> Path:
         out = Path(self.settings.output)
         return out.with_name(out.stem + ".summary.json")
 
-
-def _check_output(path: str, what: str, overwrite: bool) -> None:
-    out = Path(path)
-    if out.suffix.lower() not in OUTPUT_SUFFIXES:
-        raise ConfigError(
-            f"{what} {path!r} must end in .tif or .tiff (it is written as a Cloud Optimized GeoTIFF)"
+    @property
+    def run_key(self) -> str:
+        """The work store's key of this run's inference results: what changes them (see
+        :func:`segpipe.pipeline.store.run_key`)."""
+        return ws.run_key(
+            model=self.model.checksum,
+            tile_size=self.tile_size,
+            halo=self.halo,
+            blend=self.settings.blend,
+            batch_size=self.batch_size,
+            probabilities=bool(self.settings.probabilities),
+            fingerprint=self.scene.fingerprint,
         )
-    if out.is_dir():
-        raise OutputError(f"{what} {path!r} is a directory; give a file name such as {out / 'mask.tif'}")
-    parent = out.parent if str(out.parent) else Path(".")
-    if parent.exists() and not parent.is_dir():
-        raise OutputError(f"the directory of {what} {path!r}, {parent}, is a file; give a path in a directory")
-    if not parent.is_dir():
-        raise OutputError(f"the directory of {what} {path!r} does not exist; create {parent} first")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"cannot write {what} {path!r}: directory {parent} is not writable")
-    try:  # os.access says yes to root everywhere, and to read-only mounts, /proc and /sys: try for real
-        with tempfile.NamedTemporaryFile(dir=parent, prefix=".segpipe-write-test-"):
-            pass
-    except OSError as exc:
-        raise OutputError(
-            f"cannot write {what} {path!r}: directory {parent} is not writable ({exc.strerror or exc})"
-        ) from None
-    if out.exists() and not overwrite:
-        raise OutputError(f"{what} {path!r} already exists; pass --overwrite to replace it")
 
 
 def _check_inside(path: str | Path, what: str, directory: Path) -> None:
@@ -111,15 +93,13 @@ def _check_inside(path: str | Path, what: str, directory: Path) -> None:
 def _check_local_workers(workers: int, device: str) -> None:
     """Each segmenter of a local Ray instance claims a GPU, or on CPU at least one core; more than there are would
     wait for resources forever."""
-    import torch
-
-    gpus = torch.cuda.device_count() if device != "cpu" else 0
+    gpus = local_gpus() if device != "cpu" else 0
     if gpus and workers > gpus:
         raise ConfigError(
             f"--workers {workers} is more than the {gpus} GPU(s) of this machine (one segmenter per GPU); "
             f"use --workers {gpus} or fewer"
         )
-    cores = os.cpu_count() or 1
+    cores = available_cores()
     if not gpus and workers > cores:
         raise ConfigError(
             f"--workers {workers} is more than the {cores} CPU cores of this machine (a segmenter needs at least "
@@ -131,38 +111,16 @@ def _same_file(a: str, b: str) -> bool:
     return os.path.abspath(a) == os.path.abspath(b)
 
 
-def make_plan(settings: RunSettings) -> RunPlan:
-    """Validate ``settings`` and resolve defaults.
-
-    Raises:
-        SegpipeError: (a subclass) saying what is wrong and how to fix it.
-    """
-    from models.checkpoint import load_model
-
-    if settings.blend not in BLENDS:
-        raise ConfigError(f"--blend must be one of {', '.join(BLENDS)}, got {settings.blend!r}")
-    if settings.device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"--device must be auto, cpu or cuda, got {settings.device!r}")
-    for name in ("batch_size", "workers"):
-        value = getattr(settings, name)
-        if value is not None and value < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    if settings.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available() and not settings.ray_address:
-            raise ConfigError(
-                "--device cuda was asked for but this machine has no CUDA GPU; use --device cpu or auto"
-            )
-    if settings.workers and settings.executor == "ray" and not settings.ray_address:
-        _check_local_workers(settings.workers, settings.device)
-    _check_output(settings.output, "output", settings.overwrite)
+def _check_outputs(settings: RunSettings) -> tuple[Sink, ...]:
+    sinks = [sink_for(ws.MASK, settings.output)]
+    sinks[0].check(overwrite=settings.overwrite)
     output = Path(settings.output)
     out_dir = output.absolute().parent.resolve()
     _check_inside(output.with_name(output.stem + ".summary.json"), "the summary", out_dir)
     if settings.probabilities:
         _check_inside(settings.probabilities, "--probabilities", out_dir)
-        _check_output(settings.probabilities, "--probabilities", settings.overwrite)
+        sinks.append(sink_for(ws.PROBABILITIES, settings.probabilities))
+        sinks[-1].check(overwrite=settings.overwrite)
         if _same_file(settings.probabilities, settings.output):
             raise ConfigError("--probabilities must be a different file from OUTPUT")
     if _same_file(settings.input, settings.output):
@@ -172,9 +130,23 @@ def make_plan(settings: RunSettings) -> RunPlan:
         if work.exists() and not work.is_dir():
             raise OutputError(f"--work-dir {settings.work_dir!r} is a file, not a directory")
         if not work.exists() and not work.parent.is_dir():
-            raise OutputError(
-                f"the parent of --work-dir {settings.work_dir!r} does not exist; create it first"
-            )
+            raise OutputError(f"the parent of --work-dir {settings.work_dir!r} does not exist; create it first")
+    return tuple(sinks)
+
+
+def make_plan(settings: RunSettings) -> RunPlan:
+    """Validate ``settings`` and resolve defaults.
+
+    Raises:
+        SegpipeError: (a subclass) saying what is wrong and how to fix it.
+    """
+    from segpipe.models.checkpoint import load_model
+
+    if settings.device == "cuda" and not settings.ray_address and not local_gpus():
+        raise ConfigError("--device cuda was asked for but this machine has no CUDA GPU; use --device cpu or auto")
+    if settings.workers and settings.executor == "ray" and not settings.ray_address:
+        _check_local_workers(settings.workers, settings.device)
+    sinks = _check_outputs(settings)
 
     scene = describe_scene(settings.input)
     loaded = load_model(settings.model, device="cpu")
@@ -190,7 +162,7 @@ def make_plan(settings: RunSettings) -> RunPlan:
     if meta.input_size is not None and settings.tile_size is None and settings.halo is None:
         tile_size = meta.input_size - 2 * halo
     validate_tiling(tile_size, halo, size_multiple=meta.size_multiple, input_size=meta.input_size)
-    batch_size = settings.batch_size or _default_batch_size(tile_size + 2 * halo, gpu=_expects_gpu(settings))
+    batch_size = settings.batch_size or default_batch_size(tile_size + 2 * halo, gpu=_expects_gpu(settings))
     summary = ModelSummary(
         name=settings.model,
         path=loaded.path,
@@ -202,28 +174,19 @@ def make_plan(settings: RunSettings) -> RunPlan:
         provenance=dict(meta.provenance),
     )
     grid = TileGrid(scene.width, scene.height, tile_size, halo)
-    return RunPlan(settings, scene, summary, tile_size, halo, batch_size, grid)
+    return RunPlan(settings, scene, summary, tile_size, halo, batch_size, grid, sinks)
 
 
 def _expects_gpu(settings: RunSettings) -> bool:
     """Whether inference will run on CUDA: asked for, or ``auto`` with a local GPU or on a cluster (unknown)."""
     if settings.device != "auto":
         return settings.device == "cuda"
-    if settings.ray_address:
-        return True
-    import torch
-
-    return bool(torch.cuda.is_available())
+    return bool(settings.ray_address) or local_gpus() > 0
 
 
-def _default_batch_size(input_size: int, *, gpu: bool = True) -> int:
-    """Tiles per forward pass when ``--batch-size`` is not given.
-
-    GPU: about 4 megapixels of input per batch, to keep the device busy. CPU: about a quarter megapixel (one tile
-    of 512 px + 64 px halo): larger batches compute no faster there and cost memory and system time. Measured with
-    the default model at 640 px inputs on 2 EPYC cores: 1.8 s of compute per megapixel at any batch size, plus
-    system time to fault in fresh activation memory (0.5 s/MP at batch 1, 1.7 s/MP at batch 10), and activations
-    of about 0.4 GB at batch 1 against 3.2 GB at batch 10.
-    """
+def default_batch_size(input_size: int, *, gpu: bool = True) -> int:
+    """Tiles per forward pass when ``--batch-size`` is not given: about 4 megapixels of input per batch on a GPU,
+    to keep it busy; about a quarter megapixel on a CPU, where larger batches compute no faster and cost memory
+    (see ``benchmarks/README.md``). Between 1 and 16."""
     budget = 2048 * 2048 if gpu else 512 * 512
     return max(1, min(16, budget // (input_size * input_size)))

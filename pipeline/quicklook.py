@@ -10,9 +10,13 @@ from pathlib import Path
 
 import numpy as np
 from rasterio.enums import Resampling
+from segpipe.pipeline.read import open_source
 
-from pipeline.read import open_scene
-from segpipe.errors import InputError
+from segpipe.core.colours import colour_lut, hex_colour
+from segpipe.core.errors import InputError
+from segpipe.core.pixels import stretch
+from segpipe.core.raster import open_raster
+from segpipe.core.tiles import Window
 
 
 def _shape(width: int, height: int, max_size: int) -> tuple[int, int]:
@@ -24,7 +28,7 @@ def read_mask_preview(
     mask_path: str, max_size: int
 ) -> tuple[np.ndarray, list[tuple[str, tuple[int, int, int]]]]:
     """RGB (H, W, 3) uint8 of a segpipe mask, and its legend [(class name, rgb)]."""
-    with open_scene(mask_path) as src:
+    with open_raster(mask_path, role="mask", hint="give a mask written by segpipe run") as src:
         if src.count != 1 or src.dtypes[0] != "uint8":
             raise InputError(f"{mask_path!r} is not a segpipe mask (one uint8 band of class ids)")
         h, w = _shape(src.width, src.height, max_size)
@@ -34,25 +38,20 @@ def read_mask_preview(
         except ValueError:
             raise InputError(f"{mask_path!r} has no colour table; is it a segpipe mask?") from None
         names = src.tags().get("CLASS_NAMES", "").split(",")
-    lut = np.zeros((256, 3), dtype=np.uint8)
-    for value, rgba in table.items():
-        lut[value] = rgba[:3]
+    lut = colour_lut(table, nodata=None)
     legend = [(name, tuple(int(c) for c in lut[i])) for i, name in enumerate(names) if name]
     return lut[mask], legend  # type: ignore[return-value]
 
 
 def read_scene_preview(scene_path: str, max_size: int) -> np.ndarray:
     """RGB (H, W, 3) float in [0, 1] of a scene: first three bands (or the first, grey), 2-98 % stretch,
-    nodata black."""
-    from models.explain import stretch
-
-    with open_scene(scene_path) as src:
-        h, w = _shape(src.width, src.height, max_size)
-        bands = [1, 2, 3] if src.count >= 3 else [1]
-        data = src.read(bands, out_shape=(len(bands), h, w), resampling=Resampling.average)
-        valid = src.dataset_mask(out_shape=(h, w)) > 0
-    rgb = stretch(data)
-    rgb[~valid] = 0
+    nodata black; read through the scene's source at reduced resolution."""
+    with open_source(scene_path) as src:
+        info = src.info
+        h, w = _shape(info.width, info.height, max_size)
+        data, valid = src.read(Window(0, 0, info.width, info.height), out_shape=(h, w))
+    rgb = stretch(data[:3] if data.shape[0] >= 3 else data[:1])
+    rgb[valid == 0] = 0
     return rgb
 
 
@@ -79,7 +78,7 @@ def quicklook(
         ax.set_xticks([])
         ax.set_yticks([])
     axes[0][-1].legend(
-        handles=[Patch(color="#{:02X}{:02X}{:02X}".format(*rgb), label=name) for name, rgb in legend],
+        handles=[Patch(color=hex_colour(rgb), label=name) for name, rgb in legend],
         fontsize=7,
         loc="lower right",
         framealpha=0.8,

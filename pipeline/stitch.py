@@ -1,10 +1,11 @@
 """Stitch stage: blend overlapping tile predictions into the ``mask`` (and ``probabilities``), block by block.
 
-Only for the ``cosine`` and ``gaussian`` blends; with ``crop`` the segmenters write the mask directly.
+The finalize step of the blending mergers (``cosine``, ``gaussian``; :mod:`segpipe.pipeline.merge`); with ``crop``
+the segmenters write the mask directly.
 
 For every tile core, the prediction is the weighted mean of the predictions of all tiles whose input window
 covers it (itself and, with ``halo < tile_size``, its 8 neighbours), with the weights of
-:mod:`pipeline.blend`; then argmax, and input nodata becomes 255. Work is cut into blocks of ``block x block``
+:mod:`segpipe.pipeline.blend`; then argmax, and input nodata becomes 255. Work is cut into blocks of ``block x block``
 tiles; a block reads the tile predictions of its neighbourhood once, so memory per thread is bounded by
 ``(block + 2)^2`` tiles, whatever the scene's size.
 """
@@ -19,11 +20,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import zarr
+from segpipe.pipeline import store as ws
 
-from pipeline import store as ws
-from pipeline.blend import Blend, weights_2d
-from pipeline.tile import Tile, TileGrid
+from segpipe.core.blend import Blend, weights_2d
+from segpipe.core.tiles import Tile, TileGrid
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def blend_core(
 
 
 def stitch(
-    group: zarr.Group,
+    store: ws.WorkStore,
     grid: TileGrid,
     blend: Blend,
     *,
@@ -78,12 +78,12 @@ def stitch(
 ) -> StitchResult:
     """Blend ``tile_probabilities`` into ``mask`` (and ``probabilities`` when the store has it)."""
     start = time.perf_counter()
-    tile_probs = ws.array(group, ws.TILE_PROBABILITIES)
-    valid = ws.array(group, ws.VALID)
-    mask = ws.array(group, ws.MASK)
-    probabilities = ws.array(group, ws.PROBABILITIES) if ws.PROBABILITIES in group else None
-    done = np.asarray(ws.array(group, ws.DONE)[...]).astype(bool)
-    needed = np.asarray(ws.array(group, ws.VALID_PIXELS)[...]) > 0
+    tile_probs = store.array(ws.TILE_PROBABILITIES)
+    valid = store.array(ws.VALID)
+    mask = store.array(ws.MASK)
+    probabilities = store.array(ws.PROBABILITIES) if ws.PROBABILITIES in store else None
+    done = np.asarray(store.array(ws.DONE)[...]).astype(bool)
+    needed = np.asarray(store.array(ws.VALID_PIXELS)[...]) > 0
     weights = weights_2d(grid.input_size, grid.halo, blend)
     reach = -(-grid.halo // grid.tile_size)
 

@@ -1,4 +1,4 @@
-"""The work store: one zarr v3 group per scene run, and the names of what lives in it.
+"""The work store: one zarr v3 group per scene run, at a URL; its schema, its lifecycle and its lock.
 
 Layout (all arrays chunked on the tile grid, pixel axes last)::
 
@@ -10,27 +10,36 @@ Layout (all arrays chunked on the tile grid, pixel axes last)::
     probabilities        (classes, height, width) uint8         optional: probability x 254, 255 = nodata
     tile_probabilities   (rows, cols, classes, S, S) float16    blends only: softmax over each tile's input
 
-Attributes: ``scene`` (the :class:`~pipeline.read.SceneInfo`), ``ingest`` (chunk size and completion), ``run``
-(the inference key: model checksum, tile size, halo, blend). Writers: ingest tasks write disjoint image/valid
-regions, each Ray actor writes only the chunks of its own tiles, stitch tasks write disjoint mask regions;
-attributes and the small index arrays are written by the driver alone.
+Attributes: ``scene`` (the :class:`~segpipe.pipeline.read.SceneInfo`), ``ingest`` (chunk size and completion),
+``run`` (the inference key: model checksum, tile size, halo, blend, and completion). Writers: ingest tasks write
+disjoint image/valid regions, each segmenter writes only the chunks of its own tiles, stitch tasks write disjoint
+mask regions; attributes and the small index arrays are written by the driver alone.
+
+Lifecycle: :func:`work_area` gives the folder work stores live in (the user's ``--work-dir``, kept so a re-run
+resumes, or the run's temporary local folder, removed afterwards, and by the next run if the process was killed);
+:func:`store_url` names a scene's store in it. Today a work store is a local folder; the store is always named by
+a URL string so that every stage and worker opens it itself.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
-import os
+import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import zarr
+from segpipe.pipeline.locks import exclusive_lock, path_key
 from zarr.codecs import BloscCodec
 
-from segpipe.errors import OutputError
+from segpipe.core.errors import OutputError
+from segpipe.core.tiles import TileGrid
+
+log = logging.getLogger(__name__)
 
 IMAGE = "image"
 VALID = "valid"
@@ -44,47 +53,192 @@ MASK_NODATA = 255
 PROBABILITY_NODATA = 255
 PROBABILITY_SCALE = 254  # probability p is stored as round(p * 254); 255 is nodata
 
+#: Scenes with more chunks than this group them into shards of one ingest region each.
+SHARD_ABOVE_CHUNKS = 64
+
 
 def compressor(*, typesize: int | None = None) -> BloscCodec:
     """Blosc/zstd at a low level: fast to decompress, which is what tile reads need."""
     return BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle" if typesize == 1 else "shuffle")
 
 
-def open_store(path: str | Path, mode: str = "a") -> zarr.Group:
-    """Open (or create) the work store group at ``path`` (a local path or an fsspec URL such as s3://...)."""
-    try:
-        return zarr.open_group(str(path), mode=mode)  # type: ignore[arg-type]
-    except (OSError, ValueError) as exc:
-        raise OutputError(f"cannot open work store {path}: {exc}; check the --work-dir") from None
+class WorkStore:
+    """One scene's work store: a zarr v3 group opened from a URL.
 
-
-def array(group: zarr.Group, name: str) -> zarr.Array:
-    """The array ``name`` of the work store; a typed ``group[name]`` (which may also return a subgroup).
+    Args:
+        url: A local path (today), or a URL for the zarr storage backend.
+        storage_options: Options for the storage backend (credentials, endpoint); None for local paths.
+        mode: ``a`` (read/write, create if missing), ``r+`` (read/write, must exist) or ``r``.
 
     Raises:
-        KeyError: the store has no member ``name``.
-        OutputError: ``name`` is a group, not an array (the work store is not one segpipe wrote).
+        OutputError: the store cannot be opened or created.
     """
-    node = group[name]
-    if not isinstance(node, zarr.Array):
-        raise OutputError(
-            f"work store {group.store_path} holds a group at {name!r} where an array was expected; "
-            "delete the work store and run again"
+
+    def __init__(self, url: str, *, storage_options: Mapping[str, Any] | None = None, mode: str = "a") -> None:
+        self.url = str(url)
+        self.storage_options = dict(storage_options or {})
+        try:
+            self.group = zarr.open_group(
+                self.url,
+                mode=mode,  # type: ignore[arg-type]
+                storage_options=self.storage_options or None,
+            )
+        except (OSError, ValueError) as exc:
+            raise OutputError(f"cannot open work store {self.url}: {exc}; check the --work-dir") from None
+
+    @classmethod
+    def from_group(cls, group: zarr.Group) -> WorkStore:
+        """A work store around a group opened elsewhere (an in-memory store in tests); it cannot be reopened by
+        other processes, so only the ``local`` executor and direct stage calls can use it."""
+        store = cls.__new__(cls)
+        store.url, store.storage_options, store.group = str(group.store_path), {}, group
+        return store
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.group
+
+    def array(self, name: str) -> zarr.Array:
+        """The array ``name``.
+
+        Raises:
+            KeyError: the store has no member ``name``.
+            OutputError: ``name`` is a group, not an array (the work store is not one segpipe wrote).
+        """
+        node = self.group[name]
+        if not isinstance(node, zarr.Array):
+            raise OutputError(
+                f"work store {self.url} holds a group at {name!r} where an array was expected; "
+                "delete the work store and run again"
+            )
+        return node
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        """A copy of the store's attributes (JSON values)."""
+        return dict(self.group.attrs)
+
+    def set_attrs(self, **values: Any) -> None:
+        """Update attributes (driver only)."""
+        self.group.attrs.update(values)
+
+    # --- schema ------------------------------------------------------------------------------------------
+
+    def create_scene_arrays(self, *, shape: tuple[int, int, int], dtype: str, chunk: int, region: int) -> None:
+        """Create ``image`` (bands, height, width), ``valid`` and ``valid_pixels``, replacing earlier ones.
+
+        Large scenes are sharded: one shard per ingest region (a block of whole chunks, written whole by one
+        task), so a 1-gigapixel scene is a few hundred files or objects instead of thousands; readers still
+        fetch single chunks.
+        """
+        bands, height, width = shape
+        grid = TileGrid(width, height, chunk, 0)
+        sharded = len(grid) > SHARD_ABOVE_CHUNKS and region > chunk
+        typesize = np.dtype(dtype).itemsize
+        self.group.create_array(
+            IMAGE,
+            shape=(bands, height, width),
+            chunks=(bands, chunk, chunk),
+            shards=(bands, region, region) if sharded else None,
+            dtype=dtype,
+            compressors=compressor(typesize=typesize),
+            fill_value=0,
+            dimension_names=("band", "y", "x"),
+            overwrite=True,
         )
-    return node
+        self.group.create_array(
+            VALID,
+            shape=(height, width),
+            chunks=(chunk, chunk),
+            shards=(region, region) if sharded else None,
+            dtype="uint8",
+            compressors=compressor(typesize=1),
+            fill_value=0,
+            dimension_names=("y", "x"),
+            overwrite=True,
+        )
+        self.group.create_array(
+            VALID_PIXELS,
+            shape=(grid.rows, grid.cols),
+            chunks=(grid.rows, grid.cols),
+            dtype="int64",
+            fill_value=0,
+            overwrite=True,
+        )
+
+    def prepare_run(
+        self, key: str, grid: TileGrid, classes: int, *, probabilities: bool, tile_probabilities: bool
+    ) -> bool:
+        """Create the inference arrays unless the store already holds them for the same run key.
+
+        Args:
+            key: The run key (see :func:`run_key`); results stored under another key are discarded.
+            grid: The tile grid (chunks of ``mask`` are its cores).
+            classes: Number of output classes.
+            probabilities: Create ``probabilities``.
+            tile_probabilities: Create ``tile_probabilities`` (a blending merger).
+
+        Returns:
+            True when earlier results are reused (same key), False when the arrays were (re)created.
+        """
+        if self.attrs.get("run", {}).get("key") == key and DONE in self.group:
+            return True
+        t = grid.tile_size
+        self.group.create_array(
+            DONE, shape=(grid.rows, grid.cols), chunks=(1, 1), dtype="uint8", fill_value=0, overwrite=True
+        )
+        self.group.create_array(
+            MASK,
+            shape=(grid.height, grid.width),
+            chunks=(t, t),
+            dtype="uint8",
+            fill_value=MASK_NODATA,
+            compressors=compressor(typesize=1),
+            dimension_names=("y", "x"),
+            overwrite=True,
+        )
+        for name in (PROBABILITIES, TILE_PROBABILITIES):
+            if name in self.group:
+                del self.group[name]
+        if probabilities:
+            self.group.create_array(
+                PROBABILITIES,
+                shape=(classes, grid.height, grid.width),
+                chunks=(classes, t, t),
+                dtype="uint8",
+                fill_value=PROBABILITY_NODATA,
+                compressors=compressor(typesize=1),
+                dimension_names=("class", "y", "x"),
+                overwrite=True,
+            )
+        if tile_probabilities:
+            s = grid.input_size
+            self.group.create_array(
+                TILE_PROBABILITIES,
+                shape=(grid.rows, grid.cols, classes, s, s),
+                chunks=(1, 1, classes, s, s),
+                dtype="float16",
+                fill_value=0,
+                compressors=compressor(typesize=2),
+                overwrite=True,
+            )
+        self.set_attrs(run={"key": key, "complete": False})
+        return False
+
+    def finish_run(self, key: str) -> None:
+        """Record that every tile of the run ``key`` is written."""
+        self.set_attrs(run={"key": key, "complete": True})
 
 
-def attrs(group: zarr.Group) -> dict[str, Any]:
-    """A copy of the work store's attributes as a plain dict (JSON values, so ``Any``)."""
-    return dict(group.attrs)
+def run_key(**fields: Any) -> str:
+    """A stable hash of the settings that determine inference results (model checksum, tile size, halo, blend,
+    batch size, probabilities, the scene's fingerprint)."""
+    return hashlib.sha256(repr(sorted(fields.items())).encode()).hexdigest()
 
 
-def _path_key(path: str) -> bytes:
-    """An absolute path as bytes for hashing; ``surrogatepass`` keeps file names that are not UTF-8 hashable."""
-    return os.path.abspath(path).encode("utf-8", "surrogatepass")
+# --- lifecycle ---------------------------------------------------------------------------------------------
 
 
-def store_path(work_dir: str | Path, scene_path: str) -> Path:
+def store_url(work_dir: str | Path, scene_path: str) -> str:
     """The work store of a scene in a work directory: ``<work_dir>/<scene name>-<8 hex of its path>.zarr``.
 
     The name is always one plain entry of ``work_dir``: the scene's stem is cut to 64 characters of
@@ -92,45 +246,20 @@ def store_path(work_dir: str | Path, scene_path: str) -> Path:
     """
     name = Path(scene_path.rstrip("/")).name or "scene"
     stem = re.sub(r"[^A-Za-z0-9._-]", "_", Path(name).stem)[:64].lstrip(".") or "scene"
-    digest = hashlib.sha256(_path_key(scene_path)).hexdigest()[:8]
-    return Path(work_dir) / f"{stem}-{digest}.zarr"
+    digest = hashlib.sha256(path_key(scene_path)).hexdigest()[:8]
+    return str(Path(work_dir) / f"{stem}-{digest}.zarr")
 
 
-def run_key(**fields: Any) -> str:
-    """A stable hash of the settings that determine inference results.
+def work_area(work_dir: str | None, temporary: Path) -> Path:
+    """The folder work stores live in: ``work_dir`` (created if missing, and kept, so a re-run resumes), or the
+    run's ``temporary`` local folder (see :func:`segpipe.core.files.temporary_folder`)."""
+    if not work_dir:
+        return temporary.resolve()
+    path = Path(work_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    return path.resolve()
 
-    The settings: model checksum, tile, halo, blend...
-    """
-    return hashlib.sha256(repr(sorted(fields.items())).encode()).hexdigest()
 
-
-@contextlib.contextmanager
-def exclusive_lock(target: str | Path, what: str) -> Iterator[None]:
-    """Hold an exclusive, non-blocking advisory lock for ``target`` for the duration of the block.
-
-    The lock file lives in the system temp directory (keyed by the target's absolute path), so nothing is left
-    next to outputs; the kernel releases the lock if the process dies, so a killed run never blocks the next
-    one.
-
-    Raises:
-        OutputError: another segpipe process holds the lock.
-    """
-    key = hashlib.sha256(_path_key(str(target))).hexdigest()[:24]
-    lock_dir = Path(
-        os.environ.get("SEGPIPE_LOCK_DIR", Path(os.environ.get("TMPDIR", "/tmp")) / "segpipe-locks")
-    )
-    lock_dir.mkdir(parents=True, exist_ok=True)
-    handle = open(lock_dir / f"{key}.lock", "w")  # noqa: SIM115 - held open for the lock's lifetime
-    try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise OutputError(
-                f"{what} {target} is in use by another segpipe run; "
-                "wait for it to finish or choose another path"
-            ) from None
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
-        yield
-    finally:
-        handle.close()
+def lock(url: str) -> contextlib.AbstractContextManager[None]:
+    """The single-writer lock of the work store at ``url`` (see :func:`segpipe.pipeline.locks.exclusive_lock`)."""
+    return exclusive_lock(url, "work store")

@@ -39,9 +39,8 @@ CheckpointFactory = Callable[..., Path]
 def make_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> CheckpointFactory:
     """Build a small, seeded, untrained U-Net checkpoint for the given bands (safetensors + JSON)."""
     import torch
-
-    from models.checkpoint import ClassInfo, ModelMetadata, save_checkpoint
-    from models.registry import build_model
+    from segpipe.models.checkpoint import ClassInfo, ModelMetadata, save_checkpoint
+    from segpipe.models.registry import build_model
 
     def make(
         name: str,

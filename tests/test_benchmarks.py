@@ -86,10 +86,10 @@ def test_seam_study_finds_crop_exact_when_the_halo_covers_the_receptive_field(
     make_checkpoint, data_dir: Path, tmp_path: Path  # type: ignore[no-untyped-def]
 ) -> None:
     import torch
+    from segpipe.models.checkpoint import load_model, save_checkpoint
+    from segpipe.models.networks import receptive_field_radius
 
     from benchmarks import bench_seams
-    from models.checkpoint import load_model, save_checkpoint
-    from models.networks import receptive_field_radius
 
     fixture = load_model(
         make_checkpoint("seams", bands=("r", "g", "b"), mean=(80.0,) * 3, std=(40.0,) * 3, classes=4, depth=2)
@@ -130,9 +130,10 @@ def test_recipe_variants_are_valid_training_configs(tmp_path: Path) -> None:
     import dataclasses
     import shutil
 
+    from segpipe.models.registry import build_model
+    from segpipe.models.train_default import ARGUMENTS, build_config
+
     from benchmarks import bench_recipes
-    from models.registry import build_model
-    from models.train_default import ARGUMENTS, build_config
 
     data_dir = Path(__file__).resolve().parent / "data" / "dubai"
     for name in ("tile-1", "tile-2"):

@@ -87,9 +87,9 @@ def test_existing_output_is_refused(data_dir: Path, tmp_path: Path) -> None:
 def test_internal_failure_exits_1_with_one_line(data_dir: Path, tmp_path: Path) -> None:
     # a zarr work store path that is a file: the work store cannot be created past validation
     (tmp_path / "work").mkdir()
-    from pipeline.store import store_path
+    from segpipe.pipeline.store import store_url
 
-    store_path(tmp_path / "work", str(data_dir / "RGB.byte.tif")).write_text("not a zarr store")
+    Path(store_url(tmp_path / "work", str(data_dir / "RGB.byte.tif"))).write_text("not a zarr store")
     result = segpipe(
         "run",
         str(data_dir / "RGB.byte.tif"),
@@ -124,7 +124,7 @@ def test_train_command_on_a_real_pair_writes_a_loadable_checkpoint(data_dir: Pat
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert 0.0 <= report["best_miou"] <= 1.0
-    from models.checkpoint import load_model
+    from segpipe.models.checkpoint import load_model
 
     meta = load_model(report["checkpoint"]).metadata
     assert meta.architecture == "unet"

@@ -1,4 +1,4 @@
-"""Tests for pipeline.evaluate: block-wise confusion matrix and metrics on small rasters written here."""
+"""Tests for segpipe.pipeline.evaluate: block-wise confusion matrix and metrics on small rasters written here."""
 
 from __future__ import annotations
 
@@ -11,10 +11,12 @@ import pytest
 import rasterio
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from segpipe.models.dubai import DUBAI_CLASSES
+from segpipe.pipeline.evaluate import evaluate
 
-from models.data import DUBAI_CLASSES, ColourTable
-from pipeline.evaluate import EvaluationResult, confusion_matrix, evaluate
-from segpipe.errors import ConfigError, InputError
+from segpipe.core.colours import ColourTable
+from segpipe.core.errors import ConfigError, InputError
+from segpipe.core.metrics import EvaluationResult, confusion_matrix
 
 # 4 rows x 5 columns, classes 0..2.
 GT = np.array(
@@ -185,7 +187,7 @@ def test_not_class_rasters(tmp_path: Path) -> None:
     floats = write(tmp_path / "f.tif", PRED.astype(np.float32))
     with pytest.raises(InputError, match="integer band"):
         evaluate(floats, write(tmp_path / "g.tif", GT))
-    with pytest.raises(InputError, match="cannot be opened"):
+    with pytest.raises(InputError, match="does not exist"):
         evaluate(tmp_path / "missing.tif", tmp_path / "g.tif")
 
 

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import rasterio
 import torch
+from segpipe.models.explain import received_attention
+from segpipe.pipeline.run import run_scene
+from segpipe.pipeline.settings import RunSettings
 
-from models.explain import received_attention
-from pipeline.plan import RunSettings
-from pipeline.run import run_scene
 from segpipe.cli import main
 
 

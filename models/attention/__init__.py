@@ -13,10 +13,10 @@ the maps can be shown. Maps cost extra memory and are only computed when asked f
 
 from __future__ import annotations
 
-from models.attention.channel import CBAM, ChannelAttention, SqueezeExcitation
-from models.attention.gate import AttentionGate
-from models.attention.self_attention import SelfAttention2d, WindowSelfAttention2d
-from models.attention.spatial import SpatialAttention
+from segpipe.models.attention.channel import CBAM, ChannelAttention, SqueezeExcitation
+from segpipe.models.attention.gate import AttentionGate
+from segpipe.models.attention.self_attention import SelfAttention2d, WindowSelfAttention2d
+from segpipe.models.attention.spatial import SpatialAttention
 
 __all__ = [
     "CBAM",

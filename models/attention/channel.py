@@ -5,10 +5,9 @@ from __future__ import annotations
 from typing import Literal, overload
 
 import torch
+from segpipe.models._checks import positive_int
+from segpipe.models.attention.spatial import SpatialAttention
 from torch import Tensor, nn
-
-from models._checks import positive_int
-from models.attention.spatial import SpatialAttention
 
 
 def hidden_width(channels: int, reduction: int) -> int:

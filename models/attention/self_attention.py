@@ -6,9 +6,8 @@ from typing import Literal, overload
 
 import torch
 import torch.nn.functional as F
+from segpipe.models._checks import divisible, positive_int
 from torch import Tensor, nn
-
-from models._checks import divisible, positive_int
 
 
 def attend(

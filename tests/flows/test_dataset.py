@@ -7,9 +7,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+from segpipe.flows.dataset import mask_path, scenes_in, segment_dataset
+from segpipe.pipeline.settings import RunOptions
 
-from flows.dataset import mask_path, scenes_in, segment_dataset
-from segpipe.errors import ConfigError, SegpipeError
+from segpipe.core.errors import ConfigError, SegpipeError
 
 
 def test_dataset_flow_segments_new_scenes_and_skips_done_ones(
@@ -22,11 +23,11 @@ def test_dataset_flow_segments_new_scenes_and_skips_done_ones(
     (scenes / "broken.tif").write_bytes(b"II*\x00 this is not a tiff")
     out = tmp_path / "out"
     with pytest.raises(SegpipeError, match=r"1 of 3 scenes failed: broken.tif: input .* is not a raster"):
-        segment_dataset(str(scenes), str(out), model=str(rgb_checkpoint), executor="local")
+        segment_dataset(str(scenes), str(out), options=RunOptions(model=str(rgb_checkpoint), executor="local"))
     assert mask_path(str(out), scenes / "a.tif").exists()
     assert mask_path(str(out), scenes / "b.tif").exists()
     (scenes / "broken.tif").unlink()
-    result = segment_dataset(str(scenes), str(out), model=str(rgb_checkpoint), executor="local")
+    result = segment_dataset(str(scenes), str(out), options=RunOptions(model=str(rgb_checkpoint), executor="local"))
     assert result == {"done": [], "skipped": [str(scenes / "a.tif"), str(scenes / "b.tif")], "failed": {}}
 
 

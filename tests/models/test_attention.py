@@ -6,9 +6,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from torch import Tensor, nn
-
-from models.attention import (
+from segpipe.models.attention import (
     CBAM,
     AttentionGate,
     ChannelAttention,
@@ -17,7 +15,9 @@ from models.attention import (
     SqueezeExcitation,
     WindowSelfAttention2d,
 )
-from segpipe.errors import ModelError
+from torch import Tensor, nn
+
+from segpipe.core.errors import ModelError
 
 C = 8
 

@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save as safetensors_save
-
-from models.checkpoint import (
+from segpipe.models.checkpoint import (
     LoadedModel,
     ModelMetadata,
     default_model_path,
@@ -22,9 +21,10 @@ from models.checkpoint import (
     save_checkpoint,
     write_metadata,
 )
-from models.networks import UNet
-from models.registry import build_model
-from segpipe.errors import ConfigError, ModelError
+from segpipe.models.networks import UNet
+from segpipe.models.registry import build_model
+
+from segpipe.core.errors import ConfigError, ModelError
 from tests.models.conftest import TINY_ARGUMENTS, Evil, make_metadata, randomise
 
 

@@ -1,4 +1,4 @@
-"""Tests for models.data: mask decoding (RGB, paletted, class ids), pairs, tile sampling, splits, weights."""
+"""Tests for segpipe.models.data: mask decoding (RGB, paletted, class ids), pairs, tile sampling, splits, weights."""
 
 from __future__ import annotations
 
@@ -11,11 +11,7 @@ import pytest
 import rasterio
 import torch
 from rasterio.errors import NotGeoreferencedWarning
-
-from models.data import (
-    DEFAULT_VALIDATION_TILE,
-    DUBAI_CLASSES,
-    ColourTable,
+from segpipe.models.data import (
     SamplePair,
     TileDataset,
     band_statistics,
@@ -23,13 +19,15 @@ from models.data import (
     find_pairs,
     load_folders,
     load_pair,
-    parse_colour,
     pixel_counts,
     read_image,
     read_mask,
     split_folders,
 )
-from segpipe.errors import ConfigError, InputError
+from segpipe.models.dubai import DEFAULT_VALIDATION_TILE, DUBAI_CLASSES
+
+from segpipe.core.colours import ColourTable, parse_colour
+from segpipe.core.errors import ConfigError, InputError
 
 TESTS_DATA = Path(__file__).resolve().parents[1] / "data" / "dubai"
 REAL_IMAGE = TESTS_DATA / "image_part_005.jpg"

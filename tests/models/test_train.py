@@ -1,4 +1,4 @@
-"""Tests for models.train: a short real training run, checkpoint contents, resume, configuration errors."""
+"""Tests for segpipe.models.training: a short real training run, checkpoint contents, resume, configuration errors."""
 
 from __future__ import annotations
 
@@ -14,10 +14,12 @@ import rasterio
 import torch
 from rasterio.errors import NotGeoreferencedWarning
 from safetensors.torch import load_file
+from segpipe.models.data import read_image, read_mask
+from segpipe.models.dubai import DUBAI_CLASSES
+from segpipe.models.training import EpochRecord, TrainConfig, WarmupCosine, predict_image, train
 
-from models.data import DUBAI_CLASSES, ColourTable, read_image, read_mask
-from models.train import EpochRecord, TrainConfig, WarmupCosine, predict_image, train
-from segpipe.errors import ConfigError
+from segpipe.core.colours import ColourTable
+from segpipe.core.errors import ConfigError
 
 TESTS_DATA = Path(__file__).resolve().parents[1] / "data" / "dubai"
 TABLE = ColourTable.from_hex(c for _, c in DUBAI_CLASSES)
@@ -85,7 +87,7 @@ def config(folders: tuple[Path, Path], out: Path, **overrides: Any) -> TrainConf
 
 
 def test_short_run_learns_and_writes_a_loadable_checkpoint(folders: tuple[Path, Path], tmp_path: Path) -> None:
-    from models.checkpoint import load_model
+    from segpipe.models.checkpoint import load_model
 
     result = train(config(folders, tmp_path / "run"))
     losses = [r.train_loss for r in result.history]
@@ -152,7 +154,7 @@ def test_resume_reaches_the_uninterrupted_result(folders: tuple[Path, Path], tmp
 
 
 def test_predict_image_windows_cover_every_pixel(folders: tuple[Path, Path]) -> None:
-    from models.registry import build_model
+    from segpipe.models.registry import build_model
 
     torch.manual_seed(0)
     model = build_model("unet", {"in_channels": 3, "num_classes": 6, "base_channels": 4, "depth": 2}).eval()
@@ -183,7 +185,7 @@ def test_schedule_and_config_checks(folders: tuple[Path, Path], tmp_path: Path) 
 
 
 def test_dice_term_joins_the_loss_and_the_provenance(folders: tuple[Path, Path], tmp_path: Path) -> None:
-    from models.checkpoint import load_model
+    from segpipe.models.checkpoint import load_model
 
     one = {"epochs": 1, "steps_per_epoch": 1}
     plain = train(config(folders, tmp_path / "ce", **one))
@@ -197,7 +199,7 @@ def test_dice_term_joins_the_loss_and_the_provenance(folders: tuple[Path, Path],
 
 
 def test_default_run_configuration(folders: tuple[Path, Path], tmp_path: Path) -> None:
-    from models.train_default import ARGUMENTS, HYPERPARAMETERS, build_config
+    from segpipe.models.train_default import ARGUMENTS, HYPERPARAMETERS, build_config
 
     root = tmp_path / "dubai-aerial"
     root.mkdir()
@@ -214,7 +216,7 @@ def test_default_run_configuration(folders: tuple[Path, Path], tmp_path: Path) -
 
 
 def test_fingerprint_changes_tolerate_fields_added_later(folders: tuple[Path, Path], tmp_path: Path) -> None:
-    from models.train import _fingerprint_changes
+    from segpipe.models.training.config import fingerprint_changes as _fingerprint_changes
 
     current = config(folders, tmp_path).fingerprint()
     older = {k: v for k, v in current.items() if k != "colour_jitter"}  # written before the field existed
@@ -224,7 +226,7 @@ def test_fingerprint_changes_tolerate_fields_added_later(folders: tuple[Path, Pa
 
 
 def test_ema_update_follows_the_formula_with_warm_up() -> None:
-    from models.train import ema_update
+    from segpipe.models.training import ema_update
 
     model, average = torch.nn.BatchNorm2d(2), torch.nn.BatchNorm2d(2)
     with torch.no_grad():
@@ -240,7 +242,7 @@ def test_ema_update_follows_the_formula_with_warm_up() -> None:
 
 
 def test_weight_average_is_validated_kept_and_resumed(folders: tuple[Path, Path], tmp_path: Path) -> None:
-    from models.checkpoint import load_model
+    from segpipe.models.checkpoint import load_model
 
     whole = train(config(folders, tmp_path / "whole", ema_decay=0.9))
     state = load_file(str(whole.state))

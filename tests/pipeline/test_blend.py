@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.blend import MIN_WEIGHT, weights_1d, weights_2d
+from segpipe.core.blend import MIN_WEIGHT, weights_1d, weights_2d
 
 
 @given(tile=st.integers(2, 200), halo=st.integers(1, 60))

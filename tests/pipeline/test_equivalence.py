@@ -13,16 +13,17 @@ import numpy as np
 import pytest
 import rasterio
 import torch
+from segpipe.models.checkpoint import load_model
+from segpipe.models.networks import receptive_field_radius
+from segpipe.pipeline import store as ws
+from segpipe.pipeline.dispatch import run_inference
+from segpipe.pipeline.infer import InferOptions
+from segpipe.pipeline.ingest import ingest
+from segpipe.pipeline.read import describe_scene
+from segpipe.pipeline.stitch import stitch
 
-from models.checkpoint import load_model
-from models.networks import receptive_field_radius
-from pipeline import store as ws
-from pipeline.dispatch import run_inference
-from pipeline.infer import InferOptions, normalise
-from pipeline.ingest import ingest
-from pipeline.read import describe_scene
-from pipeline.stitch import stitch
-from pipeline.tile import TileGrid
+from segpipe.core.pixels import normalise
+from segpipe.core.tiles import TileGrid
 
 
 def whole_image_probabilities(scene: Path, checkpoint: Path, halo: int) -> tuple[np.ndarray, np.ndarray]:
@@ -39,7 +40,7 @@ def whole_image_probabilities(scene: Path, checkpoint: Path, halo: int) -> tuple
     pad = ((halo, halo + extra_y), (halo, halo + extra_x))
     data_p = np.pad(data, ((0, 0), *pad), mode="reflect")
     valid_p = np.pad(valid, pad, mode="reflect")
-    x = torch.from_numpy(normalise(data_p, valid_p, meta.mean, meta.std))[None]
+    x = torch.from_numpy(normalise(data_p, meta.mean, meta.std, valid_p))[None]
     with torch.inference_mode():
         probs = torch.softmax(loaded.module(x).float(), dim=1)[0].numpy()
     return probs[:, halo : halo + height, halo : halo + width], valid
@@ -50,9 +51,8 @@ def tiled(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Run ingest -> infer (in-process) -> stitch; return the store's mask and probabilities/254."""
     info = describe_scene(str(scene))
-    store_path = str(tmp_path / "store.zarr")
-    group = ws.open_store(store_path)
-    ingest(info, group, chunk_size=tile)
+    store = ws.WorkStore(str(tmp_path / "store.zarr"))
+    ingest(info, store, chunk_size=tile)
     grid = TileGrid(info.width, info.height, tile, halo)
     loaded = load_model(checkpoint)
     options = InferOptions(
@@ -60,11 +60,11 @@ def tiled(
         batch_size=4, device="cpu", threads=2, probabilities=True,
     )
     classes = len(loaded.metadata.classes)
-    run_inference(store_path, group, grid, options, classes=classes, key=blend, executor="local")
+    run_inference(store, grid, options, classes=classes, key=blend, executor="local")
     if blend != "crop":
-        stitch(group, grid, blend)  # type: ignore[arg-type]
-    mask = np.asarray(group[ws.MASK][...])
-    probabilities = np.asarray(group[ws.PROBABILITIES][...]).astype(np.float32) / ws.PROBABILITY_SCALE
+        stitch(store, grid, blend)  # type: ignore[arg-type]
+    mask = np.asarray(store.array(ws.MASK)[...])
+    probabilities = np.asarray(store.array(ws.PROBABILITIES)[...]).astype(np.float32) / ws.PROBABILITY_SCALE
     return mask, probabilities
 
 

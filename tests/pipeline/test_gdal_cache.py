@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 import rasterio
 from rasterio._env import get_gdal_config
+from segpipe.pipeline.run import run_scene
+from segpipe.pipeline.settings import RunSettings
 
-from pipeline.plan import RunSettings
-from pipeline.read import GDAL_CACHE_BYTES
-from pipeline.run import run_scene
+from segpipe.core.raster import GDAL_CACHE_BYTES
 
 
 def test_ingest_and_export_open_rasters_under_the_bounded_cache(
@@ -26,8 +26,10 @@ def test_ingest_and_export_open_rasters_under_the_bounded_cache(
     original = rasterio.open
 
     def recording_open(*args: Any, **kwargs: Any) -> Any:
-        caller = sys._getframe(1).f_globals.get("__name__", "")
-        seen.setdefault(caller, set()).add(int(get_gdal_config("GDAL_CACHEMAX")))
+        frame = sys._getframe(1)  # every module on the stack: ingest opens through the scene source
+        while frame is not None:
+            seen.setdefault(frame.f_globals.get("__name__", ""), set()).add(int(get_gdal_config("GDAL_CACHEMAX")))
+            frame = frame.f_back
         return original(*args, **kwargs)
 
     before = int(get_gdal_config("GDAL_CACHEMAX"))
@@ -35,6 +37,6 @@ def test_ingest_and_export_open_rasters_under_the_bounded_cache(
     monkeypatch.setattr(rasterio, "open", recording_open)
     scene = data_dir / "RGB.byte.tif"
     run_scene(RunSettings(input=str(scene), output=str(tmp_path / "mask.tif"), executor="local"))
-    assert seen.get("pipeline.ingest") == {GDAL_CACHE_BYTES}
-    assert seen.get("pipeline.export") == {GDAL_CACHE_BYTES}
+    assert seen.get("segpipe.pipeline.ingest") == {GDAL_CACHE_BYTES}
+    assert seen.get("segpipe.pipeline.export") == {GDAL_CACHE_BYTES}
     assert int(get_gdal_config("GDAL_CACHEMAX")) == before, "the process-wide setting is restored"

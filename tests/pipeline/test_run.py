@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import rasterio
 from rio_cogeo.cogeo import cog_validate
+from segpipe.pipeline.run import run_scene
+from segpipe.pipeline.settings import RunSettings
 
-from pipeline.export import partial_path
-from pipeline.plan import RunSettings
-from pipeline.run import run_scene
-from segpipe.errors import ModelError, OutputError
+from segpipe.core.errors import ModelError, OutputError
+from segpipe.core.files import partial_path
 
 
 def run(scene: Path, output: Path, **options: object) -> dict:
@@ -173,20 +173,19 @@ def test_failed_export_leaves_nothing_next_to_the_output(
 def test_large_scene_is_sharded_and_still_exact(data_dir: Path, rgb_checkpoint: Path, tmp_path: Path) -> None:
     """With small tiles the scene has more chunks than the sharding threshold: image and valid are sharded (one shard
     per ingest region), and the mask is identical to an unsharded run's."""
-    from pipeline import ingest as ingest_module
-    from pipeline import store as ws
+    from segpipe.pipeline import store as ws
 
     scene = data_dir / "RGB.byte.tif"
     options = {"model": str(rgb_checkpoint), "tile_size": 64, "halo": 16, "blend": "crop"}
     run(scene, tmp_path / "sharded.tif", work_dir=str(tmp_path / "w1"), **options)
-    group = ws.open_store(next((tmp_path / "w1").glob("*.zarr")), mode="r")
-    assert ws.array(group, ws.IMAGE).shards is not None
-    threshold = ingest_module.SHARD_ABOVE_CHUNKS
+    store = ws.WorkStore(str(next((tmp_path / "w1").glob("*.zarr"))), mode="r")
+    assert store.array(ws.IMAGE).shards is not None
+    threshold = ws.SHARD_ABOVE_CHUNKS
     try:
-        ingest_module.SHARD_ABOVE_CHUNKS = 10**9
+        ws.SHARD_ABOVE_CHUNKS = 10**9
         run(scene, tmp_path / "plain.tif", work_dir=str(tmp_path / "w2"), **options)
     finally:
-        ingest_module.SHARD_ABOVE_CHUNKS = threshold
-    group = ws.open_store(next((tmp_path / "w2").glob("*.zarr")), mode="r")
-    assert ws.array(group, ws.IMAGE).shards is None
+        ws.SHARD_ABOVE_CHUNKS = threshold
+    store = ws.WorkStore(str(next((tmp_path / "w2").glob("*.zarr"))), mode="r")
+    assert store.array(ws.IMAGE).shards is None
     assert (tmp_path / "sharded.tif").read_bytes() == (tmp_path / "plain.tif").read_bytes()

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.tile import TileGrid, Window, validate_tiling
-from segpipe.errors import ConfigError
+from segpipe.core.errors import ConfigError
+from segpipe.core.tiles import TileGrid, Window, validate_tiling
 
 grids = st.builds(
     TileGrid,
@@ -56,7 +56,7 @@ def test_mirror_padded_read_equals_the_mirror_padded_scene(grid: TileGrid) -> No
     """Reading a clipped window and mirror-padding it equals cutting the input window out of the scene
     padded by the halo, within ``halo`` pixels of the scene (all that a model of receptive radius <= halo
     can see)."""
-    from pipeline.infer import read_tile_input
+    from segpipe.core.tiles import read_tile_input
 
     rng = np.random.default_rng(0)
     scene = rng.integers(0, 255, size=(1, grid.height, grid.width), dtype=np.uint8)

@@ -13,7 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-import pipeline.export as export
+import segpipe.pipeline.export as export
+
 from segpipe.cli import main
 
 READY = Path(os.environ["SEGPIPE_TEST_READY"])

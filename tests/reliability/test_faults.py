@@ -17,11 +17,11 @@ import numpy as np
 import psutil
 import pytest
 import zarr
+from segpipe.pipeline import store as ws
+from segpipe.pipeline.run import run_scene
+from segpipe.pipeline.settings import RunSettings
 
-from pipeline import store as ws
-from pipeline.export import partial_path
-from pipeline.plan import RunSettings
-from pipeline.run import run_scene
+from segpipe.core.files import partial_path
 from tests.reliability.conftest import Cli, assert_refused
 from tests.reliability.helpers import rgb_scene, start_segpipe, wait_for
 
@@ -35,7 +35,7 @@ def done_flags(store: Path) -> np.ndarray | None:
         group = zarr.open_group(str(store), mode="r")
         if ws.DONE not in group:
             return None
-        return np.asarray(ws.array(group, ws.DONE)[...]).ravel()
+        return np.asarray(group[ws.DONE][...]).ravel()
     except (FileNotFoundError, KeyError, ValueError, OSError):
         return None
 
@@ -70,7 +70,7 @@ def test_ray_actor_killed_mid_inference_restarts_and_the_mask_is_identical(
     }
     clean = run_scene(RunSettings(input=str(scene), output=str(tmp_path / "clean.tif"), executor="local", **options))
     work = tmp_path / "work"
-    store = ws.store_path(work.resolve(), str(scene))
+    store = Path(ws.store_url(work.resolve(), str(scene)))
     finished = threading.Event()
     seen: dict[str, Any] = {}
     failures: list[BaseException] = []
@@ -131,7 +131,7 @@ def test_sigkill_during_inference_resumes_and_is_byte_identical(
     options = ("--model", slow_checkpoint, "--tile-size", "64", "--halo", "16", "--batch-size", str(batch))
     out, work = tmp_path / "out", tmp_path / "work"
     out.mkdir()
-    store = ws.store_path(work.resolve(), str(scene))
+    store = Path(ws.store_url(work.resolve(), str(scene)))
     run = start_segpipe(
         "run", str(scene), str(out / "m.tif"), *map(str, options), "--work-dir", str(work), *LOCAL, cwd=tmp_path
     )
@@ -225,7 +225,7 @@ def test_a_second_run_on_the_same_output_or_work_store_is_refused(
             f"output {out / 'm.tif'} is in use by another segpipe run; wait for it to finish or choose another path",
         )
         same_store = cli("run", scene, other / "m.tif", *model, "--work-dir", work, *LOCAL)
-        store = ws.store_path(work.resolve(), str(scene))
+        store = Path(ws.store_url(work.resolve(), str(scene)))
         assert_refused(
             same_store,
             f"work store {store} is in use by another segpipe run; wait for it to finish or choose another path",

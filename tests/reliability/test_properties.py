@@ -12,13 +12,13 @@ import numpy as np
 import zarr
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from segpipe.pipeline import store as ws
+from segpipe.pipeline.ingest import regions as _regions
+from segpipe.pipeline.stitch import blend_core, stitch
+from segpipe.pipeline.tile import plan_tiles, work_units
 
-from pipeline import store as ws
-from pipeline.blend import BLENDS, MIN_WEIGHT, weights_2d
-from pipeline.dispatch import plan_groups, work_units
-from pipeline.ingest import _regions
-from pipeline.stitch import blend_core, stitch
-from pipeline.tile import TileGrid
+from segpipe.core.blend import BLENDS, MIN_WEIGHT, weights_2d
+from segpipe.core.tiles import TileGrid
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -111,8 +111,8 @@ def test_stitch_of_a_constant_prediction_is_that_class_and_nodata_where_the_scen
     probs = np.full((grid.rows, grid.cols, classes, s, s), 0.1 / classes, dtype=np.float16)
     probs[:, :, winner] = 0.9
     group.create_array(ws.TILE_PROBABILITIES, data=probs, chunks=(1, 1, classes, s, s))
-    stitch(group, grid, blend, workers=1, block=2)  # type: ignore[arg-type]
-    mask = np.asarray(ws.array(group, ws.MASK)[...])
+    stitch(ws.WorkStore.from_group(group), grid, blend, workers=1, block=2)  # type: ignore[arg-type]
+    mask = np.asarray(group[ws.MASK][...])
     assert (mask[valid == 1] == winner).all() and (mask[valid == 0] == ws.MASK_NODATA).all()
 
 
@@ -138,7 +138,7 @@ def test_batches_are_fixed_and_a_resume_redoes_only_unfinished_ones(
     group = zarr.open_group(zarr.storage.MemoryStore(), mode="w")
     group.create_array(ws.VALID_PIXELS, data=counts, chunks=counts.shape)
     group.create_array(ws.DONE, data=done.astype(np.uint8), chunks=(1, 1))
-    todo, skipped, reused = plan_groups(group, grid, batch)
+    todo, skipped, reused = plan_tiles(ws.WorkStore.from_group(group), grid, batch)
     needed = [int(i) for i in np.flatnonzero(counts.ravel())]
     fixed = [needed[k : k + batch] for k in range(0, len(needed), batch)]  # independent of what is done
     flat_done = done.ravel()
@@ -170,14 +170,14 @@ def test_every_tile_input_is_the_full_size_with_its_core_at_the_halo(grid: TileG
     assert (tile.row, tile.col) == divmod(tile.row * grid.cols + tile.col, grid.cols)
 
 
-WORK = Path(tempfile.gettempdir()) / "segpipe-work-dir-property"  # never created: store_path is pure
+WORK = Path(tempfile.gettempdir()) / "segpipe-work-dir-property"  # never created: store_url is pure
 
 
 @given(name=st.text(max_size=300))
 @settings(max_examples=300, deadline=None)
 def test_work_store_name_is_always_one_plain_entry_of_the_work_dir(name: str) -> None:
-    path = ws.store_path(WORK, name)
+    path = Path(ws.store_url(WORK, name))
     assert path.parent == WORK
     assert path.name.endswith(".zarr") and not path.name.startswith(".")
     assert "/" not in path.name and "\x00" not in path.name and len(path.name.encode()) <= 255
-    assert ws.store_path(WORK, name) == path
+    assert Path(ws.store_url(WORK, name)) == path

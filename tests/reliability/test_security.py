@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from segpipe.pipeline import store as ws
 
-from pipeline import store as ws
 from tests.reliability.conftest import Cli, assert_refused
 from tests.reliability.helpers import REPO, rgb_scene
 
@@ -55,7 +55,7 @@ def _payloads(folder: Path, marker: Path) -> dict[str, Path]:
 REFUSAL = (
     "; segpipe never unpickles (unpickling can run arbitrary code) and accepts only safetensors, ONNX or TorchScript "
     "files with a JSON sidecar. Convert it once in a trusted environment: load it there and call "
-    "models.checkpoint.save_checkpoint(module, metadata, 'model.safetensors')"
+    "segpipe.models.checkpoint.save_checkpoint(module, metadata, 'model.safetensors')"
 )
 
 
@@ -84,8 +84,7 @@ def test_pickle_model_is_refused_and_not_executed(name: str, what: str, cli: Cli
 
 def test_a_valid_checkpoint_loads_without_pickle(rgb_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
-
-    from models.checkpoint import load_model
+    from segpipe.models.checkpoint import load_model
 
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("a checkpoint load reached pickle")
@@ -97,7 +96,7 @@ def test_a_valid_checkpoint_loads_without_pickle(rgb_checkpoint: Path, monkeypat
 
 RAY_PROBE = """
 import json, psutil
-from pipeline.dispatch import ray_session
+from segpipe.pipeline.dispatch import ray_session
 with ray_session(None, 1) as ray:
     from ray._private.authentication.authentication_utils import is_token_auth_enabled
     from ray._raylet import AuthenticationTokenLoader
@@ -182,7 +181,7 @@ def test_project_code_never_opens_up_ray_or_prefect() -> None:
     "name", ["../../x.tif", "..", ".", "/", "s3://bucket/", "https://h/a/b.tif?sig=../../c", ".hidden.tif", "a b\n.tif"]
 )
 def test_work_store_names_stay_in_the_work_dir(name: str, tmp_path: Path) -> None:
-    path = ws.store_path(tmp_path, name)
+    path = Path(ws.store_url(tmp_path, name))
     assert path.parent == tmp_path and path.name.endswith(".zarr")
     assert not path.name.startswith(".") and "/" not in path.name and len(path.name) <= 80
 
@@ -195,13 +194,13 @@ def test_an_input_named_with_dotdot_keeps_its_work_store_in_the_work_dir(
     rgb_scene(tmp_path / "x.tif", 40, 30)
     monkeypatch.chdir(deep)
     assert cli("run", "../../x.tif", "m.tif", "--model", rgb_checkpoint, "--work-dir", "work", *LOCAL).code == 0
-    assert [p.name for p in (deep / "work").iterdir()] == [ws.store_path("work", "../../x.tif").name]
+    assert [p.name for p in (deep / "work").iterdir()] == [Path(ws.store_url("work", "../../x.tif")).name]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "locks", "x.tif"]
 
 
 SESSION_PROBE = """
 import json
-from pipeline.dispatch import ray_session
+from segpipe.pipeline.dispatch import ray_session
 with ray_session(None, 1) as ray:
     print(json.dumps({"gcs": ray._private.worker.global_worker.node.gcs_address}))
 """

@@ -1,0 +1,123 @@
+"""The run summary: what a run did, as JSON (written next to the mask) and as a few lines for people."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from segpipe.pipeline import store as ws
+from segpipe.pipeline.dispatch import InferResult
+from segpipe.pipeline.export import ExportResult
+from segpipe.pipeline.ingest import IngestResult
+from segpipe.pipeline.plan import RunPlan
+from segpipe.pipeline.settings import RunOptions
+
+from segpipe.core.options import values_of
+
+
+def _crs_name(wkt: str | None) -> str | None:
+    if not wkt:
+        return None
+    from rasterio.crs import CRS
+
+    crs = CRS.from_wkt(wkt)
+    epsg = crs.to_epsg()
+    return f"EPSG:{epsg}" if epsg else crs.to_string()
+
+
+def build_summary(
+    plan: RunPlan,
+    seconds: dict[str, float],
+    ingested: IngestResult,
+    inferred: InferResult,
+    exported: ExportResult,
+    store_url: str,
+) -> dict[str, Any]:
+    """Run summary (JSON-friendly): scene, model, options, tiles, seconds per stage, throughput, class histogram.
+
+    Args:
+        plan: The run's plan.
+        seconds: Seconds per stage and ``total``.
+        ingested: The ingest stage's result.
+        inferred: The infer stage's result.
+        exported: The mask's export result (its class histogram).
+        store_url: The work store.
+    """
+    s, scene = plan.settings, plan.scene
+    names = plan.model.classes
+    histogram = {
+        (names[k] if k < len(names) else ("nodata" if k == ws.MASK_NODATA else str(k))): v
+        for k, v in sorted(exported.histogram.items())
+    }
+    total = seconds["total"]
+    return {
+        "input": s.input,
+        "output": os.path.abspath(s.output),
+        "probabilities": os.path.abspath(s.probabilities) if s.probabilities else None,
+        "work_store": store_url if s.work_dir else None,
+        "settings": values_of(s, RunOptions),
+        "scene": {
+            "width": scene.width,
+            "height": scene.height,
+            "bands": scene.count,
+            "dtype": scene.dtype,
+            "crs": _crs_name(scene.crs_wkt),
+            "georeferenced": scene.georeferenced,
+            "megapixels": round(scene.pixels / 1e6, 3),
+        },
+        "model": {
+            "name": plan.model.name,
+            "architecture": plan.model.architecture,
+            "sha256": plan.model.checksum,
+            "trained": bool(plan.model.provenance.get("trained", True)),
+        },
+        "tiles": {
+            "total": inferred.tiles_total,
+            "skipped_nodata": inferred.tiles_skipped_nodata,
+            "reused": inferred.tiles_reused,
+            "computed": inferred.tiles_computed,
+            "tile_size": plan.tile_size,
+            "halo": plan.halo,
+            "blend": s.blend,
+            "batch_size": plan.batch_size,
+        },
+        "workers": inferred.workers,
+        "device": inferred.device,
+        "segmenter_seconds": {
+            name: round(sum(float(stat.get(key, 0.0)) for stat in inferred.worker_stats), 3)
+            for name, key in (
+                ("busy", "seconds"),
+                ("compute", "compute_s"),
+                ("waiting_for_reads", "wait_read_s"),
+                ("waiting_for_writes", "wait_write_s"),
+            )
+        },
+        "ingest_reused": ingested.reused,
+        "seconds": {k: round(v, 3) for k, v in seconds.items()},
+        "megapixels_per_second": round(scene.pixels / 1e6 / total, 3) if total > 0 else None,
+        "class_histogram": histogram,
+    }
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """A few human lines: what was done, how fast, where the output is."""
+    scene, tiles, sec = summary["scene"], summary["tiles"], summary["seconds"]
+    stages = ", ".join(f"{k} {v:.1f}s" for k, v in sec.items() if k != "total")
+    total = sum(summary["class_histogram"].values()) or 1
+    classes = ", ".join(f"{k} {100 * v / total:.1f}%" for k, v in summary["class_histogram"].items())
+    lines = [
+        f"segmented {scene['width']}x{scene['height']}x{scene['bands']} {scene['dtype']} "
+        f"({scene['megapixels']} MP, {scene['crs'] or 'no CRS'}) in {sec['total']:.1f} s: "
+        f"{summary['megapixels_per_second']} MP/s on {summary['workers']} {summary['device']} worker(s)",
+        f"tiles: {tiles['total']} total, {tiles['computed']} computed, "
+        f"{tiles['skipped_nodata']} skipped (nodata), {tiles['reused']} reused; "
+        f"{tiles['tile_size']} px + {tiles['halo']} px halo, {tiles['blend']} blend",
+        f"stages: {stages}",
+        f"classes: {classes}",
+        f"mask: {summary['output']}",
+    ]
+    if summary.get("probabilities"):
+        lines.append(f"probabilities: {summary['probabilities']}")
+    if not summary["model"]["trained"]:
+        lines.append("note: the model is untrained (fixed-seed weights); its mask is not meaningful")
+    return "\n".join(lines)

@@ -1,0 +1,88 @@
+"""The ``segpipe`` command: a thin layer that parses options, validates, and calls the flows and stages.
+
+Exit codes: 0 success; 2 bad input or usage (one line ``error: ...`` on stderr, no traceback); 1 internal
+failure (one line, the traceback only with ``--verbose``); 130 interrupted.
+
+Each subcommand lives in a module of this package and registers itself in :data:`COMMANDS`. Run options are not
+declared here: their flags are built from the option fields of
+:class:`~segpipe.pipeline.settings.RunOptions` and :class:`~segpipe.models.training.config.TrainConfig`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+from segpipe.core.errors import SegpipeError
+
+EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with segpipe's one-line usage errors and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"error: {message} (see '{self.prog} --help')\n")
+
+
+def _quiet_environment(verbose: bool) -> None:
+    """Keep third-party chatter off the terminal; must run before prefect or ray are imported."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "CRITICAL")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    # Prefect's ephemeral API server gets 20 s to start by default, which a busy machine misses; a user's value wins
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s" if verbose else "warning: %(message)s",
+    )
+
+
+def _commands() -> list[Callable[[Any], None]]:
+    from segpipe.cli import review, run, train
+
+    return [
+        run.add_run,
+        train.add_train,
+        review.add_evaluate,
+        run.add_dataset,
+        review.add_explain,
+        review.add_quicklook,
+    ]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="segpipe", description="Segment huge images with attention models.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress and show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    for add in _commands():
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _quiet_environment(args.verbose)
+    try:
+        return int(args.handler(args))
+    except SegpipeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("error: interrupted; re-run with the same --work-dir to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        if args.verbose:
+            raise
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        print(
+            f"internal error: {type(exc).__name__}: {first} (re-run with --verbose for details)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL

@@ -1,0 +1,188 @@
+"""Options stated once: a dataclass field carries its default, its help and its command-line spelling.
+
+Configuration objects (:class:`~segpipe.pipeline.settings.RunOptions`, ``TrainConfig``) declare their fields with
+:func:`option`; they validate themselves on construction. The CLI builds its flags from the same fields
+(:func:`options_of`), the flows take the same objects as parameters, and the run summary records them: one name,
+default and help per option, wherever it is used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Option:
+    """How a field appears on the command line.
+
+    Attributes:
+        help: One line for ``--help``.
+        flag: The flag; default ``--`` + the field name with dashes.
+        metavar: Placeholder in ``--help``.
+        choices: Allowed values (also checked by the dataclass itself).
+        repeatable: A tuple field given once per value (``--ignore-class 5 --ignore-class 6``).
+        hidden: Accepted but not listed in ``--help``.
+    """
+
+    help: str
+    flag: str | None = None
+    metavar: str | None = None
+    choices: tuple[str, ...] | None = None
+    repeatable: bool = False
+    hidden: bool = False
+
+
+def option(
+    default: Any = dataclasses.MISSING,
+    *,
+    help: str,
+    flag: str | None = None,
+    metavar: str | None = None,
+    choices: tuple[str, ...] | None = None,
+    repeatable: bool = False,
+    hidden: bool = False,
+    default_factory: Any = dataclasses.MISSING,
+) -> Any:
+    """A dataclass field that is also a command-line option (see :class:`Option`)."""
+    meta = {"option": Option(help, flag, metavar, choices, repeatable, hidden)}
+    if default_factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class OptionField:
+    """A field of a configuration class seen as an option: name, type, default and :class:`Option`."""
+
+    name: str
+    type: Any
+    default: Any  # dataclasses.MISSING for a required field
+    option: Option
+
+    @property
+    def flag(self) -> str:
+        return self.option.flag or "--" + self.name.replace("_", "-")
+
+
+def options_of(cls: type) -> list[OptionField]:
+    """The fields of dataclass ``cls`` declared with :func:`option`, in declaration order."""
+    hints = typing.get_type_hints(cls)
+    found = []
+    for f in dataclasses.fields(cls):
+        meta = f.metadata.get("option")
+        if meta is None:
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = dataclasses.MISSING  # required
+        found.append(OptionField(f.name, hints[f.name], default, meta))
+    return found
+
+
+def values_of(obj: Any, cls: type | None = None) -> dict[str, Any]:
+    """The option values of ``obj`` (of its class or of ``cls``, a base class) as a JSON-friendly dict."""
+    return {f.name: _plain(getattr(obj, f.name)) for f in options_of(cls or type(obj))}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    return str(value)
+
+
+def whole_number(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
+    return value
+
+
+def _base_type(annotation: Any) -> Any:
+    """``int | None`` -> int; ``tuple[int, ...]`` -> int; ``Literal[...]`` -> str; others as they are."""
+    origin = typing.get_origin(annotation)
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if origin is typing.Literal:
+        return str
+    if origin in (tuple, list) and args:
+        return _base_type(args[0])
+    if args and origin is not None:  # a Union such as int | None
+        return _base_type(args[0])
+    return annotation
+
+
+def add_arguments(
+    parser: Any,
+    cls: type,
+    *,
+    only: tuple[str, ...] | None = None,
+    exclude: tuple[str, ...] = (),
+    show_defaults: bool = True,
+) -> list[OptionField]:
+    """Add a flag to an argparse ``parser`` for every option field of ``cls`` (all, or ``only`` these names).
+
+    Defaults are not given to argparse: an absent flag is absent from the namespace and the dataclass's own
+    default applies (see :func:`given`), so each default is stated once, in the dataclass. ``show_defaults``
+    appends it to the help (off where a caller has defaults of its own, such as a recipe).
+
+    Returns:
+        The fields added, for :func:`given`.
+    """
+    import argparse
+
+    added = []
+    for f in options_of(cls):
+        if (only is not None and f.name not in only) or f.name in exclude:
+            continue
+        kind = _base_type(f.type)
+        kwargs: dict[str, Any] = {
+            "dest": f.name,
+            "default": argparse.SUPPRESS,
+            "help": argparse.SUPPRESS if f.option.hidden else (_help(f) if show_defaults else f.option.help),
+        }
+        if kind is bool:
+            kwargs["action"] = "store_true" if f.default is False else argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = {int: whole_number, float: float}.get(kind, str)
+            if f.option.repeatable:
+                kwargs["action"] = "append"
+            if f.option.choices:
+                kwargs["choices"] = f.option.choices
+            if f.option.metavar:
+                kwargs["metavar"] = f.option.metavar
+        if f.default is dataclasses.MISSING:
+            kwargs["required"] = True
+        parser.add_argument(f.flag, **kwargs)
+        added.append(f)
+    return added
+
+
+def _help(f: OptionField) -> str:
+    if f.default is None or f.default is dataclasses.MISSING or f.default is False or f.default == ():
+        return f.option.help
+    if "default" in f.option.help:
+        return f.option.help
+    return f"{f.option.help} (default: {f.default})"
+
+
+def given(args: Any, fields: list[OptionField]) -> dict[str, Any]:
+    """The values of ``fields`` present in an argparse namespace (repeatable ones as tuples)."""
+    found = {}
+    for f in fields:
+        if hasattr(args, f.name):
+            value = getattr(args, f.name)
+            found[f.name] = tuple(value) if f.option.repeatable else value
+    return found
