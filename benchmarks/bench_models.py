@@ -43,9 +43,9 @@ def measure(architecture: str, extra: dict[str, Any], size: int, repeats: int, d
     import resource
 
     import torch
-    from segpipe.models.registry import build_model
 
     from segpipe.core.runtime import retain_freed_memory
+    from segpipe.models.registry import build_model
 
     threads = len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)

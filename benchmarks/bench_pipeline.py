@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -53,6 +52,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from segpipe.core.files import sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SOURCE = REPO.parent / "shared" / "data" / "rasterio" / "cogeo.tif"
@@ -85,14 +86,6 @@ def mirror_indices(start: int, count: int, size: int) -> np.ndarray:
     return np.where(i < size, i, 2 * size - 1 - i)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def build_scene(source: Path, side: int, scratch: Path, *, window: int = 2048, block: int = 512) -> tuple[Path, bool]:
     """Write (or reuse) a ``side x side`` mirror tiling of ``source`` as a tiled, compressed GeoTIFF.
 
@@ -111,7 +104,7 @@ def build_scene(source: Path, side: int, scratch: Path, *, window: int = 2048, b
     sidecar = path.with_name(path.name + ".json")
     spec = {
         "source": str(source.resolve()),
-        "source_sha256": _sha256(source),
+        "source_sha256": sha256_file(source),
         "side": side,
         "tiling": "mirror (numpy 'symmetric'), period 2 x source size",
         "block": block,

@@ -133,9 +133,8 @@ def oracle(histories: list[list[dict[str, Any]]]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from segpipe.models.train_default import DEFAULT_DATA
-
     from benchmarks.bench_models import machine
+    from segpipe.models.train_default import DEFAULT_DATA
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_recipes", description=__doc__.split("\n")[0])
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")

@@ -5,7 +5,7 @@
 
 The model runs once on the whole scene (a ``side`` x ``side`` window of ``--scene``, default the real aerial
 image ``../shared/data/rasterio/cogeo.tif`` mirror-tiled to 2048 x 2048 px) and once per tile of each
-``tile:halo`` configuration, with segpipe's own tiling (:class:`segpipe.pipeline.tile.TileGrid`), tile reads
+``tile:halo`` configuration, with segpipe's own tiling (:class:`segpipe.core.tiles.TileGrid`), tile reads
 (:func:`segpipe.core.tiles.read_tile_input`, mirror padding at the scene edge), normalisation and blending
 (:func:`segpipe.pipeline.stitch.blend_core`). Both blends of a configuration use the same tile predictions. Reported:
 the share of pixels whose class differs from whole-image inference, in the interior (``--margin`` px away from
@@ -67,12 +67,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     import torch
-    from segpipe.models.checkpoint import load_model
-    from segpipe.pipeline.stitch import blend_core
 
     from segpipe.core.blend import weights_2d
     from segpipe.core.pixels import normalise
     from segpipe.core.tiles import TileGrid, read_tile_input
+    from segpipe.models.checkpoint import load_model
+    from segpipe.pipeline.stitch import blend_core
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -36,11 +36,11 @@ def time_steps(
 ) -> list[float]:
     """Seconds of each of ``steps`` training steps (after the warm-up), in this process."""
     import torch
-    from segpipe.models.registry import build_model
-    from segpipe.models.train_default import ARGUMENTS
     from torch import nn
 
     from segpipe.core.runtime import retain_freed_memory
+    from segpipe.models.registry import build_model
+    from segpipe.models.train_default import ARGUMENTS
 
     torch.set_num_threads(threads)
     if malloc:
@@ -113,10 +113,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(time_steps(**json.loads(args.one), steps=args.steps, threads=args.threads)))
         return 0
 
-    from segpipe.models.registry import ARCHITECTURES
-
     from benchmarks.bench_models import machine
     from segpipe.core.runtime import cpu_has_bf16
+    from segpipe.models.registry import ARCHITECTURES
 
     architectures = [a.strip() for a in args.architectures.split(",") if a.strip()]
     unknown = sorted(set(architectures) - set(ARCHITECTURES))

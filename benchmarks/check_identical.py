@@ -19,7 +19,6 @@ segpipe, so record on the same environment you compare on. Exit status 1 when an
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -31,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.bench_pipeline import DEFAULT_SOURCE, build_scene
+from segpipe.core.files import sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "identical.json"
@@ -52,14 +52,6 @@ CASES = (
     Case("mirror4096-crop", "mirror4096", ("--blend", "crop")),
     Case("mirror4096-cosine", "mirror4096", ("--blend", "cosine")),
 )
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def scene_path(kind: str, scratch: Path) -> Path:
@@ -87,7 +79,7 @@ def run_case(case: Case, scratch: Path) -> dict[str, object]:
     seconds = round(time.perf_counter() - started, 1)
     if done.returncode != 0:
         return {"error": (done.stderr.strip().splitlines() or ["?"])[-1], "seconds": seconds}
-    return {"sha256": {k: sha256(v) for k, v in files.items()}, "seconds": seconds}
+    return {"sha256": {k: sha256_file(v) for k, v in files.items()}, "seconds": seconds}
 
 
 def main(argv: list[str] | None = None) -> int:

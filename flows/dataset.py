@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow
-from segpipe.flows.segment import segment_scene
-from segpipe.pipeline.dispatch import ray_session
-from segpipe.pipeline.settings import RunOptions, RunSettings
 
 from segpipe.core.errors import ConfigError, SegpipeError
 from segpipe.core.runtime import available_cores
+from segpipe.flows.segment import segment_scene
+from segpipe.pipeline.dispatch import ray_session
+from segpipe.pipeline.settings import RunOptions, RunSettings
 
 log = logging.getLogger(__name__)
 

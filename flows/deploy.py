@@ -6,10 +6,9 @@ in Prefect's ephemeral API for as long as the serving process runs.
 
 from __future__ import annotations
 
+from segpipe.core.options import values_of
 from segpipe.flows.dataset import segment_dataset
 from segpipe.pipeline.settings import RunOptions
-
-from segpipe.core.options import values_of
 
 
 def serve_nightly(

@@ -12,6 +12,7 @@ from typing import Any
 
 from prefect import flow, task
 from prefect.cache_policies import NONE
+
 from segpipe.pipeline.plan import RunPlan
 from segpipe.pipeline.run import run_scene
 from segpipe.pipeline.settings import RunSettings

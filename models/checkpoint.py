@@ -26,6 +26,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
+from torch import Tensor, nn
+
+from segpipe.core.errors import ConfigError, ModelError
+from segpipe.core.files import write_atomically
 from segpipe.models.external import OnnxModel, TorchScriptModel
 from segpipe.models.metadata import (
     EXTERNAL_ARCHITECTURES,
@@ -35,10 +39,6 @@ from segpipe.models.metadata import (
     write_metadata,
 )
 from segpipe.models.registry import ARCHITECTURES, build_model
-from torch import Tensor, nn
-
-from segpipe.core.errors import ConfigError, ModelError
-from segpipe.core.files import write_atomically
 
 __all__ = [
     "ClassInfo",

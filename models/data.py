@@ -35,13 +35,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from rasterio.enums import ColorInterp
-from segpipe.models.dubai import DEFAULT_VALIDATION_TILE
 from torch.utils.data import Dataset
 
 from segpipe.core.colours import ColourTable, Unknown
 from segpipe.core.errors import ConfigError, InputError
 from segpipe.core.pixels import normalise
 from segpipe.core.raster import open_raster
+from segpipe.models.dubai import DEFAULT_VALIDATION_TILE
 
 log = logging.getLogger(__name__)
 

@@ -13,10 +13,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from segpipe.models.metadata import ModelMetadata
 from torch import Tensor, nn
 
 from segpipe.core.errors import ModelError
+from segpipe.models.metadata import ModelMetadata
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 Fixed-seed, untrained attention U-Net weights (CBAM + local attention + gates, base 16, depth 4) for the six
 classes of the Dubai aerial dataset, so the pipeline runs end to end before a trained model exists. Its masks
-are meaningless; ``models/train.py`` replaces the weights. Re-running gives bit-identical files on the same
+are meaningless; :mod:`segpipe.models.training` replaces the weights. Re-running gives bit-identical files on the same
 torch version.
 """
 
@@ -12,6 +12,7 @@ import argparse
 from pathlib import Path
 
 import torch
+
 from segpipe.models.checkpoint import ClassInfo, ModelMetadata, default_model_path, save_checkpoint
 from segpipe.models.dubai import DUBAI_CLASSES
 from segpipe.models.registry import build_model

@@ -11,11 +11,11 @@ from typing import Literal, overload
 
 import torch
 import torch.nn.functional as F
-from segpipe.models._checks import divisible, one_of, positive_int
-from segpipe.models.attention import CBAM, AttentionGate, SelfAttention2d, SqueezeExcitation, WindowSelfAttention2d
 from torch import Tensor, nn
 
 from segpipe.core.errors import ModelError
+from segpipe.models._checks import divisible, one_of, positive_int
+from segpipe.models.attention import CBAM, AttentionGate, SelfAttention2d, SqueezeExcitation, WindowSelfAttention2d
 
 ChannelAttentionKind = Literal["none", "se", "cbam"]
 SelfAttentionKind = Literal["none", "global", "local"]

@@ -6,10 +6,10 @@ import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from segpipe.models.networks import ChannelAttentionKind, SelfAttentionKind, UNet
 from torch import nn
 
 from segpipe.core.errors import ModelError
+from segpipe.models.networks import ChannelAttentionKind, SelfAttentionKind, UNet
 
 
 def attention_unet(

@@ -23,12 +23,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from segpipe.core.errors import SegpipeError
+from segpipe.core.options import add_arguments, given
 from segpipe.models.data import split_folders
 from segpipe.models.dubai import DEFAULT_VALIDATION_TILE, DUBAI_CLASSES, DUBAI_UNLABELED
 from segpipe.models.training.config import TrainConfig
-
-from segpipe.core.errors import SegpipeError
-from segpipe.core.options import add_arguments, given
 
 log = logging.getLogger(__name__)
 

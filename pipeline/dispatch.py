@@ -24,13 +24,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from segpipe.core.runtime import available_cores, resolve_device
+from segpipe.core.tiles import TileGrid
 from segpipe.pipeline import store as ws
 from segpipe.pipeline.infer import InferOptions, TileSegmenter
 from segpipe.pipeline.merge import merger_type
 from segpipe.pipeline.tile import plan_tiles, work_units
-
-from segpipe.core.runtime import available_cores, resolve_device
-from segpipe.core.tiles import TileGrid
 
 log = logging.getLogger(__name__)
 

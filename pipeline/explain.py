@@ -11,14 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from segpipe.models.checkpoint import LoadedModel, load_model
-from segpipe.models.explain import channel_rows, forward_with_attention, spatial_panels
-from segpipe.pipeline.read import open_source
 
 from segpipe.core.colours import colourise
 from segpipe.core.errors import ConfigError
 from segpipe.core.pixels import normalise, stretch
 from segpipe.core.tiles import Window
+from segpipe.models.checkpoint import LoadedModel, load_model
+from segpipe.models.explain import channel_rows, forward_with_attention, spatial_panels
+from segpipe.pipeline.read import open_source
 
 
 def read_tile(path: str, loaded: LoadedModel, x: int | None, y: int | None, size: int) -> tuple[np.ndarray, int, int]:

@@ -30,14 +30,14 @@ from affine import Affine
 from rasterio._err import CPLE_BaseError  # GDAL errors that rasterio raises without wrapping them
 from rasterio.crs import CRS
 from rasterio.errors import NotGeoreferencedWarning
-from segpipe.pipeline import store as ws
-from segpipe.pipeline.read import SceneInfo
 
 from segpipe.core.colours import rgba
 from segpipe.core.errors import ConfigError, OutputError
 from segpipe.core.files import atomic_output
 from segpipe.core.raster import GDAL_CACHE_BYTES
 from segpipe.core.tiles import TileGrid
+from segpipe.pipeline import store as ws
+from segpipe.pipeline.read import SceneInfo
 
 log = logging.getLogger(__name__)
 

@@ -19,12 +19,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from segpipe.pipeline import store as ws
-from segpipe.pipeline.merge import merger_type
 
 from segpipe.core.pixels import normalise
 from segpipe.core.runtime import retain_freed_memory
 from segpipe.core.tiles import Tile, TileGrid, read_tile_input
+from segpipe.pipeline import store as ws
+from segpipe.pipeline.merge import merger_type
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,7 @@ class TileSegmenter:
 
     def __init__(self, store_url: str, options: InferOptions) -> None:
         import torch
+
         from segpipe.models.checkpoint import load_model
 
         self.options = options

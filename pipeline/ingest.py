@@ -20,11 +20,11 @@ from typing import Any
 
 import numpy as np
 import rasterio
-from segpipe.pipeline import store as ws
-from segpipe.pipeline.read import SceneInfo, SceneSource, open_source
 
 from segpipe.core.raster import GDAL_CACHE_BYTES
 from segpipe.core.tiles import TileGrid, Window
+from segpipe.pipeline import store as ws
+from segpipe.pipeline.read import SceneInfo, SceneSource, open_source
 
 log = logging.getLogger(__name__)
 

@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import zarr
-from segpipe.pipeline import store as ws
 
 from segpipe.core.blend import Blend
 from segpipe.core.tiles import Tile, TileGrid
+from segpipe.pipeline import store as ws
 
 if TYPE_CHECKING:
     import torch

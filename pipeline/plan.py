@@ -12,14 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from segpipe.core.errors import ConfigError, ModelError, OutputError
+from segpipe.core.runtime import available_cores, local_gpus
+from segpipe.core.tiles import TileGrid, validate_tiling
 from segpipe.pipeline import store as ws
 from segpipe.pipeline.export import Sink, sink_for
 from segpipe.pipeline.read import SceneInfo, describe_scene
 from segpipe.pipeline.settings import RunSettings
-
-from segpipe.core.errors import ConfigError, ModelError, OutputError
-from segpipe.core.runtime import available_cores, local_gpus
-from segpipe.core.tiles import TileGrid, validate_tiling
 
 
 @dataclass(frozen=True)

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import numpy as np
 from rasterio.enums import Resampling
-from segpipe.pipeline.read import open_source
 
 from segpipe.core.colours import colour_lut, hex_colour
 from segpipe.core.errors import InputError
 from segpipe.core.pixels import stretch
 from segpipe.core.raster import open_raster
 from segpipe.core.tiles import Window
+from segpipe.pipeline.read import open_source
 
 
 def _shape(width: int, height: int, max_size: int) -> tuple[int, int]:

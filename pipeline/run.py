@@ -15,6 +15,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
+from segpipe.core.files import temporary_folder, write_json_atomically
+from segpipe.core.runtime import available_cores
 from segpipe.pipeline import store as ws
 from segpipe.pipeline.dispatch import InferResult, run_inference
 from segpipe.pipeline.export import ExportResult
@@ -25,10 +29,6 @@ from segpipe.pipeline.merge import merger_type
 from segpipe.pipeline.plan import RunPlan, make_plan
 from segpipe.pipeline.settings import RunSettings
 from segpipe.pipeline.summary import build_summary
-from tqdm import tqdm
-
-from segpipe.core.files import temporary_folder, write_json_atomically
-from segpipe.core.runtime import available_cores
 
 log = logging.getLogger(__name__)
 

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from segpipe.pipeline.merge import MERGERS
-
 from segpipe.core.errors import ConfigError
 from segpipe.core.options import option
 from segpipe.core.runtime import DEVICES
+from segpipe.pipeline.merge import MERGERS
 
 EXECUTORS = ("ray", "local")
 

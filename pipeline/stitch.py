@@ -5,7 +5,7 @@ the segmenters write the mask directly.
 
 For every tile core, the prediction is the weighted mean of the predictions of all tiles whose input window
 covers it (itself and, with ``halo < tile_size``, its 8 neighbours), with the weights of
-:mod:`segpipe.pipeline.blend`; then argmax, and input nodata becomes 255. Work is cut into blocks of ``block x block``
+:mod:`segpipe.core.blend`; then argmax, and input nodata becomes 255. Work is cut into blocks of ``block x block``
 tiles; a block reads the tile predictions of its neighbourhood once, so memory per thread is bounded by
 ``(block + 2)^2`` tiles, whatever the scene's size.
 """
@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from segpipe.pipeline import store as ws
 
 from segpipe.core.blend import Blend, weights_2d
 from segpipe.core.tiles import Tile, TileGrid
+from segpipe.pipeline import store as ws
 
 log = logging.getLogger(__name__)
 

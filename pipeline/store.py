@@ -33,11 +33,11 @@ from typing import Any
 
 import numpy as np
 import zarr
-from segpipe.pipeline.locks import exclusive_lock, path_key
 from zarr.codecs import BloscCodec
 
 from segpipe.core.errors import OutputError
 from segpipe.core.tiles import TileGrid
+from segpipe.pipeline.locks import exclusive_lock, path_key
 
 log = logging.getLogger(__name__)
 

@@ -5,14 +5,13 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from segpipe.core.options import values_of
 from segpipe.pipeline import store as ws
 from segpipe.pipeline.dispatch import InferResult
 from segpipe.pipeline.export import ExportResult
 from segpipe.pipeline.ingest import IngestResult
 from segpipe.pipeline.plan import RunPlan
 from segpipe.pipeline.settings import RunOptions
-
-from segpipe.core.options import values_of
 
 
 def _crs_name(wkt: str | None) -> str | None:

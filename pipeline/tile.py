@@ -10,9 +10,9 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
-from segpipe.pipeline import store as ws
 
 from segpipe.core.tiles import TileGrid
+from segpipe.pipeline import store as ws
 
 
 class TilePlan(NamedTuple):

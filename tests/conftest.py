@@ -39,6 +39,7 @@ CheckpointFactory = Callable[..., Path]
 def make_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> CheckpointFactory:
     """Build a small, seeded, untrained U-Net checkpoint for the given bands (safetensors + JSON)."""
     import torch
+
     from segpipe.models.checkpoint import ClassInfo, ModelMetadata, save_checkpoint
     from segpipe.models.registry import build_model
 

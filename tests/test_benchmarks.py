@@ -86,10 +86,10 @@ def test_seam_study_finds_crop_exact_when_the_halo_covers_the_receptive_field(
     make_checkpoint, data_dir: Path, tmp_path: Path  # type: ignore[no-untyped-def]
 ) -> None:
     import torch
-    from segpipe.models.checkpoint import load_model, save_checkpoint
-    from segpipe.models.networks import receptive_field_radius
 
     from benchmarks import bench_seams
+    from segpipe.models.checkpoint import load_model, save_checkpoint
+    from segpipe.models.networks import receptive_field_radius
 
     fixture = load_model(
         make_checkpoint("seams", bands=("r", "g", "b"), mean=(80.0,) * 3, std=(40.0,) * 3, classes=4, depth=2)
@@ -130,10 +130,9 @@ def test_recipe_variants_are_valid_training_configs(tmp_path: Path) -> None:
     import dataclasses
     import shutil
 
+    from benchmarks import bench_recipes
     from segpipe.models.registry import build_model
     from segpipe.models.train_default import ARGUMENTS, build_config
-
-    from benchmarks import bench_recipes
 
     data_dir = Path(__file__).resolve().parent / "data" / "dubai"
     for name in ("tile-1", "tile-2"):
@@ -191,3 +190,22 @@ def test_train_step_table_compares_with_neither_setting_at_the_same_precision() 
     assert lines[5] == "| unet | bf16 | yes | yes | 0.80 | 1.25x |"
     assert bench_train_step.main(["--steps", "0"]) == 2
     assert bench_train_step.main(["--architectures", "nope"]) == 2
+
+
+def test_check_identical_records_every_case_and_detects_a_changed_output(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The recorded hashes cover every case, and a case whose output differs from its record fails the check."""
+    from benchmarks import check_identical as check
+
+    recorded = json.loads(check.RESULTS.read_text())["cases"]
+    assert set(recorded) == {case.name for case in check.CASES}
+    assert all(len(digest) == 64 for case in recorded.values() for digest in case["sha256"].values())
+
+    case = check.CASES[0]
+    results = tmp_path / "identical.json"
+    results.write_text(json.dumps({"cases": {case.name: {"sha256": {"mask": "0" * 64}}}}))
+    monkeypatch.setattr(check, "run_case", lambda case, scratch: {"sha256": {"mask": "1" * 64}, "seconds": 0.0})
+    assert check.main(["--cases", case.name, "--results", str(results), "--scratch", str(tmp_path)]) == 1
+    monkeypatch.setattr(check, "run_case", lambda case, scratch: {"sha256": {"mask": "0" * 64}, "seconds": 0.0})
+    assert check.main(["--cases", case.name, "--results", str(results), "--scratch", str(tmp_path)]) == 0

@@ -172,3 +172,55 @@ def test_cli_gives_prefect_server_time_to_start_on_a_busy_machine(given: str | N
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert int(result.stdout.strip().splitlines()[-1]) == expected
+
+
+def test_run_dataset_and_serve_take_every_run_option_from_one_declaration() -> None:
+    """Each run option is declared once (a RunOptions field); run, dataset and serve all accept it, and what a
+    command parses becomes the same RunOptions."""
+    from segpipe.cli import build_parser
+    from segpipe.core.options import given, options_of
+    from segpipe.pipeline.settings import RunOptions
+
+    flags = {f.flag for f in options_of(RunOptions)}
+    assert {"--model", "--tile-size", "--halo", "--blend", "--batch-size", "--workers", "--work-dir"} <= flags
+    argv = ["--model", "m", "--tile-size", "64", "--halo", "16", "--blend", "cosine", "--batch-size", "3"]
+    argv += ["--workers", "2", "--device", "cpu", "--work-dir", "w", "--ray-address", "auto", "--overwrite"]
+    parsed = {}
+    for command in (["run", "in.tif", "out.tif"], ["dataset", "in", "out"], ["serve", "in", "out"]):
+        args = build_parser().parse_args([*command, *argv])
+        parsed[command[0]] = RunOptions(**given(args, args.option_fields))
+    expected = RunOptions(
+        model="m",
+        tile_size=64,
+        halo=16,
+        blend="cosine",
+        batch_size=3,
+        workers=2,
+        device="cpu",
+        work_dir="w",
+        ray_address="auto",
+        overwrite=True,
+    )
+    assert parsed == {"run": expected, "dataset": expected, "serve": expected}
+    args = build_parser().parse_args(["dataset", "in", "out"])
+    assert RunOptions(**given(args, args.option_fields)) == RunOptions(), "defaults come from RunOptions alone"
+
+
+def test_a_run_loads_the_model_once_besides_its_segmenter(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CLI validates (loading the model) and the run reuses that plan: the model is loaded by the plan and by
+    the one in-process segmenter, not a third time."""
+    import segpipe.models.checkpoint as checkpoint
+    from segpipe.cli import main
+
+    calls = []
+    original = checkpoint.load_model
+
+    def counting(*args: object, **kwargs: object) -> object:
+        calls.append(args)
+        return original(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(checkpoint, "load_model", counting)
+    code = main(["run", str(data_dir / "RGB.byte.tif"), str(tmp_path / "m.tif"), "--no-prefect", "--executor", "local"])
+    assert code == 0 and len(calls) == 2, calls

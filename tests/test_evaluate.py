@@ -11,12 +11,12 @@ import pytest
 import rasterio
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from segpipe.models.dubai import DUBAI_CLASSES
-from segpipe.pipeline.evaluate import evaluate
 
 from segpipe.core.colours import ColourTable
 from segpipe.core.errors import ConfigError, InputError
 from segpipe.core.metrics import EvaluationResult, confusion_matrix
+from segpipe.models.dubai import DUBAI_CLASSES
+from segpipe.pipeline.evaluate import evaluate
 
 # 4 rows x 5 columns, classes 0..2.
 GT = np.array(

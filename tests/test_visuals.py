@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import rasterio
 import torch
+
+from segpipe.cli import main
 from segpipe.models.explain import received_attention
 from segpipe.pipeline.run import run_scene
 from segpipe.pipeline.settings import RunSettings
-
-from segpipe.cli import main
 
 
 def png_pixels(path: Path) -> np.ndarray:

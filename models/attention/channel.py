@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Literal, overload
 
 import torch
+from torch import Tensor, nn
+
 from segpipe.models._checks import positive_int
 from segpipe.models.attention.spatial import SpatialAttention
-from torch import Tensor, nn
 
 
 def hidden_width(channels: int, reduction: int) -> int:

@@ -6,8 +6,9 @@ from typing import Literal, overload
 
 import torch
 import torch.nn.functional as F
-from segpipe.models._checks import positive_int
 from torch import Tensor, nn
+
+from segpipe.models._checks import positive_int
 
 
 class AttentionGate(nn.Module):

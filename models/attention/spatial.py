@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Literal, overload
 
 import torch
-from segpipe.models._checks import positive_int
 from torch import Tensor, nn
 
 from segpipe.core.errors import ModelError
+from segpipe.models._checks import positive_int
 
 
 class SpatialAttention(nn.Module):

@@ -15,12 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from segpipe.models.dubai import DUBAI_CLASSES
-
 from segpipe.core.colours import parse_colour
 from segpipe.core.errors import ConfigError
 from segpipe.core.options import option
 from segpipe.core.runtime import DEVICES
+from segpipe.models.dubai import DUBAI_CLASSES
 
 #: Fields of :class:`TrainConfig` that may change between an interrupted run and its resumption.
 RESUMABLE_CHANGES = frozenset({"resume", "num_threads", "progress", "device", "num_workers"})
@@ -43,7 +42,9 @@ class TrainConfig:
     """
 
     train_dirs: tuple[Path, ...]
-    out_dir: Path = option(help="folder for best.safetensors/.json and the resume state", flag="--out")
+    out_dir: Path = option(
+        help="folder for best.safetensors/.json and the resume state", flag="--out", metavar="DIR"
+    )
     val_dirs: tuple[Path, ...] = option(
         (),
         help="held-out data folder, validated on whole images after each epoch (repeatable)",

@@ -31,12 +31,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from segpipe.models.data import TileDataset, band_statistics, class_weights, load_folders, pixel_counts
-from segpipe.models.losses import lovasz_softmax_loss, soft_dice_loss
-from segpipe.models.training.config import EpochRecord, TrainConfig, TrainResult, fingerprint_changes
-from segpipe.models.training.optim import WarmupCosine, ema_update, parameter_groups, pick_precision
-from segpipe.models.training.state import load_state, record_from_json, restore, save_state
-from segpipe.models.training.validate import validate
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -45,6 +39,12 @@ from segpipe.core.colours import ColourTable
 from segpipe.core.errors import ConfigError, ModelError
 from segpipe.core.metrics import EvaluationResult
 from segpipe.core.runtime import resolve_device, retain_freed_memory
+from segpipe.models.data import TileDataset, band_statistics, class_weights, load_folders, pixel_counts
+from segpipe.models.losses import lovasz_softmax_loss, soft_dice_loss
+from segpipe.models.training.config import EpochRecord, TrainConfig, TrainResult, fingerprint_changes
+from segpipe.models.training.optim import WarmupCosine, ema_update, parameter_groups, pick_precision
+from segpipe.models.training.state import load_state, record_from_json, restore, save_state
+from segpipe.models.training.validate import validate
 
 log = logging.getLogger(__name__)
 

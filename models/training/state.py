@@ -16,11 +16,11 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from segpipe.models.training.config import EpochRecord
 from torch import nn
 
 from segpipe.core.errors import ModelError
 from segpipe.core.files import atomic_output, sha256_file, write_json_atomically
+from segpipe.models.training.config import EpochRecord
 
 STATE_VERSION = 1
 

@@ -20,11 +20,11 @@ import rasterio
 from rasterio._err import CPLE_BaseError  # GDAL errors that rasterio raises without wrapping them
 from rasterio.enums import Resampling
 from rasterio.windows import Window as RioWindow
-from segpipe.pipeline.read import SceneInfo
 
 from segpipe.core.errors import InputError
 from segpipe.core.raster import is_remote, open_raster
 from segpipe.core.tiles import Window
+from segpipe.pipeline.read import SceneInfo
 
 log = logging.getLogger(__name__)
 

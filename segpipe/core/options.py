@@ -161,8 +161,11 @@ def add_arguments(
                 kwargs["action"] = "append"
             if f.option.choices:
                 kwargs["choices"] = f.option.choices
-            if f.option.metavar:
-                kwargs["metavar"] = f.option.metavar
+            kwargs["metavar"] = f.option.metavar or (
+                "{" + ",".join(f.option.choices) + "}"
+                if f.option.choices
+                else {int: "N", float: "X"}.get(kind, f.name.upper())
+            )
         if f.default is dataclasses.MISSING:
             kwargs["required"] = True
         parser.add_argument(f.flag, **kwargs)

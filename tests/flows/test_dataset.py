@@ -7,10 +7,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-from segpipe.flows.dataset import mask_path, scenes_in, segment_dataset
-from segpipe.pipeline.settings import RunOptions
 
 from segpipe.core.errors import ConfigError, SegpipeError
+from segpipe.flows.dataset import mask_path, scenes_in, segment_dataset
+from segpipe.pipeline.settings import RunOptions
 
 
 def test_dataset_flow_segments_new_scenes_and_skips_done_ones(

@@ -7,8 +7,9 @@ from typing import Any, TypeVar
 
 import pytest
 import torch
-from segpipe.models.checkpoint import ClassInfo, ModelMetadata
 from torch import nn
+
+from segpipe.models.checkpoint import ClassInfo, ModelMetadata
 
 TINY_ARGUMENTS: dict[str, Any] = {
     "in_channels": 3,

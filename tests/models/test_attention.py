@@ -6,6 +6,9 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from torch import Tensor, nn
+
+from segpipe.core.errors import ModelError
 from segpipe.models.attention import (
     CBAM,
     AttentionGate,
@@ -15,9 +18,6 @@ from segpipe.models.attention import (
     SqueezeExcitation,
     WindowSelfAttention2d,
 )
-from torch import Tensor, nn
-
-from segpipe.core.errors import ModelError
 
 C = 8
 

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save as safetensors_save
+
+from segpipe.core.errors import ConfigError, ModelError
 from segpipe.models.checkpoint import (
     LoadedModel,
     ModelMetadata,
@@ -23,8 +25,6 @@ from segpipe.models.checkpoint import (
 )
 from segpipe.models.networks import UNet
 from segpipe.models.registry import build_model
-
-from segpipe.core.errors import ConfigError, ModelError
 from tests.models.conftest import TINY_ARGUMENTS, Evil, make_metadata, randomise
 
 

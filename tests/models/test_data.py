@@ -11,6 +11,9 @@ import pytest
 import rasterio
 import torch
 from rasterio.errors import NotGeoreferencedWarning
+
+from segpipe.core.colours import ColourTable, parse_colour
+from segpipe.core.errors import ConfigError, InputError
 from segpipe.models.data import (
     SamplePair,
     TileDataset,
@@ -25,9 +28,6 @@ from segpipe.models.data import (
     split_folders,
 )
 from segpipe.models.dubai import DEFAULT_VALIDATION_TILE, DUBAI_CLASSES
-
-from segpipe.core.colours import ColourTable, parse_colour
-from segpipe.core.errors import ConfigError, InputError
 
 TESTS_DATA = Path(__file__).resolve().parents[1] / "data" / "dubai"
 REAL_IMAGE = TESTS_DATA / "image_part_005.jpg"

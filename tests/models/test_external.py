@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 import torch
-from segpipe.models.checkpoint import load_model, write_metadata
-from segpipe.models.networks import UNet
 
 from segpipe.core.errors import ModelError
+from segpipe.models.checkpoint import load_model, write_metadata
+from segpipe.models.networks import UNet
 from tests.models.conftest import TINY_ARGUMENTS, make_metadata, randomise
 
 FULL: dict[str, Any] = {"channel_attention": "cbam", "self_attention": "local", "attention_gates": True}

@@ -7,9 +7,9 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
-from segpipe.models.losses import lovasz_softmax_loss, soft_dice_loss
 
 from segpipe.core.errors import ConfigError
+from segpipe.models.losses import lovasz_softmax_loss, soft_dice_loss
 
 
 def _confident(target: torch.Tensor, k: int, scale: float = 50.0) -> torch.Tensor:

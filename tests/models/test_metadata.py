@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from segpipe.models.metadata import ClassInfo, ModelMetadata, read_metadata, write_metadata
 
 from segpipe.core.errors import ModelError, SegpipeError
+from segpipe.models.metadata import ClassInfo, ModelMetadata, read_metadata, write_metadata
 from tests.models.conftest import make_metadata
 
 SOURCE = "/x/y.json"

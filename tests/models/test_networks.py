@@ -6,11 +6,11 @@ from typing import Any
 
 import pytest
 import torch
-from segpipe.models.networks import UNet, receptive_field_radius
-from segpipe.models.registry import ARCHITECTURES, build_model
 from torch import nn
 
 from segpipe.core.errors import ModelError
+from segpipe.models.networks import UNet, receptive_field_radius
+from segpipe.models.registry import ARCHITECTURES, build_model
 from tests.models.conftest import randomise
 
 FULL: dict[str, Any] = {"channel_attention": "cbam", "self_attention": "local", "attention_gates": True}

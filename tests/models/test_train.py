@@ -14,12 +14,12 @@ import rasterio
 import torch
 from rasterio.errors import NotGeoreferencedWarning
 from safetensors.torch import load_file
-from segpipe.models.data import read_image, read_mask
-from segpipe.models.dubai import DUBAI_CLASSES
-from segpipe.models.training import EpochRecord, TrainConfig, WarmupCosine, predict_image, train
 
 from segpipe.core.colours import ColourTable
 from segpipe.core.errors import ConfigError
+from segpipe.models.data import read_image, read_mask
+from segpipe.models.dubai import DUBAI_CLASSES
+from segpipe.models.training import EpochRecord, TrainConfig, WarmupCosine, predict_image, train
 
 TESTS_DATA = Path(__file__).resolve().parents[1] / "data" / "dubai"
 TABLE = ColourTable.from_hex(c for _, c in DUBAI_CLASSES)

@@ -13,6 +13,9 @@ import numpy as np
 import pytest
 import rasterio
 import torch
+
+from segpipe.core.pixels import normalise
+from segpipe.core.tiles import TileGrid
 from segpipe.models.checkpoint import load_model
 from segpipe.models.networks import receptive_field_radius
 from segpipe.pipeline import store as ws
@@ -21,9 +24,6 @@ from segpipe.pipeline.infer import InferOptions
 from segpipe.pipeline.ingest import ingest
 from segpipe.pipeline.read import describe_scene
 from segpipe.pipeline.stitch import stitch
-
-from segpipe.core.pixels import normalise
-from segpipe.core.tiles import TileGrid
 
 
 def whole_image_probabilities(scene: Path, checkpoint: Path, halo: int) -> tuple[np.ndarray, np.ndarray]:

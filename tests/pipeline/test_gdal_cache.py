@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 import rasterio
 from rasterio._env import get_gdal_config
-from segpipe.pipeline.run import run_scene
-from segpipe.pipeline.settings import RunSettings
 
 from segpipe.core.raster import GDAL_CACHE_BYTES
+from segpipe.pipeline.run import run_scene
+from segpipe.pipeline.settings import RunSettings
 
 
 def test_ingest_and_export_open_rasters_under_the_bounded_cache(

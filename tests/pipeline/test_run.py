@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import rasterio
 from rio_cogeo.cogeo import cog_validate
-from segpipe.pipeline.run import run_scene
-from segpipe.pipeline.settings import RunSettings
 
 from segpipe.core.errors import ModelError, OutputError
 from segpipe.core.files import partial_path
+from segpipe.pipeline.run import run_scene
+from segpipe.pipeline.settings import RunSettings
 
 
 def run(scene: Path, output: Path, **options: object) -> dict:

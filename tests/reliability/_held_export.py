@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import segpipe.pipeline.export as export
-
 from segpipe.cli import main
 
 READY = Path(os.environ["SEGPIPE_TEST_READY"])

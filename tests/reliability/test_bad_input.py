@@ -26,8 +26,8 @@ import rasterio
 import rasterio.shutil
 from affine import Affine
 from rio_cogeo.cogeo import cog_validate
-from segpipe.pipeline.read import describe_scene
 
+from segpipe.pipeline.read import describe_scene
 from tests.reliability.conftest import Cli, assert_refused
 from tests.reliability.helpers import HERE, raw_tiff, rgb_scene, write_raster
 

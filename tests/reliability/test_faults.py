@@ -17,11 +17,11 @@ import numpy as np
 import psutil
 import pytest
 import zarr
+
+from segpipe.core.files import partial_path
 from segpipe.pipeline import store as ws
 from segpipe.pipeline.run import run_scene
 from segpipe.pipeline.settings import RunSettings
-
-from segpipe.core.files import partial_path
 from tests.reliability.conftest import Cli, assert_refused
 from tests.reliability.helpers import rgb_scene, start_segpipe, wait_for
 

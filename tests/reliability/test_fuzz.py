@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from segpipe.models.metadata import ModelMetadata
-from segpipe.pipeline.read import SceneInfo, describe_scene
 
 from segpipe.core.errors import ConfigError, InputError, ModelError
 from segpipe.core.tiles import validate_tiling
+from segpipe.models.metadata import ModelMetadata
+from segpipe.pipeline.read import SceneInfo, describe_scene
 from tests.reliability.helpers import rgb_scene
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

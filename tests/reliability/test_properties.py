@@ -12,13 +12,13 @@ import numpy as np
 import zarr
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from segpipe.core.blend import BLENDS, MIN_WEIGHT, weights_2d
+from segpipe.core.tiles import TileGrid
 from segpipe.pipeline import store as ws
 from segpipe.pipeline.ingest import regions as _regions
 from segpipe.pipeline.stitch import blend_core, stitch
 from segpipe.pipeline.tile import plan_tiles, work_units
-
-from segpipe.core.blend import BLENDS, MIN_WEIGHT, weights_2d
-from segpipe.core.tiles import TileGrid
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

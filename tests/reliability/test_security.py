@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from segpipe.pipeline import store as ws
 
+from segpipe.pipeline import store as ws
 from tests.reliability.conftest import Cli, assert_refused
 from tests.reliability.helpers import REPO, rgb_scene
 
@@ -84,6 +84,7 @@ def test_pickle_model_is_refused_and_not_executed(name: str, what: str, cli: Cli
 
 def test_a_valid_checkpoint_loads_without_pickle(rgb_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
+
     from segpipe.models.checkpoint import load_model
 
     def refuse(*args: object, **kwargs: object) -> None:
