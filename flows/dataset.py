@@ -1,14 +1,14 @@
-"""The ``segment_dataset`` flow: every scene of a folder, on one Ray instance.
+"""The ``segment_dataset`` flow: every scene of a folder, in one warm session.
 
 A run processes what is new: a scene whose mask and summary already exist is skipped unless ``overwrite``. One
-Ray instance serves all scenes of a run (start-up stays out of the per-scene path). A scene that fails is
-reported and the others go on; the flow fails at the end, naming the failed scenes. Its nightly deployment is
-:mod:`segpipe.flows.deploy`.
+session (:class:`~segpipe.pipeline.session.Session`: a Ray connection and its segmenters, or in-process
+segmenters) serves all scenes of a run, so start-up and model loading stay out of the per-scene path. A scene that
+fails is reported and the others go on; the flow fails at the end, naming the failed scenes. Its nightly
+deployment is :mod:`segpipe.flows.deploy`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 from pathlib import Path
@@ -17,9 +17,8 @@ from typing import Any
 from prefect import flow
 
 from segpipe.core.errors import ConfigError, SegpipeError
-from segpipe.core.runtime import available_cores
 from segpipe.flows.segment import segment_scene
-from segpipe.pipeline.dispatch import ray_session
+from segpipe.pipeline.session import Session, auto_uses_ray
 from segpipe.pipeline.settings import RunOptions, RunSettings
 
 log = logging.getLogger(__name__)
@@ -70,8 +69,10 @@ def segment_dataset(
     done: list[str] = []
     skipped: list[str] = []
     failed: dict[str, str] = {}
-    local = options.executor == "local"
-    with contextlib.nullcontext() if local else ray_session(options.ray_address, available_cores()):
+    uses_ray = auto_uses_ray(
+        address=options.ray_address, executor=options.executor, device=options.device, workers=options.workers, tiles=0
+    )
+    with Session(address=options.ray_address, ray=uses_ray, connect_timeout=options.ray_connect_timeout) as session:
         for scene in scenes_in(input_dir):
             output = mask_path(output_dir, scene)
             summary = output.with_name(output.stem + ".summary.json")
@@ -89,7 +90,7 @@ def segment_dataset(
                 overwrite=True,  # only reached when the scene has no complete outputs, or with overwrite
             )
             try:
-                segment_scene.with_options(flow_run_name=scene.name)(settings)
+                segment_scene.with_options(flow_run_name=scene.name)(settings, session=session)
                 done.append(str(scene))
             except SegpipeError as exc:
                 log.error("%s: %s", scene, exc)

@@ -15,6 +15,7 @@ from prefect.cache_policies import NONE
 
 from segpipe.pipeline.plan import RunPlan
 from segpipe.pipeline.run import run_scene
+from segpipe.pipeline.session import Session
 from segpipe.pipeline.settings import RunSettings
 
 
@@ -25,11 +26,18 @@ def as_task(stage: Callable[..., Any]) -> Callable[..., Any]:
 
 
 @flow(name="segment_scene", persist_result=False, validate_parameters=False)
-def segment_scene(settings: RunSettings, plan: RunPlan | None = None) -> dict[str, Any]:
+def segment_scene(
+    settings: RunSettings,
+    plan: RunPlan | None = None,
+    session: Session | None = None,
+    started: float | None = None,
+) -> dict[str, Any]:
     """Segment one scene (see :func:`segpipe.pipeline.run.run_scene`); returns the run summary.
 
     Args:
         settings: The scene and the run's options.
         plan: The validated plan, when the caller has made it already (the model is then loaded once).
+        session: A warm session kept across scenes (a data set's); None: one for this scene.
+        started: When the caller started (``time.time()``), for the summary's wall time.
     """
-    return run_scene(settings, plan=plan, wrap=as_task)
+    return run_scene(settings, plan=plan, wrap=as_task, session=session, started=started)

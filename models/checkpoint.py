@@ -10,7 +10,9 @@ Accepted by :func:`load_model`:
 - ``"default"`` (the packaged model) or another stem of a file in ``models/weights/``;
 - ``x.safetensors`` or ``x.json`` (the pair is found by stem); a directory holding exactly one checkpoint;
 - ``x.onnx`` + ``x.json`` (onnxruntime; ``pip install onnxruntime``);
-- ``x.pt`` / ``x.ts`` TorchScript archives (``torch.jit.save``) + ``x.json``.
+- ``x.pt`` / ``x.ts`` TorchScript archives (``torch.jit.save``) + ``x.json``;
+- any of these as an object-storage URL (``s3://bucket/models/x.safetensors``), fetched into a local cache keyed by
+  its checksum (:mod:`segpipe.models.cache`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from torch import Tensor, nn
 
 from segpipe.core.errors import ConfigError, ModelError
 from segpipe.core.files import write_atomically
+from segpipe.core.objects import is_object_url
+from segpipe.models.cache import fetch_model
 from segpipe.models.external import OnnxModel, TorchScriptModel
 from segpipe.models.metadata import (
     EXTERNAL_ARCHITECTURES,
@@ -181,13 +185,18 @@ def _model_file(path: Path) -> Path:
     )
 
 
-def resolve_model_path(name_or_path: str | Path) -> Path:
-    """The model file (weights, ONNX or TorchScript) that ``name_or_path`` designates; see :func:`load_model`.
+def resolve_model_path(name_or_path: str | Path, *, checksum: str | None = None) -> Path:
+    """The model file (weights, ONNX or TorchScript) that ``name_or_path`` designates; see :func:`load_model`. A URL
+    is fetched into the local model cache (:func:`segpipe.models.cache.fetch_model`).
 
     Raises:
         ModelError: If nothing matches, the choice is ambiguous, or the file is a pickle.
     """
     text = str(name_or_path)
+    if is_object_url(text):
+        if Path(text).suffix.lower() in PICKLE_SUFFIXES:
+            raise _refusal(Path(text), "a pickle-based checkpoint")
+        return fetch_model(text, checksum=checksum)
     path = Path(text).expanduser()
     bare = isinstance(name_or_path, str) and "/" not in text and "\\" not in text
     if bare and path.suffix and not path.exists() and (WEIGHTS_DIR / text).is_file():
@@ -330,7 +339,7 @@ def _load_safetensors(data: bytes, path: Path, metadata: ModelMetadata) -> nn.Mo
     return model
 
 
-def load_model(name_or_path: str | Path, *, device: str = "cpu") -> LoadedModel:
+def load_model(name_or_path: str | Path, *, device: str = "cpu", checksum: str | None = None) -> LoadedModel:
     """Load a model and its metadata for inference, without ever unpickling.
 
     Args:
@@ -339,6 +348,8 @@ def load_model(name_or_path: str | Path, *, device: str = "cpu") -> LoadedModel:
             or a directory holding exactly one checkpoint.
         device: Torch device for the module ("cpu", "cuda", "cuda:1"); ONNX models use onnxruntime's CUDA
             provider on CUDA devices when it is installed.
+        checksum: The SHA-256 the model file must have (a segmenter loading what its run planned with); None:
+            any.
 
     Returns:
         The module (eval mode, on ``device``), its validated metadata, the model file path and its SHA-256.
@@ -356,7 +367,7 @@ def load_model(name_or_path: str | Path, *, device: str = "cpu") -> LoadedModel:
         raise ConfigError(
             f"device {device!r} was requested but this machine has no usable CUDA GPU; use 'cpu'"
         )
-    path = resolve_model_path(name_or_path).resolve()
+    path = resolve_model_path(name_or_path, checksum=checksum).resolve()
     try:
         data = path.read_bytes()
     except OSError as error:
@@ -387,7 +398,13 @@ def load_model(name_or_path: str | Path, *, device: str = "cpu") -> LoadedModel:
         else:
             module = TorchScriptModel(data, metadata, str(path), target)
     module = module.to(target).eval()
-    checksum = hashlib.sha256(data).hexdigest()
+    found = hashlib.sha256(data).hexdigest()
+    if checksum is not None and found != checksum:
+        raise ModelError(
+            f"model file {path} has SHA-256 {found[:16]}... but the run was planned with {checksum[:16]}...; every "
+            "node must have the same model (a URL on object storage, or the same segpipe version for packaged models)"
+        )
+    checksum = found
     logger.info("loaded model %s (%s, sha256 %s) on %s", path, metadata.architecture, checksum[:12], target)
     return LoadedModel(module=module, metadata=metadata, path=str(path), checksum=checksum)
 

@@ -13,10 +13,12 @@ the output path.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import tempfile
 import time
+import uuid
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -31,9 +33,11 @@ from rasterio._err import CPLE_BaseError  # GDAL errors that rasterio raises wit
 from rasterio.crs import CRS
 from rasterio.errors import NotGeoreferencedWarning
 
+from segpipe.core import objects
 from segpipe.core.colours import rgba
 from segpipe.core.errors import ConfigError, OutputError
 from segpipe.core.files import atomic_output
+from segpipe.core.objects import ObjectUrl, is_object_url
 from segpipe.core.raster import GDAL_CACHE_BYTES
 from segpipe.core.tiles import TileGrid
 from segpipe.pipeline import store as ws
@@ -208,6 +212,30 @@ class Sink(Protocol):
         ...
 
 
+def check_object_output(url: str, what: str, *, overwrite: bool) -> None:
+    """Raise OutputError unless an object can be written at ``url`` (tried for real: a probe object is written next
+    to it and deleted) and, without ``overwrite``, none exists there yet."""
+    parsed = ObjectUrl.parse(url)
+    if not parsed.key or parsed.key.endswith("/"):
+        raise OutputError(f"{what} {url!r} names no object; give a key such as {parsed.child('mask.tif')}")
+    if objects.head(url) is not None and not overwrite:
+        raise OutputError(f"{what} {url!r} already exists; pass --overwrite to replace it")
+    probe = str(parsed.parent.child(f".segpipe-write-test-{uuid.uuid4().hex[:12]}"))
+    try:
+        objects.write_bytes(probe, b"")
+    except OutputError as exc:
+        raise OutputError(f"cannot write {what} {url!r}: {exc}") from None
+    objects.delete(probe)
+
+
+def remove_output(path: str) -> None:
+    """Remove an output a failed run wrote (a local file or an object); nothing happens when it is not there."""
+    if is_object_url(path):
+        objects.delete(path)
+    else:
+        Path(path).unlink(missing_ok=True)
+
+
 def check_local_output(path: str, what: str, *, overwrite: bool) -> None:
     """Raise OutputError unless ``path`` can be written as a new (or, with ``overwrite``, a replaced) file."""
     out = Path(path)
@@ -233,7 +261,11 @@ def check_local_output(path: str, what: str, *, overwrite: bool) -> None:
 
 @dataclass(frozen=True)
 class CogSink:
-    """The work store's ``mask`` (or ``probabilities``) as a Cloud Optimized GeoTIFF; see :func:`export_cog`."""
+    """The work store's ``mask`` (or ``probabilities``) as a Cloud Optimized GeoTIFF; see :func:`export_cog`.
+
+    ``path`` is a local path or an object-storage URL; for a URL the COG is built and validated in the local scratch
+    folder and uploaded as one object only when complete (see :func:`segpipe.core.objects.upload_file`).
+    """
 
     path: str
     #: The option that names it, for messages.
@@ -241,7 +273,10 @@ class CogSink:
     kind: ClassVar[str] = ws.MASK
 
     def check(self, *, overwrite: bool) -> None:
-        check_local_output(self.path, self.what, overwrite=overwrite)
+        if is_object_url(self.path):
+            check_object_output(self.path, self.what, overwrite=overwrite)
+        else:
+            check_local_output(self.path, self.what, overwrite=overwrite)
 
     def write(
         self,
@@ -253,16 +288,25 @@ class CogSink:
         workers: int,
         progress: Callable[[int], Any] | None = None,
     ) -> ExportResult:
-        return export_cog(
+        remote = is_object_url(self.path)
+        local = Path(scratch_dir) / f"{self.kind}.tif" if remote else Path(self.path)
+        result = export_cog(
             store,
             self.kind,
-            self.path,
+            local,
             scratch_dir=scratch_dir,
             class_names=class_names,
             colours=colours,
             workers=workers,
             progress=progress,
         )
+        if not remote:
+            return result
+        try:
+            objects.upload_file(local, self.path)
+        finally:
+            local.unlink(missing_ok=True)
+        return dataclasses.replace(result, path=self.path)
 
 
 @dataclass(frozen=True)

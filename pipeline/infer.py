@@ -12,6 +12,7 @@ exactly the same batches and produces identical bytes; a group whose tiles are a
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -25,8 +26,28 @@ from segpipe.core.runtime import retain_freed_memory
 from segpipe.core.tiles import Tile, TileGrid, read_tile_input
 from segpipe.pipeline import store as ws
 from segpipe.pipeline.merge import merger_type
+from segpipe.pipeline.session import ModelSpec
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class InferJob:
+    """One scene's inference, as a segmenter sees it: where the tiles are and how they are cut and merged.
+
+    Attributes:
+        store_url: The scene's work store.
+        tile_size: Core side in pixels.
+        halo: Halo in pixels.
+        blend: A merger name (see :data:`segpipe.pipeline.merge.MERGERS`).
+        probabilities: Also write per-class probabilities.
+    """
+
+    store_url: str
+    tile_size: int
+    halo: int
+    blend: str
+    probabilities: bool = False
 
 
 @dataclass(frozen=True)
@@ -40,8 +61,10 @@ class InferOptions:
         blend: A merger name (``crop``, ``cosine`` or ``gaussian``; see :data:`segpipe.pipeline.merge.MERGERS`).
         batch_size: Tiles per forward pass.
         device: ``cpu`` or ``cuda`` (already resolved, not ``auto``).
-        threads: torch intra-op threads of one segmenter (CPU).
+        threads: torch intra-op threads of one segmenter in this process (CPU; Ray segmenters get theirs from the
+            session).
         probabilities: Also write per-class probabilities.
+        checksum: The SHA-256 of the model file the run was planned with (segmenters verify it); None: any.
     """
 
     model: str
@@ -52,42 +75,58 @@ class InferOptions:
     device: str
     threads: int
     probabilities: bool = False
+    checksum: str | None = None
+
+
+def _node_id() -> str:
+    """The Ray node this runs on, or ``local`` outside Ray (Ray is not imported just to ask)."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        return str(ray.get_runtime_context().get_node_id())
+    return "local"
 
 
 class TileSegmenter:
-    """Holds one model on one device and segments groups of tiles of one work store.
+    """Holds one model on one device and segments groups of tiles of any scene's work store (a Ray actor, or an
+    object in the driver). The model is loaded once, here; a scene's store is opened at its first call.
 
     Args:
-        store_url: The work store's URL (the segmenter opens it itself).
-        options: The run's settings; the model is loaded once, here.
+        spec: The model (name, path or URL, and the checksum the run planned with), device and threads.
     """
 
-    def __init__(self, store_url: str, options: InferOptions) -> None:
+    def __init__(self, spec: ModelSpec) -> None:
         import torch
 
         from segpipe.models.checkpoint import load_model
 
-        self.options = options
-        if options.device == "cpu":
-            torch.set_num_threads(max(1, options.threads))
+        self.spec = spec
+        if spec.device == "cpu":
+            torch.set_num_threads(max(1, spec.threads))
             retain_freed_memory()
         self.torch = torch
-        self.device = torch.device(options.device)
-        self.loaded = load_model(options.model, device=options.device)
+        self.device = torch.device(spec.device)
+        self.loaded = load_model(spec.model, device=spec.device, checksum=spec.checksum)
         self.model = self.loaded.module
         if self.device.type == "cuda":
             # torch's stubs for Module.to omit the memory_format keyword that it accepts
             self.model = self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         meta = self.loaded.metadata
         self.mean, self.std = meta.mean, meta.std
-        self.store = ws.WorkStore(store_url, mode="r+")
+        self.job: InferJob | None = None
+        self.io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tile-io")
+
+    def _open(self, job: InferJob) -> None:
+        """Open ``job``'s work store and merger (kept until a call for another job)."""
+        if job == self.job:
+            return
+        self.store = ws.WorkStore(job.store_url, mode="r+")
         self.image = self.store.array(ws.IMAGE)
         self.valid = self.store.array(ws.VALID)
         self.done = self.store.array(ws.DONE)
         scene = self.store.attrs["scene"]
-        self.grid = TileGrid(scene["width"], scene["height"], options.tile_size, options.halo)
-        self.merger = merger_type(options.blend)(self.store, self.grid, probabilities=options.probabilities)
-        self.io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tile-io")
+        self.grid = TileGrid(scene["width"], scene["height"], job.tile_size, job.halo)
+        self.merger = merger_type(job.blend)(self.store, self.grid, probabilities=job.probabilities)
+        self.job = job
 
     def _read_batch(self, indices: Sequence[int]) -> tuple[list[Tile], np.ndarray, np.ndarray]:
         tiles = [self.grid.tile_at(i) for i in indices]
@@ -116,8 +155,8 @@ class TileSegmenter:
     def _is_done(self, indices: Sequence[int]) -> bool:
         return all(self.done[divmod(i, self.grid.cols)] == 1 for i in indices)
 
-    def process(self, groups: Sequence[Sequence[int]]) -> dict[str, Any]:
-        """Segment the given groups of tiles (flat tile indices); each group is one batch.
+    def process(self, job: InferJob, groups: Sequence[Sequence[int]]) -> dict[str, Any]:
+        """Segment the given groups of tiles (flat tile indices) of ``job``'s scene; each group is one batch.
 
         Groups whose tiles are all done already (a retried call after a crash) are skipped.
 
@@ -125,8 +164,10 @@ class TileSegmenter:
             Small stats: tiles computed, batches, seconds reading, computing and waiting on writes.
         """
         start = time.perf_counter()
+        self._open(job)
         todo = [list(g) for g in groups if not self._is_done(g)]
-        stats = {"tiles": 0, "batches": 0, "compute_s": 0.0, "wait_read_s": 0.0, "wait_write_s": 0.0}
+        stats: dict[str, Any] = {"tiles": 0, "batches": 0, "compute_s": 0.0, "wait_read_s": 0.0, "wait_write_s": 0.0}
+        stats["node"] = _node_id()
         if not todo:
             return {**stats, "seconds": time.perf_counter() - start}
         pending_read: Future[tuple[list[Tile], np.ndarray, np.ndarray]] = self.io.submit(self._read_batch, todo[0])
@@ -155,5 +196,7 @@ class TileSegmenter:
         return {**stats, "seconds": time.perf_counter() - start}
 
     def ping(self) -> str:
-        """Readiness probe: returns the device name once the model is loaded."""
-        return str(self.device)
+        """Readiness probe: ``device@host`` once the model is loaded."""
+        import socket
+
+        return f"{self.device}@{socket.gethostname()}"

@@ -1,8 +1,9 @@
 """Ingest stage: copy a scene, region by region, into the work store's ``image`` and ``valid`` arrays.
 
-Memory is bounded by ``workers x region`` pixels, never by the scene: every task reads one region (a block of
-chunks aligned to the store's chunk grid, at most ``region_size`` pixels square) through its own
-:class:`~segpipe.pipeline.read.SceneSource`, writes it, and returns only the number of valid pixels per chunk.
+Memory is bounded by ``workers x region`` pixels, never by the scene: every task (:func:`copy_region`) reads one
+region (a block of chunks aligned to the store's chunk grid, at most ``region_size`` pixels square) through its own
+:class:`~segpipe.pipeline.read.SceneSource`, writes it, and returns only the number of valid pixels per chunk. The
+tasks run on threads of this process, or on a cluster's workers (a :class:`~segpipe.pipeline.session.Session`).
 A complete ingest is recorded in the store's attributes; a re-run with an unchanged source (same fingerprint and
 chunk size) skips it.
 """
@@ -11,10 +12,8 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +23,8 @@ import rasterio
 from segpipe.core.raster import GDAL_CACHE_BYTES
 from segpipe.core.tiles import TileGrid, Window
 from segpipe.pipeline import store as ws
-from segpipe.pipeline.read import SceneInfo, SceneSource, open_source
+from segpipe.pipeline.read import SceneInfo, open_source
+from segpipe.pipeline.session import Session
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,30 @@ def regions(width: int, height: int, region: int) -> list[Window]:
     return [tile.core for tile in TileGrid(width, height, region, 0)]
 
 
+def copy_region(
+    scene: SceneInfo, store_ref: ws.WorkStore | str, window: Window, chunk_size: int
+) -> tuple[Window, np.ndarray]:
+    """Copy one region of the scene into the work store: an ingest task, run by a thread of the driver (given the
+    store) or by a worker of a cluster (given its URL; it opens the scene and the store itself).
+
+    Returns:
+        ``(window, counts)``: the region and the valid pixels of each chunk in it, (rows, cols) int64.
+    """
+    store = ws.opened(store_ref)
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES), open_source(scene.path, source=scene.source) as src:
+        data, ok = src.read(window)
+    if np.issubdtype(data.dtype, np.floating):
+        data = np.where(ok[None].astype(bool), data, 0).astype(data.dtype)  # no NaN/Inf in the store
+    store.array(ws.IMAGE)[:, window.row_slice, window.col_slice] = data
+    store.array(ws.VALID)[window.row_slice, window.col_slice] = ok
+    rows, cols = math.ceil(window.height / chunk_size), math.ceil(window.width / chunk_size)
+    counts = np.zeros((rows, cols), dtype=np.int64)
+    for r in range(rows):
+        for c in range(cols):
+            counts[r, c] = int(ok[r * chunk_size : (r + 1) * chunk_size, c * chunk_size : (c + 1) * chunk_size].sum())
+    return window, counts
+
+
 def ingest(
     scene: SceneInfo,
     store: ws.WorkStore,
@@ -51,6 +75,7 @@ def ingest(
     workers: int = 2,
     region_size: int | None = None,
     progress: Callable[[int], Any] | None = None,
+    session: Session | None = None,
 ) -> IngestResult:
     """Copy the scene into ``store`` (``image``, ``valid``, ``valid_pixels``) or reuse a complete earlier one.
 
@@ -58,10 +83,11 @@ def ingest(
         scene: The validated scene (see :func:`segpipe.pipeline.read.describe_scene`).
         store: The work store.
         chunk_size: Chunk side in pixels; the tile size, so a tile core is exactly one chunk.
-        workers: Reader threads (each opens its own source).
+        workers: Reader threads when the regions are copied in this process.
         region_size: Side in pixels of the region one task reads (a multiple of ``chunk_size``); default: the
             largest multiple of ``chunk_size`` not above 2048.
         progress: Called with the number of pixels written after each region.
+        session: Where the region tasks run (on a cluster: its workers); None: threads of this process.
     """
     start = time.perf_counter()
     expected: dict[str, Any] = {"fingerprint": scene.fingerprint, "chunk_size": chunk_size, "complete": True}
@@ -78,45 +104,19 @@ def ingest(
     store.create_scene_arrays(
         shape=(scene.count, scene.height, scene.width), dtype=scene.dtype, chunk=chunk_size, region=region
     )
-    image, valid = store.array(ws.IMAGE), store.array(ws.VALID)
     grid = TileGrid(scene.width, scene.height, chunk_size, 0)
     counts = np.zeros((grid.rows, grid.cols), dtype=np.int64)
-    local = threading.local()
-    sources: list[SceneSource] = []
-    lock = threading.Lock()
+    runner = session or Session(ray=False)
+    ref: ws.WorkStore | str = store.url if runner.on_cluster else store
+    items = [(scene, ref, window, chunk_size) for window in regions(scene.width, scene.height, region)]
 
-    def source() -> SceneSource:
-        if not hasattr(local, "source"):
-            local.source = open_source(scene.path, source=scene.source)
-            with lock:
-                sources.append(local.source)
-        found: SceneSource = local.source
-        return found
-
-    def copy(window: Window) -> None:
-        data, ok = source().read(window)
-        if np.issubdtype(data.dtype, np.floating):
-            data = np.where(ok[None].astype(bool), data, 0).astype(data.dtype)  # no NaN/Inf in the store
-        image[:, window.row_slice, window.col_slice] = data
-        valid[window.row_slice, window.col_slice] = ok
-        r0, c0 = window.row_off // chunk_size, window.col_off // chunk_size
-        for r in range(math.ceil(window.height / chunk_size)):
-            for c in range(math.ceil(window.width / chunk_size)):
-                block = ok[r * chunk_size : (r + 1) * chunk_size, c * chunk_size : (c + 1) * chunk_size]
-                counts[r0 + r, c0 + c] = int(block.sum())
+    def done(result: tuple[Window, np.ndarray]) -> None:
         if progress:
-            progress(window.area)
+            progress(result[0].area)
 
-    try:
-        with (
-            rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES),
-            ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="ingest") as pool,
-        ):
-            for _ in pool.map(copy, regions(scene.width, scene.height, region)):
-                pass
-    finally:
-        for opened in sources:
-            opened.close()
+    for window, block in runner.map(copy_region, items, workers=workers, progress=done):
+        r0, c0 = window.row_off // chunk_size, window.col_off // chunk_size
+        counts[r0 : r0 + block.shape[0], c0 : c0 + block.shape[1]] = block
     store.array(ws.VALID_PIXELS)[...] = counts
     store.set_attrs(ingest=expected)
     seconds = time.perf_counter() - start

@@ -34,6 +34,8 @@ from segpipe.pipeline import store as ws
 if TYPE_CHECKING:
     import torch
 
+    from segpipe.pipeline.session import Session
+
 
 class Merger:
     """The base of all mergers, bound to one work store and grid.
@@ -76,8 +78,11 @@ class Merger:
         """
         raise NotImplementedError
 
-    def finalize(self, *, workers: int = 2, progress: Callable[[int], Any] | None = None) -> bool:
-        """Produce ``mask`` (and ``probabilities``) from what was aggregated; returns whether there was work."""
+    def finalize(
+        self, *, workers: int = 2, progress: Callable[[int], Any] | None = None, session: Session | None = None
+    ) -> bool:
+        """Produce ``mask`` (and ``probabilities``) from what was aggregated (on the session's cluster, if any);
+        returns whether there was work."""
         return False
 
     def _mark_done(self, tile: Tile) -> None:
@@ -132,10 +137,12 @@ class BlendMerger(Merger):
             target[tile.row, tile.col] = half[k]
             self._mark_done(tile)
 
-    def finalize(self, *, workers: int = 2, progress: Callable[[int], Any] | None = None) -> bool:
+    def finalize(
+        self, *, workers: int = 2, progress: Callable[[int], Any] | None = None, session: Session | None = None
+    ) -> bool:
         from segpipe.pipeline.stitch import stitch
 
-        stitch(self.store, self.grid, self.blend, workers=workers, progress=progress)
+        stitch(self.store, self.grid, self.blend, workers=workers, progress=progress, session=session)
         return True
 
 

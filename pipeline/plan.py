@@ -8,11 +8,14 @@ that is known to be sound; the model is loaded once for it.
 from __future__ import annotations
 
 import os
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from segpipe.core import objects
 from segpipe.core.errors import ConfigError, ModelError, OutputError
+from segpipe.core.objects import ObjectUrl, is_object_url
 from segpipe.core.runtime import available_cores, local_gpus
 from segpipe.core.tiles import TileGrid, validate_tiling
 from segpipe.pipeline import store as ws
@@ -28,6 +31,7 @@ class ModelSummary:
     name: str
     path: str
     checksum: str
+    ref: str
     architecture: str
     classes: tuple[str, ...]
     colours: tuple[str, ...]
@@ -60,9 +64,9 @@ class RunPlan:
     sinks: tuple[Sink, ...] = ()
 
     @property
-    def summary_path(self) -> Path:
-        out = Path(self.settings.output)
-        return out.with_name(out.stem + ".summary.json")
+    def summary_path(self) -> str:
+        """``<output stem>.summary.json`` next to the output (a path or an object URL)."""
+        return summary_path(self.settings.output)
 
     @property
     def run_key(self) -> str:
@@ -77,6 +81,22 @@ class RunPlan:
             probabilities=bool(self.settings.probabilities),
             fingerprint=self.scene.fingerprint,
         )
+
+
+def summary_path(output: str) -> str:
+    """Where the summary of a run writing ``output`` goes: ``<output stem>.summary.json`` beside it."""
+    if is_object_url(output):
+        parsed = ObjectUrl.parse(output)
+        return str(parsed.parent.child(Path(parsed.name).stem + ".summary.json"))
+    out = Path(output)
+    return str(out.with_name(out.stem + ".summary.json"))
+
+
+def _check_beside(path: str, what: str, output: str) -> None:
+    """Refuse an object URL that is not in the OUTPUT's folder (prefix) of the same bucket."""
+    parent = ObjectUrl.parse(output).parent
+    if not is_object_url(path) or ObjectUrl.parse(path).parent != parent or "/../" in f"/{path}/":
+        raise OutputError(f"{what} {path!r} is not beside OUTPUT ({parent}/); write it next to OUTPUT")
 
 
 def _check_inside(path: str | Path, what: str, directory: Path) -> None:
@@ -107,24 +127,37 @@ def _check_local_workers(workers: int, device: str) -> None:
 
 
 def _same_file(a: str, b: str) -> bool:
+    if is_object_url(a) or is_object_url(b):
+        return str(a).rstrip("/") == str(b).rstrip("/")
     return os.path.abspath(a) == os.path.abspath(b)
 
 
 def _check_outputs(settings: RunSettings) -> tuple[Sink, ...]:
     sinks = [sink_for(ws.MASK, settings.output)]
     sinks[0].check(overwrite=settings.overwrite)
-    output = Path(settings.output)
-    out_dir = output.absolute().parent.resolve()
-    _check_inside(output.with_name(output.stem + ".summary.json"), "the summary", out_dir)
+    remote = is_object_url(settings.output)
+    out_dir = Path(settings.output).absolute().parent.resolve()
+    if not remote:
+        _check_inside(summary_path(settings.output), "the summary", out_dir)
     if settings.probabilities:
-        _check_inside(settings.probabilities, "--probabilities", out_dir)
+        if remote:
+            _check_beside(settings.probabilities, "--probabilities", settings.output)
+        else:
+            _check_inside(settings.probabilities, "--probabilities", out_dir)
         sinks.append(sink_for(ws.PROBABILITIES, settings.probabilities))
         sinks[-1].check(overwrite=settings.overwrite)
         if _same_file(settings.probabilities, settings.output):
             raise ConfigError("--probabilities must be a different file from OUTPUT")
     if _same_file(settings.input, settings.output):
         raise ConfigError("OUTPUT must not be the INPUT file; choose another output path")
-    if settings.work_dir:
+    if settings.work_dir and is_object_url(settings.work_dir):
+        probe = str(ObjectUrl.parse(settings.work_dir).child(f".segpipe-write-test-{uuid.uuid4().hex[:12]}"))
+        try:
+            objects.write_bytes(probe, b"")
+        except OutputError as exc:
+            raise OutputError(f"cannot write to --work-dir {settings.work_dir!r}: {exc}") from None
+        objects.delete(probe)
+    elif settings.work_dir:
         work = Path(settings.work_dir)
         if work.exists() and not work.is_dir():
             raise OutputError(f"--work-dir {settings.work_dir!r} is a file, not a directory")
@@ -143,7 +176,7 @@ def make_plan(settings: RunSettings) -> RunPlan:
 
     if settings.device == "cuda" and not settings.ray_address and not local_gpus():
         raise ConfigError("--device cuda was asked for but this machine has no CUDA GPU; use --device cpu or auto")
-    if settings.workers and settings.executor == "ray" and not settings.ray_address:
+    if settings.workers and settings.executor != "local" and not settings.ray_address:
         _check_local_workers(settings.workers, settings.device)
     sinks = _check_outputs(settings)
 
@@ -166,6 +199,7 @@ def make_plan(settings: RunSettings) -> RunPlan:
         name=settings.model,
         path=loaded.path,
         checksum=loaded.checksum,
+        ref=model_ref(settings.model, loaded.path),
         architecture=meta.architecture,
         classes=tuple(c.name for c in meta.classes),
         colours=tuple(c.colour for c in meta.classes),
@@ -174,6 +208,15 @@ def make_plan(settings: RunSettings) -> RunPlan:
     )
     grid = TileGrid(scene.width, scene.height, tile_size, halo)
     return RunPlan(settings, scene, summary, tile_size, halo, batch_size, grid, sinks)
+
+
+def model_ref(asked: str, path: str) -> str:
+    """What a segmenter, on any machine, loads: the URL or packaged name as asked, else the resolved local path."""
+    from segpipe.models.checkpoint import WEIGHTS_DIR
+
+    if is_object_url(asked) or Path(path).parent == WEIGHTS_DIR.resolve():
+        return asked
+    return path
 
 
 def _expects_gpu(settings: RunSettings) -> bool:

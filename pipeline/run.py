@@ -11,22 +11,25 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
+from segpipe.core import objects
 from segpipe.core.files import temporary_folder, write_json_atomically
-from segpipe.core.runtime import available_cores
+from segpipe.core.objects import is_object_url
+from segpipe.core.runtime import available_cores, process_started_at
 from segpipe.pipeline import store as ws
 from segpipe.pipeline.dispatch import InferResult, run_inference
-from segpipe.pipeline.export import ExportResult
+from segpipe.pipeline.export import ExportResult, Sink, remove_output
 from segpipe.pipeline.infer import InferOptions
 from segpipe.pipeline.ingest import IngestResult, ingest
 from segpipe.pipeline.locks import exclusive_lock
 from segpipe.pipeline.merge import merger_type
 from segpipe.pipeline.plan import RunPlan, make_plan
+from segpipe.pipeline.session import Session, auto_uses_ray
 from segpipe.pipeline.settings import RunSettings
 from segpipe.pipeline.summary import build_summary
 
@@ -46,16 +49,23 @@ def _bar(total: int, desc: str, unit: str) -> tqdm:
     )
 
 
-def ingest_stage(plan: RunPlan, store_url: str) -> IngestResult:
+def ingest_stage(plan: RunPlan, store_url: str, session: Session) -> IngestResult:
     store = ws.WorkStore(store_url)
     with _bar(plan.scene.pixels, "ingest", "px") as bar:
-        return ingest(plan.scene, store, chunk_size=plan.tile_size, workers=available_cores(), progress=bar.update)
+        return ingest(
+            plan.scene,
+            store,
+            chunk_size=plan.tile_size,
+            workers=available_cores(),
+            progress=bar.update,
+            session=session,
+        )
 
 
-def infer_stage(plan: RunPlan, store_url: str) -> InferResult:
+def infer_stage(plan: RunPlan, store_url: str, session: Session) -> InferResult:
     s = plan.settings
     options = InferOptions(
-        model=plan.model.path,
+        model=plan.model.ref,
         tile_size=plan.tile_size,
         halo=plan.halo,
         blend=s.blend,
@@ -63,6 +73,7 @@ def infer_stage(plan: RunPlan, store_url: str) -> InferResult:
         device=s.device,
         threads=available_cores(),
         probabilities=bool(s.probabilities),
+        checksum=plan.model.checksum,
     )
     with _bar(len(plan.grid), "infer", "tile") as bar:
         return run_inference(
@@ -71,29 +82,54 @@ def infer_stage(plan: RunPlan, store_url: str) -> InferResult:
             options,
             classes=len(plan.model.classes),
             key=plan.run_key,
-            executor=s.executor,
+            session=session,
             workers=s.workers,
-            ray_address=s.ray_address,
             progress=bar.update,
         )
 
 
-def stitch_stage(plan: RunPlan, store_url: str) -> bool:
+def stitch_stage(plan: RunPlan, store_url: str, session: Session) -> bool:
     """The merger's finalize step (blending overlapping tiles; nothing for ``crop``); returns whether there was
     work."""
     merger = merger_type(plan.settings.blend)(
         ws.WorkStore(store_url), plan.grid, probabilities=bool(plan.settings.probabilities)
     )
     with _bar(len(plan.grid), "stitch", "tile") as bar:
-        return merger.finalize(workers=available_cores(), progress=bar.update)
+        return merger.finalize(workers=available_cores(), progress=bar.update, session=session)
 
 
-def export_stage(plan: RunPlan, store_url: str, scratch_dir: str) -> list[ExportResult]:
-    """Write every sink of the plan, mask first; a failure removes the outputs already written."""
+def write_summary(path: str, summary: dict[str, Any]) -> None:
+    """Write the run summary, atomically: a local file, or one object."""
+    if is_object_url(path):
+        objects.write_json(path, summary)
+    else:
+        write_json_atomically(path, summary)
+
+
+def write_sink(sink: Sink, store_url: str, class_names: Sequence[str], colours: Sequence[str]) -> ExportResult:
+    """Write one output from the work store at ``store_url`` on this machine, with a local scratch folder of its
+    own: an export task run by a cluster's worker."""
+    with temporary_folder("work") as scratch:
+        return sink.write(
+            ws.WorkStore(store_url, mode="r"),
+            class_names=class_names,
+            colours=colours,
+            scratch_dir=scratch,
+            workers=available_cores(),
+        )
+
+
+def export_stage(plan: RunPlan, store_url: str, scratch_dir: str, session: Session) -> list[ExportResult]:
+    """Write every sink of the plan, mask first; a failure removes the outputs already written. On a cluster an
+    output on object storage is written by a worker; a local output by this process (its pixels then cross it)."""
     store = ws.WorkStore(store_url)
     results: list[ExportResult] = []
     try:
         for sink in plan.sinks:
+            if session.on_cluster and is_object_url(sink.path):
+                task = (sink, store_url, plan.model.classes, plan.model.colours)
+                results.append(session.map(write_sink, [task], workers=1)[0])
+                continue
             with _bar(plan.scene.pixels, "export", "px") as bar:
                 results.append(
                     sink.write(
@@ -105,11 +141,21 @@ def export_stage(plan: RunPlan, store_url: str, scratch_dir: str) -> list[Export
                         progress=bar.update,
                     )
                 )
+            session.driver_bytes += int(store.array(sink.kind).nbytes)
     except BaseException:
         for done in results:  # a failed run leaves no OUTPUT: not the mask when the probabilities fail
-            Path(done.path).unlink(missing_ok=True)
+            remove_output(done.path)
         raise
     return results
+
+
+def session_for(plan: RunPlan) -> Session:
+    """A session for one scene's run on its settings (see :func:`segpipe.pipeline.session.auto_uses_ray`)."""
+    s = plan.settings
+    uses_ray = auto_uses_ray(
+        address=s.ray_address, executor=s.executor, device=s.device, workers=s.workers, tiles=len(plan.grid)
+    )
+    return Session(address=s.ray_address, ray=uses_ray, connect_timeout=s.ray_connect_timeout)
 
 
 Stage = Callable[..., Any]
@@ -120,7 +166,12 @@ def _identity(stage: Stage) -> Stage:
 
 
 def run_scene(
-    settings: RunSettings, *, plan: RunPlan | None = None, wrap: Callable[[Stage], Stage] = _identity
+    settings: RunSettings,
+    *,
+    plan: RunPlan | None = None,
+    wrap: Callable[[Stage], Stage] = _identity,
+    session: Session | None = None,
+    started: float | None = None,
 ) -> dict[str, Any]:
     """Segment one scene: GeoTIFF/COG (or any GDAL raster) in, georeferenced COG mask out.
 
@@ -128,12 +179,16 @@ def run_scene(
         settings: What to run (the CLI builds it from its options).
         plan: ``make_plan(settings)`` when the caller has validated already (the model is then not loaded twice).
         wrap: Applied to each stage function before it is called (e.g. to make it a Prefect task).
+        session: Where the work runs, kept by the caller across scenes; None: one for this run (Ray only where it
+            pays, see :func:`segpipe.pipeline.session.auto_uses_ray`), closed at the end.
+        started: ``time.time()`` when the caller started (the summary's ``wall`` seconds count from it); default:
+            when this process started.
     Returns:
         The run summary (also written next to the output as ``<name>.summary.json``).
     """
-    started = time.perf_counter()
+    started_run = time.perf_counter()
     plan = plan if plan is not None else make_plan(settings)
-    seconds: dict[str, float] = {"validate": time.perf_counter() - started}
+    seconds: dict[str, float] = {"validate": time.perf_counter() - started_run}
     with contextlib.ExitStack() as stack:
         for sink in plan.sinks:
             stack.enter_context(exclusive_lock(sink.path, "output"))
@@ -141,26 +196,39 @@ def run_scene(
         local = stack.enter_context(temporary_folder("work"))
         store_url = ws.store_url(ws.work_area(settings.work_dir, local), settings.input)
         stack.enter_context(ws.lock(store_url))
-        scratch = str(local)
         t = time.perf_counter()
-        ingested = wrap(ingest_stage)(plan, store_url)
+        if session is None:
+            session = stack.enter_context(session_for(plan))
+        seconds["session"] = time.perf_counter() - t
+        driver_bytes = session.driver_bytes
+        t = time.perf_counter()
+        ingested = wrap(ingest_stage)(plan, store_url, session)
         seconds["ingest"] = time.perf_counter() - t
         t = time.perf_counter()
-        inferred = wrap(infer_stage)(plan, store_url)
+        inferred = wrap(infer_stage)(plan, store_url, session)
         seconds["infer"] = time.perf_counter() - t
         t = time.perf_counter()
         if merger_type(settings.blend).tile_probabilities:
-            wrap(stitch_stage)(plan, store_url)
+            wrap(stitch_stage)(plan, store_url, session)
         seconds["stitch"] = time.perf_counter() - t
         t = time.perf_counter()
-        exported = wrap(export_stage)(plan, store_url, scratch)
+        exported = wrap(export_stage)(plan, store_url, str(local), session)
         try:
             seconds["export"] = time.perf_counter() - t
-            seconds["total"] = time.perf_counter() - started
-            summary = build_summary(plan, seconds, ingested, inferred, exported[0], store_url)
-            write_json_atomically(plan.summary_path, summary)
+            seconds["total"] = time.perf_counter() - started_run
+            seconds["wall"] = time.time() - (started if started is not None else process_started_at())
+            summary = build_summary(
+                plan,
+                seconds,
+                ingested,
+                inferred,
+                exported[0],
+                store_url,
+                driver_bytes=session.driver_bytes - driver_bytes,
+            )
+            write_summary(plan.summary_path, summary)
         except BaseException:
             for result in exported:
-                Path(result.path).unlink(missing_ok=True)
+                remove_output(result.path)
             raise
     return summary

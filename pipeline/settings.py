@@ -17,7 +17,7 @@ from segpipe.core.options import option
 from segpipe.core.runtime import DEVICES
 from segpipe.pipeline.merge import MERGERS
 
-EXECUTORS = ("ray", "local")
+EXECUTORS = ("auto", "ray", "local")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,9 +43,15 @@ class RunOptions:
     ray_address: str | None = option(
         None, help="an existing Ray cluster (auto, ray://host:10001); default: a local instance", metavar="ADDR"
     )
+    ray_connect_timeout: float = option(
+        30.0, help="seconds to wait for the Ray cluster of --ray-address to answer", metavar="S"
+    )
     overwrite: bool = option(False, help="replace existing outputs")
     executor: str = option(
-        "ray", help="ray (default) or local: segment in this process, without Ray", choices=EXECUTORS, hidden=True
+        "auto",
+        help="auto (default): Ray where it pays (several workers or GPUs, more than a few tiles, a cluster); ray; "
+        "local: in this process, without Ray",
+        choices=EXECUTORS,
     )
 
     def __post_init__(self) -> None:
@@ -59,6 +65,8 @@ class RunOptions:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if not self.ray_connect_timeout > 0:
+            raise ConfigError(f"--ray-connect-timeout must be > 0 seconds, got {self.ray_connect_timeout}")
         for name in ("tile_size", "halo"):
             value = getattr(self, name)
             if value is not None and value < 0:

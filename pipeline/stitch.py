@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +23,7 @@ import numpy as np
 from segpipe.core.blend import Blend, weights_2d
 from segpipe.core.tiles import Tile, TileGrid
 from segpipe.pipeline import store as ws
+from segpipe.pipeline.session import Session
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,50 @@ def blend_core(
     return acc / total
 
 
+def stitch_block(
+    store_ref: ws.WorkStore | str, grid: TileGrid, blend: Blend, origin: tuple[int, int], block: int
+) -> int:
+    """Blend the tile cores of one block of ``block x block`` tiles starting at tile ``origin`` (row, col): a stitch
+    task, run by a thread of the driver or by a worker of a cluster. Returns the number of tiles in the block."""
+    store = ws.opened(store_ref)
+    tile_probs = store.array(ws.TILE_PROBABILITIES)
+    valid = store.array(ws.VALID)
+    mask = store.array(ws.MASK)
+    probabilities = store.array(ws.PROBABILITIES) if ws.PROBABILITIES in store else None
+    weights = weights_2d(grid.input_size, grid.halo, blend)
+    reach = -(-grid.halo // grid.tile_size)
+    r0, c0 = origin
+    rows = range(r0, min(grid.rows, r0 + block))
+    cols = range(c0, min(grid.cols, c0 + block))
+    near_rows = slice(max(0, r0 - reach), min(grid.rows, rows.stop + reach))
+    near_cols = slice(max(0, c0 - reach), min(grid.cols, cols.stop + reach))
+    done = np.asarray(store.array(ws.DONE)[near_rows, near_cols]).astype(bool)
+    needed = np.asarray(store.array(ws.VALID_PIXELS)[near_rows, near_cols]) > 0
+    cache: dict[tuple[int, int], tuple[Tile, np.ndarray]] = {}
+    for r in range(near_rows.start, near_rows.stop):
+        for c in range(near_cols.start, near_cols.stop):
+            if done[r - near_rows.start, c - near_cols.start]:
+                cache[(r, c)] = (grid.tile(r, c), np.asarray(tile_probs[r, c]))
+    count = 0
+    for r in rows:
+        for c in cols:
+            count += 1
+            if not needed[r - near_rows.start, c - near_cols.start]:
+                continue  # all nodata: the mask keeps its fill value, 255
+            tile = grid.tile(r, c)
+            near = {(n.row, n.col): cache[(n.row, n.col)] for n in grid.neighbours(r, c) if (n.row, n.col) in cache}
+            probs = blend_core(tile, near, weights)
+            ok = np.asarray(valid[tile.core.row_slice, tile.core.col_slice]).astype(bool)
+            classes = np.argmax(probs, axis=0).astype(np.uint8)
+            mask[tile.core.row_slice, tile.core.col_slice] = np.where(ok, classes, ws.MASK_NODATA)
+            if probabilities is not None:
+                scaled = np.round(probs * ws.PROBABILITY_SCALE).astype(np.uint8)
+                probabilities[:, tile.core.row_slice, tile.core.col_slice] = np.where(
+                    ok[None], scaled, ws.PROBABILITY_NODATA
+                )
+    return count
+
+
 def stitch(
     store: ws.WorkStore,
     grid: TileGrid,
@@ -75,53 +119,14 @@ def stitch(
     workers: int = 2,
     block: int = 4,
     progress: Callable[[int], Any] | None = None,
+    session: Session | None = None,
 ) -> StitchResult:
-    """Blend ``tile_probabilities`` into ``mask`` (and ``probabilities`` when the store has it)."""
+    """Blend ``tile_probabilities`` into ``mask`` (and ``probabilities`` when the store has it), block by block:
+    on ``workers`` threads of this process, or on the workers of the session's cluster."""
     start = time.perf_counter()
-    tile_probs = store.array(ws.TILE_PROBABILITIES)
-    valid = store.array(ws.VALID)
-    mask = store.array(ws.MASK)
-    probabilities = store.array(ws.PROBABILITIES) if ws.PROBABILITIES in store else None
-    done = np.asarray(store.array(ws.DONE)[...]).astype(bool)
-    needed = np.asarray(store.array(ws.VALID_PIXELS)[...]) > 0
-    weights = weights_2d(grid.input_size, grid.halo, blend)
-    reach = -(-grid.halo // grid.tile_size)
-
-    def run_block(origin: tuple[int, int]) -> int:
-        r0, c0 = origin
-        rows = range(r0, min(grid.rows, r0 + block))
-        cols = range(c0, min(grid.cols, c0 + block))
-        cache: dict[tuple[int, int], tuple[Tile, np.ndarray]] = {}
-        for r in range(max(0, r0 - reach), min(grid.rows, rows.stop + reach)):
-            for c in range(max(0, c0 - reach), min(grid.cols, cols.stop + reach)):
-                if done[r, c]:
-                    cache[(r, c)] = (grid.tile(r, c), np.asarray(tile_probs[r, c]))
-        count = 0
-        for r in rows:
-            for c in cols:
-                count += 1
-                if not needed[r, c]:
-                    continue  # all nodata: the mask keeps its fill value, 255
-                tile = grid.tile(r, c)
-                near = {
-                    (n.row, n.col): cache[(n.row, n.col)]
-                    for n in grid.neighbours(r, c)
-                    if (n.row, n.col) in cache
-                }
-                probs = blend_core(tile, near, weights)
-                ok = np.asarray(valid[tile.core.row_slice, tile.core.col_slice]).astype(bool)
-                classes = np.argmax(probs, axis=0).astype(np.uint8)
-                mask[tile.core.row_slice, tile.core.col_slice] = np.where(ok, classes, ws.MASK_NODATA)
-                if probabilities is not None:
-                    scaled = np.round(probs * ws.PROBABILITY_SCALE).astype(np.uint8)
-                    probabilities[:, tile.core.row_slice, tile.core.col_slice] = np.where(
-                        ok[None], scaled, ws.PROBABILITY_NODATA
-                    )
-        if progress:
-            progress(count)
-        return count
-
+    runner = session or Session(ray=False)
+    ref: ws.WorkStore | str = store.url if runner.on_cluster else store
     origins = [(r, c) for r in range(0, grid.rows, block) for c in range(0, grid.cols, block)]
-    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="stitch") as pool:
-        tiles = sum(pool.map(run_block, origins))
-    return StitchResult(seconds=time.perf_counter() - start, tiles=tiles)
+    items = [(ref, grid, blend, origin, block) for origin in origins]
+    counts = runner.map(stitch_block, items, workers=workers, progress=progress)
+    return StitchResult(seconds=time.perf_counter() - start, tiles=sum(counts))

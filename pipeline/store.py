@@ -17,8 +17,9 @@ mask regions; attributes and the small index arrays are written by the driver al
 
 Lifecycle: :func:`work_area` gives the folder work stores live in (the user's ``--work-dir``, kept so a re-run
 resumes, or the run's temporary local folder, removed afterwards, and by the next run if the process was killed);
-:func:`store_url` names a scene's store in it. Today a work store is a local folder; the store is always named by
-a URL string so that every stage and worker opens it itself.
+:func:`store_url` names a scene's store in it. A work store is a local folder or a prefix on object storage
+(``s3://bucket/work/scene-1a2b3c4d.zarr``, through obstore; see :mod:`segpipe.core.objects`); it is always named by
+a URL string, so every stage and every worker, on any machine, opens it itself.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from segpipe.core.errors import OutputError
+from segpipe.core.objects import ObjectUrl, is_object_url, store_for
 from segpipe.core.tiles import TileGrid
 from segpipe.pipeline.locks import exclusive_lock, path_key
 
@@ -78,13 +80,26 @@ class WorkStore:
         self.url = str(url)
         self.storage_options = dict(storage_options or {})
         try:
-            self.group = zarr.open_group(
-                self.url,
-                mode=mode,  # type: ignore[arg-type]
-                storage_options=self.storage_options or None,
-            )
+            if is_object_url(self.url):
+                from zarr.storage import ObjectStore
+
+                store = ObjectStore(store_for(self.url, prefix=True), read_only=mode == "r")
+                self.group = zarr.open_group(store, mode=mode)  # type: ignore[arg-type]
+            else:
+                self.group = zarr.open_group(
+                    self.url,
+                    mode=mode,  # type: ignore[arg-type]
+                    storage_options=self.storage_options or None,
+                )
         except (OSError, ValueError) as exc:
             raise OutputError(f"cannot open work store {self.url}: {exc}; check the --work-dir") from None
+        except Exception as exc:  # obstore's errors: credentials, endpoint, missing bucket (after its retries)
+            if not is_object_url(self.url):
+                raise
+            raise OutputError(
+                f"cannot open work store {self.url}: {str(exc).splitlines()[0][:300]}; check the --work-dir URL, "
+                "the credentials and the endpoint"
+            ) from None
 
     @classmethod
     def from_group(cls, group: zarr.Group) -> WorkStore:
@@ -229,6 +244,11 @@ class WorkStore:
         self.set_attrs(run={"key": key, "complete": True})
 
 
+def opened(ref: WorkStore | str) -> WorkStore:
+    """The work store ``ref`` names: opened from its URL (read/write, must exist), or as it is."""
+    return WorkStore(ref, mode="r+") if isinstance(ref, str) else ref
+
+
 def run_key(**fields: Any) -> str:
     """A stable hash of the settings that determine inference results (model checksum, tile size, halo, blend,
     batch size, probabilities, the scene's fingerprint)."""
@@ -247,17 +267,22 @@ def store_url(work_dir: str | Path, scene_path: str) -> str:
     name = Path(scene_path.rstrip("/")).name or "scene"
     stem = re.sub(r"[^A-Za-z0-9._-]", "_", Path(name).stem)[:64].lstrip(".") or "scene"
     digest = hashlib.sha256(path_key(scene_path)).hexdigest()[:8]
+    if is_object_url(work_dir):
+        return str(ObjectUrl.parse(str(work_dir)).child(f"{stem}-{digest}.zarr"))
     return str(Path(work_dir) / f"{stem}-{digest}.zarr")
 
 
-def work_area(work_dir: str | None, temporary: Path) -> Path:
-    """The folder work stores live in: ``work_dir`` (created if missing, and kept, so a re-run resumes), or the
-    run's ``temporary`` local folder (see :func:`segpipe.core.files.temporary_folder`)."""
+def work_area(work_dir: str | None, temporary: Path) -> str:
+    """The folder (or object-storage prefix) work stores live in: ``work_dir`` (a local folder is created if
+    missing; kept, so a re-run resumes), or the run's ``temporary`` local folder (see
+    :func:`segpipe.core.files.temporary_folder`)."""
     if not work_dir:
-        return temporary.resolve()
+        return str(temporary.resolve())
+    if is_object_url(work_dir):
+        return str(ObjectUrl.parse(work_dir))
     path = Path(work_dir)
     path.mkdir(parents=True, exist_ok=True)
-    return path.resolve()
+    return str(path.resolve())
 
 
 def lock(url: str) -> contextlib.AbstractContextManager[None]:

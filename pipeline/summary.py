@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from segpipe.core.objects import is_object_url
 from segpipe.core.options import values_of
 from segpipe.pipeline import store as ws
 from segpipe.pipeline.dispatch import InferResult
@@ -12,6 +13,10 @@ from segpipe.pipeline.export import ExportResult
 from segpipe.pipeline.ingest import IngestResult
 from segpipe.pipeline.plan import RunPlan
 from segpipe.pipeline.settings import RunOptions
+
+
+def _absolute(path: str) -> str:
+    return path if is_object_url(path) else os.path.abspath(path)
 
 
 def _crs_name(wkt: str | None) -> str | None:
@@ -31,6 +36,8 @@ def build_summary(
     inferred: InferResult,
     exported: ExportResult,
     store_url: str,
+    *,
+    driver_bytes: int = 0,
 ) -> dict[str, Any]:
     """Run summary (JSON-friendly): scene, model, options, tiles, seconds per stage, throughput, class histogram.
 
@@ -41,6 +48,7 @@ def build_summary(
         inferred: The infer stage's result.
         exported: The mask's export result (its class histogram).
         store_url: The work store.
+        driver_bytes: Bytes of pixels, results and store data that crossed the driver during the run.
     """
     s, scene = plan.settings, plan.scene
     names = plan.model.classes
@@ -51,8 +59,8 @@ def build_summary(
     total = seconds["total"]
     return {
         "input": s.input,
-        "output": os.path.abspath(s.output),
-        "probabilities": os.path.abspath(s.probabilities) if s.probabilities else None,
+        "output": _absolute(s.output),
+        "probabilities": _absolute(s.probabilities) if s.probabilities else None,
         "work_store": store_url if s.work_dir else None,
         "settings": values_of(s, RunOptions),
         "scene": {
@@ -92,6 +100,7 @@ def build_summary(
             )
         },
         "ingest_reused": ingested.reused,
+        "driver_bytes": driver_bytes,
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
         "megapixels_per_second": round(scene.pixels / 1e6 / total, 3) if total > 0 else None,
         "class_histogram": histogram,
@@ -101,12 +110,13 @@ def build_summary(
 def format_summary(summary: dict[str, Any]) -> str:
     """A few human lines: what was done, how fast, where the output is."""
     scene, tiles, sec = summary["scene"], summary["tiles"], summary["seconds"]
-    stages = ", ".join(f"{k} {v:.1f}s" for k, v in sec.items() if k != "total")
+    stages = ", ".join(f"{k} {v:.1f}s" for k, v in sec.items() if k not in ("total", "wall"))
     total = sum(summary["class_histogram"].values()) or 1
     classes = ", ".join(f"{k} {100 * v / total:.1f}%" for k, v in summary["class_histogram"].items())
     lines = [
         f"segmented {scene['width']}x{scene['height']}x{scene['bands']} {scene['dtype']} "
-        f"({scene['megapixels']} MP, {scene['crs'] or 'no CRS'}) in {sec['total']:.1f} s: "
+        f"({scene['megapixels']} MP, {scene['crs'] or 'no CRS'}) in {sec['total']:.1f} s "
+        f"({sec.get('wall', sec['total']):.1f} s since the command started): "
         f"{summary['megapixels_per_second']} MP/s on {summary['workers']} {summary['device']} worker(s)",
         f"tiles: {tiles['total']} total, {tiles['computed']} computed, "
         f"{tiles['skipped_nodata']} skipped (nodata), {tiles['reused']} reused; "

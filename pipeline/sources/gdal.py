@@ -22,7 +22,7 @@ from rasterio.enums import Resampling
 from rasterio.windows import Window as RioWindow
 
 from segpipe.core.errors import InputError
-from segpipe.core.raster import is_remote, open_raster
+from segpipe.core.raster import is_remote, open_raster, remote_env
 from segpipe.core.tiles import Window
 from segpipe.pipeline.read import SceneInfo
 
@@ -144,15 +144,10 @@ class GdalSource:
         Raises:
             InputError: GDAL cannot decode the window (a truncated or corrupt file).
         """
-        src = self.dataset
         rio_window = RioWindow(window.col_off, window.row_off, window.width, window.height)
         try:
-            if out_shape is None:
-                data = src.read(window=rio_window)
-                mask = src.dataset_mask(window=rio_window) > 0
-            else:
-                data = src.read(window=rio_window, out_shape=(src.count, *out_shape), resampling=Resampling.average)
-                mask = src.dataset_mask(window=rio_window, out_shape=out_shape) > 0
+            with remote_env(self._info.path):
+                data, mask = self._read(rio_window, out_shape)
         except (rasterio.errors.RasterioError, CPLE_BaseError) as exc:
             # rasterio's "Read failed. See previous exception for details." chains GDAL's own reason
             cause = exc.__cause__ or exc
@@ -165,6 +160,13 @@ class GdalSource:
         if np.issubdtype(data.dtype, np.floating):
             mask &= np.isfinite(data).all(axis=0)
         return data, mask.astype(np.uint8)
+
+    def _read(self, rio_window: RioWindow, out_shape: tuple[int, int] | None) -> tuple[np.ndarray, np.ndarray]:
+        src = self.dataset
+        if out_shape is None:
+            return src.read(window=rio_window), src.dataset_mask(window=rio_window) > 0
+        data = src.read(window=rio_window, out_shape=(src.count, *out_shape), resampling=Resampling.average)
+        return data, src.dataset_mask(window=rio_window, out_shape=out_shape) > 0
 
     def close(self) -> None:
         self._stack.close()

@@ -13,13 +13,27 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import time
 from collections.abc import Callable, Sequence
+from types import FrameType
 from typing import Any, NoReturn
 
 from segpipe.core.errors import SegpipeError
 
-EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
+
+#: When the command started (``time.time()``), for the summary's wall time.
+STARTED = time.time()
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every ``finally`` (Ray, Prefect's server, locks) runs."""
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise Terminated()
 
 
 class Parser(argparse.ArgumentParser):
@@ -56,6 +70,41 @@ def _commands() -> list[Callable[[Any], None]]:
     ]
 
 
+def threading_main() -> bool:
+    """Whether this is the main thread (signal handlers can only be set there)."""
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def prestart_prefect() -> Callable[[], None]:
+    """Start Prefect's temporary API server in the background, while the run validates its input and loads its
+    model, when no server is configured (``PREFECT_API_URL``); returns a function that waits until it is up."""
+    if os.environ.get("PREFECT_API_URL"):
+        return lambda: None
+    import threading
+
+    failure: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            from prefect.server.api.server import SubprocessASGIServer
+
+            SubprocessASGIServer().start()  # the instance Prefect's client finds
+        except BaseException as exc:  # reported when the flow starts, which then tries itself
+            failure.append(exc)
+
+    thread = threading.Thread(target=start, name="prefect-server", daemon=True)
+    thread.start()
+
+    def wait() -> None:
+        thread.join()
+        if failure:
+            logging.getLogger(__name__).info("early start of Prefect's server failed: %s", failure[0])
+
+    return wait
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="segpipe", description="Segment huge images with attention models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress and show tracebacks")
@@ -69,14 +118,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _quiet_environment(args.verbose)
+    if getattr(args, "starts_services", False):
+        from segpipe.cli.reaper import start_reaper
+
+        args.reaper = start_reaper()  # kept open until this process ends, however it ends
+        if threading_main():
+            signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return int(args.handler(args))
     except SegpipeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print("error: interrupted; re-run with the same --work-dir to resume", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
     except Exception as exc:
         if args.verbose:
             raise

@@ -7,7 +7,7 @@ import argparse
 import json
 from typing import Any
 
-from segpipe.cli import EXIT_OK
+from segpipe.cli import EXIT_OK, STARTED, prestart_prefect
 from segpipe.core.options import add_arguments, given
 from segpipe.pipeline.settings import RunOptions, RunSettings
 
@@ -20,7 +20,7 @@ def add_run(sub: Any) -> None:
     p.add_argument("--probabilities", metavar="PATH", help="also write per-class probabilities as a COG")
     p.add_argument("--no-prefect", action="store_true", help="run the stages directly, without the Prefect flow")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
-    p.set_defaults(handler=_cmd_run, option_fields=fields)
+    p.set_defaults(handler=_cmd_run, option_fields=fields, starts_services=True)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -30,15 +30,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
     settings = RunSettings(
         input=args.input, output=args.output, probabilities=args.probabilities, **given(args, args.option_fields)
     )
-    plan = make_plan(settings)  # fail fast, before Prefect and Ray start; the model is loaded once, here
-    if args.no_prefect:
+    prefect_ready = None if args.no_prefect else prestart_prefect()
+    plan = make_plan(settings)  # fail fast, before Ray starts; the model is loaded once, here
+    if prefect_ready is None:
         from segpipe.pipeline.run import run_scene
 
-        summary = run_scene(settings, plan=plan)
+        summary = run_scene(settings, plan=plan, started=STARTED)
     else:
         from segpipe.flows.segment import segment_scene
 
-        summary = segment_scene(settings, plan=plan)
+        prefect_ready()
+        summary = segment_scene(settings, plan=plan, started=STARTED)
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
     return EXIT_OK
 
@@ -58,7 +60,7 @@ def add_dataset(sub: Any) -> None:
         if name == "serve":
             p.add_argument("--cron", default="0 2 * * *", help="schedule (default: 02:00 every night)")
             p.add_argument("--name", default="nightly", help="deployment name")
-        p.set_defaults(handler=_cmd_dataset, serve=name == "serve", option_fields=fields)
+        p.set_defaults(handler=_cmd_dataset, serve=name == "serve", option_fields=fields, starts_services=True)
 
 
 def _cmd_dataset(args: argparse.Namespace) -> int:

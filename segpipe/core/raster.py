@@ -8,6 +8,7 @@ attempts with backoff first. Rasters without georeferencing open without a warni
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -20,6 +21,7 @@ import rasterio
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 
 from segpipe.core.errors import InputError
+from segpipe.core.objects import gdal_config
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,13 @@ def gdal_path(path: str) -> str:
     if path.startswith(("http://", "https://")):
         return "/vsicurl/" + path
     return path
+
+
+def remote_env(path: str) -> contextlib.AbstractContextManager[Any]:
+    """The GDAL environment every read of ``path`` needs: the object-storage endpoint of
+    :func:`segpipe.core.objects.gdal_config` (nothing for local files)."""
+    config = gdal_config(path)
+    return rasterio.Env(**config) if config else contextlib.nullcontext()
 
 
 def is_remote(path: str) -> bool:
@@ -88,7 +97,7 @@ def open_raster(
     check_local_file(path, role)
     remote = is_remote(path)
     attempts = max(1, retries) if remote else 1
-    options = _uncached_options(gdal_path(path)) if remote else {}
+    options = {**_uncached_options(gdal_path(path)), **gdal_config(path)} if remote else {}
     for attempt in range(1, attempts + 1):
         try:
             with warnings.catch_warnings(), rasterio.Env(**options), _gdal_warnings_muted(remote):

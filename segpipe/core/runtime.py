@@ -9,6 +9,7 @@ import ctypes
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 from segpipe.core.errors import ConfigError
@@ -87,3 +88,19 @@ def retain_freed_memory(threshold: int = 1 << 30) -> bool:
     ok = bool(mallopt(m_mmap_threshold, threshold)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
     log.debug("malloc thresholds %s", "raised" if ok else "unchanged")
     return ok
+
+
+def process_started_at() -> float:
+    """When this process started, as a ``time.time()`` value: on Linux from its start in clock ticks since boot
+    (``/proc/self/stat``) and the time since boot (``/proc/uptime``), to 10 ms; elsewhere when this module was first
+    imported."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22 of proc(5), counted after the command name
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return time.time() - (uptime - started)
+    except (OSError, ValueError, IndexError):
+        return _IMPORTED
+
+
+_IMPORTED = time.time()

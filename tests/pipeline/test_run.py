@@ -56,7 +56,8 @@ def test_landsat_scene_keeps_its_grid_and_nodata(data_dir: Path, tmp_path: Path)
         "georeferenced": True, "megapixels": 0.568,
     }
     assert sum(summary["class_histogram"].values()) == 791 * 718
-    assert set(summary["seconds"]) == {"validate", "ingest", "infer", "stitch", "export", "total"}
+    assert set(summary["seconds"]) == {"validate", "session", "ingest", "infer", "stitch", "export", "total", "wall"}
+    assert summary["seconds"]["wall"] >= summary["seconds"]["total"]
     assert summary["tiles"]["blend"] == "crop"  # the default: no stitch pass
     work = summary["segmenter_seconds"]
     assert work["compute"] > 0 and work["busy"] >= work["compute"]

@@ -97,7 +97,7 @@ def test_a_valid_checkpoint_loads_without_pickle(rgb_checkpoint: Path, monkeypat
 
 RAY_PROBE = """
 import json, psutil
-from segpipe.pipeline.dispatch import ray_session
+from segpipe.pipeline.session import ray_session
 with ray_session(None, 1) as ray:
     from ray._private.authentication.authentication_utils import is_token_auth_enabled
     from ray._raylet import AuthenticationTokenLoader
@@ -167,11 +167,12 @@ def test_prefect_temporary_server_listens_on_loopback(monkeypatch: pytest.Monkey
 
 
 def test_project_code_never_opens_up_ray_or_prefect() -> None:
-    """No code of ours binds all interfaces or turns Ray's authentication off."""
+    """No code of ours binds all interfaces or turns Ray's authentication off (setting it to ``token``, for a
+    cluster given by address, is the only use of RAY_AUTH_MODE allowed)."""
     offenders = []
     for folder in ("pipeline", "flows", "segpipe", "models"):
         for path in (REPO / folder).rglob("*.py"):
-            text = path.read_text()
+            text = path.read_text().replace('os.environ.setdefault("RAY_AUTH_MODE", "token")', "")
             for needle in ("0.0.0.0", "RAY_AUTH_MODE", "PREFECT_SERVER_API_HOST", "include_dashboard=True"):
                 if needle in text:
                     offenders.append(f"{path.relative_to(REPO)}: {needle}")
@@ -201,7 +202,7 @@ def test_an_input_named_with_dotdot_keeps_its_work_store_in_the_work_dir(
 
 SESSION_PROBE = """
 import json
-from segpipe.pipeline.dispatch import ray_session
+from segpipe.pipeline.session import ray_session
 with ray_session(None, 1) as ray:
     print(json.dumps({"gcs": ray._private.worker.global_worker.node.gcs_address}))
 """

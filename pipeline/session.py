@@ -1,0 +1,411 @@
+"""Sessions: where a run's work happens, kept warm across scenes.
+
+A :class:`Session` is either *in-process* (segmenters and stage tasks run in this process) or a *Ray* session (one
+connection to a local Ray instance or to a cluster). Either way it keeps its segmenters (one model each) between
+scenes: a data set, or a nightly deployment, loads each model once per worker, not once per scene. A scene with
+another model gets segmenters for that model; those of the previous model are let go when the cluster lacks the
+resources for both.
+
+On a cluster (``--ray-address``), the stages' region tasks (ingest, stitch) and the export of outputs on object
+storage run as Ray tasks on the workers, which open the scene, the work store and the outputs from their URLs:
+only URLs, tile indices and small stats cross the driver (:attr:`Session.driver_bytes` counts what does).
+
+Ray is started on demand:
+
+- without an address, a new local instance on loopback only (no dashboard, token authentication, Ray's
+  single-machine mode), shut down with the session; a Ray head already running on the machine is never joined;
+- with an address (``auto``, ``host:port``, ``ray://host:10001``), that cluster, with token authentication
+  (Ray's auth mode set to ``token``, the token from the environment as Ray reads it); a cluster that does not
+  answer within ``connect_timeout`` seconds is one clear error.
+
+Segmenters on GPUs claim one GPU each (``num_gpus=1``), on every node; on CPUs, ``actors x threads = cores``. A
+segmenter that dies (its process or its node) is dropped and its work unit goes to the others; when none is left,
+a new one is started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import pickle
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from segpipe.core.errors import ConfigError, SegpipeError
+from segpipe.core.runtime import available_cores, resolve_device
+
+log = logging.getLogger(__name__)
+
+#: Ray's switch for its single-machine mode; "0" makes a local instance use loopback for every server.
+RAY_CLUSTER_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+@contextlib.contextmanager
+def _loopback_only() -> Iterator[None]:
+    """Make the local Ray instance started in this block bind its servers to 127.0.0.1 only.
+
+    On Linux, Ray replaces a node address of 127.0.0.1 by the machine's routable address and binds GCS, raylet,
+    workers and agents there or on all interfaces (seen with Ray 2.60). In single-machine mode (Ray's default on
+    macOS and Windows, ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``) it uses loopback for everything. The started
+    processes inherit the variable; this process reads Ray's constant, which is set here and restored after, so
+    a later connection to a real cluster is unaffected. A user who sets the variable keeps their choice.
+    """
+    from ray._private import ray_constants
+
+    saved_env, saved_flag = os.environ.get(RAY_CLUSTER_ENV), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ.setdefault(RAY_CLUSTER_ENV, "0")
+    ray_constants.ENABLE_RAY_CLUSTER = os.environ[RAY_CLUSTER_ENV].lower() in ("1", "true")
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if saved_env is None:
+            os.environ.pop(RAY_CLUSTER_ENV, None)
+
+
+def _probe(address: str, timeout: float) -> None:
+    """Fail fast when ``host:port`` (or ``ray://host:port``) refuses connections or does not resolve."""
+    target = address.removeprefix("ray://")
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        with socket.create_connection((host, int(port)), timeout=min(timeout, 5.0)):
+            return
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot reach the Ray cluster at {address} ({exc.strerror or exc}); check --ray-address and that the "
+            "cluster is running"
+        ) from None
+
+
+def _connect(address: str, timeout: float, quiet: int) -> None:
+    """``ray.init(address)`` that gives up after ``timeout`` seconds with one clear error."""
+    import ray
+
+    _probe(address, timeout)
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    outcome: dict[str, BaseException | None] = {}
+
+    def connect() -> None:
+        try:
+            ray.init(address=address, log_to_driver=False, logging_level=quiet)
+            outcome["error"] = None
+        except BaseException as exc:  # reported below, in the caller's thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=connect, name="segpipe-ray-connect", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise ConfigError(
+            f"the Ray cluster at {address} did not answer within {timeout:g} s; check --ray-address, the cluster "
+            "and its authentication token (--ray-connect-timeout waits longer)"
+        )
+    error = outcome.get("error")
+    if error is not None:
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        if address == "auto":
+            raise ConfigError(
+                f"--ray-address auto found no running Ray cluster ({first}); start one (ray start --head) or give its "
+                "address"
+            ) from None
+        raise ConfigError(f"cannot connect to the Ray cluster at {address} ({first[:300]})") from None
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None, num_cpus: int, *, connect_timeout: float = 30.0) -> Iterator[Any]:
+    """Connect to Ray at ``address``, or start a local instance on loopback that is shut down afterwards.
+
+    Without ``address`` the local instance is always a new one (``address="local"``): ``ray.init()`` alone would
+    join any Ray already running on the machine (found through ``/tmp/ray``) and then refuse ``num_cpus``, so a
+    user's own ``ray start --head`` would break every run. Set ``--ray-address`` to use such a cluster on purpose.
+    """
+    import ray
+
+    if ray.is_initialized():
+        yield ray
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    quiet = logging.WARNING if log.isEnabledFor(logging.INFO) else logging.ERROR
+    if address:
+        _connect(address, connect_timeout, quiet)
+    else:
+        with _loopback_only():
+            ray.init(
+                address="local",
+                num_cpus=num_cpus,
+                include_dashboard=False,
+                log_to_driver=False,
+                logging_level=quiet,
+                _node_ip_address="127.0.0.1",
+            )
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What one segmenter holds: a model (packaged name, local path or object URL) with the checksum the run
+    planned with, on a device, with a number of torch threads."""
+
+    model: str
+    checksum: str | None
+    device: str
+    threads: int
+
+
+@dataclass
+class Pool:
+    """The segmenters of one :class:`ModelSpec` in a session."""
+
+    spec: ModelSpec
+    actors: list[Any]
+    resources: dict[str, float] = field(default_factory=dict)
+
+
+class Session:
+    """Where work runs; see the module docstring.
+
+    Args:
+        address: A Ray cluster's address; None for a local Ray instance (when ``ray`` is true).
+        ray: Use Ray; False runs everything in this process.
+        connect_timeout: Seconds to wait for a cluster at ``address``.
+        num_cpus: CPUs of a local Ray instance (default: this process's cores).
+    """
+
+    def __init__(
+        self,
+        *,
+        address: str | None = None,
+        ray: bool = True,
+        connect_timeout: float = 30.0,
+        num_cpus: int | None = None,
+    ) -> None:
+        self.address = address
+        self.uses_ray = ray or bool(address)
+        self.pools: dict[ModelSpec, Pool] = {}
+        self.local_segmenters: dict[ModelSpec, Any] = {}
+        #: Bytes of results and store data that crossed this process (the driver) for the session's work.
+        self.driver_bytes = 0
+        self._stack = contextlib.ExitStack()
+        self.ray: Any = None
+        if self.uses_ray:
+            self.ray = self._stack.enter_context(
+                ray_session(address, num_cpus or available_cores(), connect_timeout=connect_timeout)
+            )
+
+    # --- lifecycle ---------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        for pool in self.pools.values():
+            self._kill(pool.actors)
+        self.pools.clear()
+        self.local_segmenters.clear()
+        self._stack.close()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def on_cluster(self) -> bool:
+        """Whether work runs on a cluster given by address (stage tasks then run there, not in the driver)."""
+        return self.uses_ray and bool(self.address)
+
+    # --- resources -----------------------------------------------------------------------------------------
+
+    def nodes(self) -> list[dict[str, Any]]:
+        """Alive Ray nodes (``[]`` in-process)."""
+        if not self.uses_ray:
+            return []
+        return [n for n in self.ray.nodes() if n.get("Alive")]
+
+    def device(self, choice: str) -> str:
+        """``auto``/``cpu``/``cuda`` resolved where the work runs."""
+        if not self.uses_ray:
+            return resolve_device(choice)
+        return resolve_device(choice, gpus=int(self.ray.cluster_resources().get("GPU", 0)))
+
+    def plan_pool(self, device: str, workers: int | None) -> tuple[int, int, dict[str, float]]:
+        """(segmenters, torch threads each, Ray resources each) for ``device`` on this session's machines."""
+        if not self.uses_ray:
+            return 1, available_cores(), {}
+        resources = self.ray.cluster_resources()
+        if device == "cuda":
+            gpus = int(resources.get("GPU", 0))
+            n = workers or gpus
+            cpus = max(1, int(resources.get("CPU", 1)))
+            return n, max(1, cpus // max(1, n) - 1), {"num_gpus": 1, "num_cpus": 1}
+        nodes = [n for n in self.nodes() if n.get("Resources", {}).get("CPU", 0) >= 1]
+        per_node = min((int(n["Resources"]["CPU"]) for n in nodes), default=available_cores())
+        if workers is None:
+            # one segmenter per machine, using its cores (torch scales within a machine, Ray across them)
+            return max(1, len(nodes)), max(1, per_node), {"num_cpus": max(1, per_node)}
+        threads = max(1, int(resources.get("CPU", available_cores())) // workers)
+        threads = min(threads, max(1, per_node))
+        return workers, threads, {"num_cpus": threads}
+
+    # --- segmenters ----------------------------------------------------------------------------------------
+
+    def segmenters(self, spec: ModelSpec, workers: int, resources: dict[str, float]) -> Pool:
+        """The segmenters of ``spec`` (started once per session; reused by every later scene)."""
+        if spec in self.pools:
+            return self.pools[spec]
+        ray = self.ray
+        need = {"CPU": resources.get("num_cpus", 0) * workers, "GPU": resources.get("num_gpus", 0) * workers}
+        total = ray.cluster_resources()
+        short = [f"{v:g} {k}" for k, v in need.items() if v and total.get(k, 0.0) < v]
+        if short:
+            raise ConfigError(
+                f"{workers} segmenter(s) need {' and '.join(short)} but the Ray cluster has "
+                f"{total.get('CPU', 0):g} CPU and {total.get('GPU', 0):g} GPU; use fewer --workers"
+            )
+        free = ray.available_resources()
+        if any(free.get(k, 0.0) < v for k, v in need.items() if v):
+            for other in list(self.pools):  # make room: the previous model's segmenters go
+                self._kill(self.pools.pop(other).actors)
+        from segpipe.pipeline.infer import TileSegmenter
+
+        remote = ray.remote(max_restarts=0, max_task_retries=0, **resources)(TileSegmenter)
+        actors = [remote.remote(spec) for _ in range(workers)]
+        started = time.perf_counter()
+        where = ray.get([a.ping.remote() for a in actors])
+        log.info("%d segmenter(s) ready in %.1f s on %s", len(actors), time.perf_counter() - started, where)
+        pool = Pool(spec, actors, dict(resources))
+        self.pools[spec] = pool
+        return pool
+
+    def local_segmenter(self, spec: ModelSpec) -> Any:
+        """The in-process segmenter of ``spec`` (loaded once per session)."""
+        if spec not in self.local_segmenters:
+            from segpipe.pipeline.infer import TileSegmenter
+
+            self.local_segmenters.clear()  # one model in memory at a time
+            self.local_segmenters[spec] = TileSegmenter(spec)
+        return self.local_segmenters[spec]
+
+    def _kill(self, actors: Sequence[Any]) -> None:
+        for actor in actors:
+            with contextlib.suppress(Exception):
+                self.ray.kill(actor, no_restart=True)
+
+    def run_units(
+        self, pool: Pool, call: Callable[[Any, Any], Any], units: Sequence[Any], progress: Callable[[Any], Any]
+    ) -> list[Any]:
+        """Run every unit on the pool's segmenters (``call(actor, unit)`` returns an object ref); returns the results.
+
+        A segmenter that dies is dropped and its unit handed to another; when none is left a new one is started.
+        An error raised by the work itself (bad input found late) is raised here, as it was raised there.
+        """
+        from ray.exceptions import RayActorError, RayTaskError
+
+        ray = self.ray
+        queue = deque(units)
+        idle = list(pool.actors)
+        pending: dict[Any, tuple[Any, Any]] = {}
+        results = []
+        while queue or pending:
+            while queue and idle:
+                actor = idle.pop()
+                unit = queue.popleft()
+                pending[call(actor, unit)] = (actor, unit)
+            if not pending:
+                raise SegpipeError("no segmenter is left to run the remaining tiles")
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            actor, unit = pending.pop(ready[0])
+            try:
+                result = ray.get(ready[0])
+            except RayActorError as exc:
+                log.warning("a segmenter died (%s); its tiles go to the others", str(exc).splitlines()[0][:200])
+                pool.actors.remove(actor)
+                self._kill([actor])
+                queue.appendleft(unit)
+                if not pool.actors:
+                    from segpipe.pipeline.infer import TileSegmenter
+
+                    remote = ray.remote(max_restarts=0, max_task_retries=0, **pool.resources)(TileSegmenter)
+                    replacement = remote.remote(pool.spec)
+                    pool.actors.append(replacement)
+                    idle.append(replacement)
+                continue
+            except RayTaskError as exc:
+                raise exc.as_instanceof_cause() from None
+            self.driver_bytes += len(pickle.dumps(result))
+            results.append(result)
+            idle.append(actor)
+            progress(result)
+        return results
+
+    # --- stage tasks ---------------------------------------------------------------------------------------
+
+    def map(
+        self,
+        fn: Callable[..., Any],
+        items: Sequence[tuple[Any, ...]],
+        *,
+        workers: int,
+        progress: Callable[[Any], Any] | None = None,
+    ) -> list[Any]:
+        """``[fn(*item) for item in items]``, in parallel: Ray tasks on the cluster's workers (retried on another
+        node when one is lost), or ``workers`` threads in this process. Results in item order."""
+        if not self.on_cluster:
+            with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="stage") as threads:
+                found = []
+                for result in threads.map(lambda item: fn(*item), items):
+                    found.append(result)
+                    if progress:
+                        progress(result)
+                return found
+        from ray.exceptions import RayTaskError
+
+        ray = self.ray
+        task = ray.remote(num_cpus=1, max_retries=3)(fn)
+        refs = [task.remote(*item) for item in items]
+        index = {ref: k for k, ref in enumerate(refs)}
+        out: list[Any] = [None] * len(refs)
+        remaining = list(refs)
+        while remaining:
+            ready, remaining = ray.wait(remaining, num_returns=1)
+            try:
+                result = ray.get(ready[0])
+            except RayTaskError as exc:
+                raise exc.as_instanceof_cause() from None
+            self.driver_bytes += len(pickle.dumps(result))
+            out[index[ready[0]]] = result
+            if progress:
+                progress(result)
+        return out
+
+
+def auto_uses_ray(*, address: str | None, executor: str, device: str, workers: int | None, tiles: int) -> bool:
+    """Whether a run should use Ray: always on a cluster or when asked (``executor="ray"``); never with
+    ``executor="local"``; on ``auto``, only where Ray buys something: several workers or GPUs, or a scene large
+    enough (more than :data:`IN_PROCESS_TILES` tiles) that isolating the model in an actor that survives a crash
+    is worth Ray's start-up (a few seconds)."""
+    if address or executor == "ray":
+        return True
+    if executor == "local":
+        return False
+    if (workers or 1) > 1:
+        return True
+    from segpipe.core.runtime import local_gpus
+
+    if device != "cpu" and local_gpus() > 1:
+        return True
+    return tiles > IN_PROCESS_TILES
+
+
+#: Scenes of at most this many tiles run in-process on the embedded defaults (no Ray start-up).
+IN_PROCESS_TILES = 8
