@@ -7,7 +7,10 @@ with ``PREFECT_API_URL`` set, runs are recorded on that server. Scheduled runs o
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import signal
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prefect import flow, task
@@ -31,6 +34,7 @@ def segment_scene(
     plan: RunPlan | None = None,
     session: Session | None = None,
     started: float | None = None,
+    on_sigterm: Callable[..., Any] | None = None,
 ) -> dict[str, Any]:
     """Segment one scene (see :func:`segpipe.pipeline.run.run_scene`); returns the run summary.
 
@@ -39,5 +43,20 @@ def segment_scene(
         plan: The validated plan, when the caller has made it already (the model is then loaded once).
         session: A warm session kept across scenes (a data set's); None: one for this scene.
         started: When the caller started (``time.time()``), for the summary's wall time.
+        on_sigterm: A SIGTERM handler to use while the stages run, instead of Prefect's (which raises into
+            whatever runs, Ray's extension code included); the ``segpipe`` command's exits at once.
     """
-    return run_scene(settings, plan=plan, wrap=as_task, session=session, started=started)
+    with _sigterm_handler(on_sigterm):
+        return run_scene(settings, plan=plan, wrap=as_task, session=session, started=started)
+
+
+@contextlib.contextmanager
+def _sigterm_handler(handler: Callable[..., Any] | None) -> Iterator[None]:
+    if handler is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

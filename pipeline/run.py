@@ -18,6 +18,7 @@ from typing import Any
 from tqdm import tqdm
 
 from segpipe.core import objects
+from segpipe.core.errors import ConfigError
 from segpipe.core.files import temporary_folder, write_json_atomically
 from segpipe.core.objects import is_object_url
 from segpipe.core.runtime import available_cores, process_started_at
@@ -29,7 +30,7 @@ from segpipe.pipeline.ingest import IngestResult, ingest
 from segpipe.pipeline.locks import exclusive_lock
 from segpipe.pipeline.merge import merger_type
 from segpipe.pipeline.plan import RunPlan, make_plan
-from segpipe.pipeline.session import Session, auto_uses_ray
+from segpipe.pipeline.session import Session, auto_uses_ray, cluster_paths_problem
 from segpipe.pipeline.settings import RunSettings
 from segpipe.pipeline.summary import build_summary
 
@@ -199,6 +200,10 @@ def run_scene(
         t = time.perf_counter()
         if session is None:
             session = stack.enter_context(session_for(plan))
+        if session.on_cluster:
+            problem = cluster_paths_problem(settings, session.nodes(), session.driver_ip())
+            if problem:
+                raise ConfigError(problem)
         seconds["session"] = time.perf_counter() - t
         driver_bytes = session.driver_bytes
         t = time.perf_counter()

@@ -30,12 +30,12 @@ import logging
 import os
 import pickle
 import socket
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from segpipe.core.errors import ConfigError, SegpipeError
@@ -86,38 +86,65 @@ def _probe(address: str, timeout: float) -> None:
         ) from None
 
 
+#: Run in a child process to see whether a GCS answers at an address (Ray's client blocks, uninterruptibly, for a
+#: minute on an address that accepts connections but is not a Ray cluster).
+GCS_PROBE = (
+    "import sys, ray._raylet as r; "
+    "r.GcsClient(address=sys.argv[1]).internal_kv_get(b'segpipe-probe', None, timeout=float(sys.argv[2]))"
+)
+
+
+def _probe_gcs(address: str, timeout: float) -> None:
+    """Fail with one line when nothing that speaks Ray's protocol answers at ``host:port`` within ``timeout``."""
+    import subprocess
+    import sys
+
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", GCS_PROBE, address, str(timeout)],
+            capture_output=True,
+            text=True,
+            timeout=timeout + 5,
+        )
+    except subprocess.TimeoutExpired:
+        done = None
+    if done is None or done.returncode != 0:
+        raise ConfigError(
+            f"the Ray cluster at {address} did not answer within {timeout:g} s; check --ray-address, the cluster and "
+            "its authentication token (--ray-connect-timeout waits longer)"
+        )
+
+
 def _connect(address: str, timeout: float, quiet: int) -> None:
-    """``ray.init(address)`` that gives up after ``timeout`` seconds with one clear error."""
+    """``ray.init(address)`` that gives up after about ``timeout`` seconds with one clear error: the address must
+    accept connections, and (for ``host:port``) answer as a Ray cluster, before Ray's own client is started."""
     import ray
 
-    _probe(address, timeout)
     os.environ.setdefault("RAY_AUTH_MODE", "token")
-    outcome: dict[str, BaseException | None] = {}
-
-    def connect() -> None:
-        try:
-            ray.init(address=address, log_to_driver=False, logging_level=quiet)
-            outcome["error"] = None
-        except BaseException as exc:  # reported below, in the caller's thread
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=connect, name="segpipe-ray-connect", daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
-        raise ConfigError(
-            f"the Ray cluster at {address} did not answer within {timeout:g} s; check --ray-address, the cluster "
-            "and its authentication token (--ray-connect-timeout waits longer)"
-        )
-    error = outcome.get("error")
-    if error is not None:
+    if address != "auto":
+        _probe(address, timeout)
+    if address != "auto" and not address.startswith("ray://"):
+        _probe_gcs(address, timeout)
+    try:
+        ray.init(address=address, log_to_driver=False, logging_level=quiet)
+    except (ConnectionError, RuntimeError, ValueError) as error:
         first = str(error).splitlines()[0] if str(error) else type(error).__name__
         if address == "auto":
             raise ConfigError(
-                f"--ray-address auto found no running Ray cluster ({first}); start one (ray start --head) or give its "
-                "address"
+                f"--ray-address auto found no running Ray cluster ({first}); start one (ray start --head) or give "
+                "its address"
             ) from None
         raise ConfigError(f"cannot connect to the Ray cluster at {address} ({first[:300]})") from None
+
+
+def _short_temp_dir() -> str | None:
+    """Ray's temporary folder when the default (``$TMPDIR/ray``) is too long for its sockets (a Unix socket path
+    holds at most 107 bytes, and Ray's add about 70): ``/tmp/ray``; None keeps Ray's default."""
+    import tempfile
+
+    if len(tempfile.gettempdir()) <= 32 or os.environ.get("RAY_TMPDIR") or not os.path.isdir("/tmp"):
+        return None
+    return "/tmp/ray"
 
 
 @contextlib.contextmanager
@@ -135,6 +162,36 @@ def ray_session(address: str | None, num_cpus: int, *, connect_timeout: float = 
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     quiet = logging.WARNING if log.isEnabledFor(logging.INFO) else logging.ERROR
+    with _signal_handlers_kept():
+        _start(address, num_cpus, connect_timeout, quiet)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+@contextlib.contextmanager
+def _signal_handlers_kept() -> Iterator[None]:
+    """Restore this process's SIGTERM and SIGINT handlers after Ray has started: ``ray.init`` installs its own (and
+    a crash handler that aborts on SIGTERM), which would skip the run's clean-up."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            if handler is not None:
+                signal.signal(sig, handler)
+
+
+def _start(address: str | None, num_cpus: int, connect_timeout: float, quiet: int) -> None:
+    import ray
+
     if address:
         _connect(address, connect_timeout, quiet)
     else:
@@ -146,11 +203,8 @@ def ray_session(address: str | None, num_cpus: int, *, connect_timeout: float = 
                 log_to_driver=False,
                 logging_level=quiet,
                 _node_ip_address="127.0.0.1",
+                _temp_dir=_short_temp_dir(),
             )
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
 
 
 @dataclass(frozen=True)
@@ -218,6 +272,10 @@ class Session:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def driver_ip(self) -> str:
+        """The address of this process's Ray node."""
+        return str(self.ray.util.get_node_ip_address()) if self.uses_ray else "127.0.0.1"
 
     @property
     def on_cluster(self) -> bool:
@@ -371,22 +429,58 @@ class Session:
         from ray.exceptions import RayTaskError
 
         ray = self.ray
-        task = ray.remote(num_cpus=1, max_retries=3)(fn)
-        refs = [task.remote(*item) for item in items]
-        index = {ref: k for k, ref in enumerate(refs)}
-        out: list[Any] = [None] * len(refs)
-        remaining = list(refs)
-        while remaining:
-            ready, remaining = ray.wait(remaining, num_returns=1)
+        # No CPU claim: the session's segmenters hold the cores while they live (kept warm between scenes), and stage
+        # tasks run between inference passes; at most one task per core of the cluster is in flight, spread over
+        # the nodes. A task lost with its node is retried on another.
+        task = ray.remote(num_cpus=0, max_retries=3, scheduling_strategy="SPREAD")(fn)
+        limit = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        out: list[Any] = [None] * len(items)
+        waiting = deque(enumerate(items))
+        running: dict[Any, int] = {}
+        while waiting or running:
+            while waiting and len(running) < limit:
+                k, item = waiting.popleft()
+                running[task.remote(*item)] = k
+            ready, _ = ray.wait(list(running), num_returns=1)
+            k = running.pop(ready[0])
             try:
                 result = ray.get(ready[0])
             except RayTaskError as exc:
                 raise exc.as_instanceof_cause() from None
             self.driver_bytes += len(pickle.dumps(result))
-            out[index[ready[0]]] = result
+            out[k] = result
             if progress:
                 progress(result)
         return out
+
+
+def cluster_paths_problem(
+    settings: Any, nodes: Sequence[dict[str, Any]], driver_ip: str
+) -> str | None:
+    """What of ``settings`` (a :class:`~segpipe.pipeline.settings.RunSettings`) only this machine sees, when the
+    cluster has nodes on other machines; None when all is reachable from every node.
+
+    The scene, the work store and the model must be URLs (or a packaged model name) on such a cluster; the outputs
+    may stay local, since the driver writes local outputs itself.
+    """
+    from segpipe.core.objects import is_object_url
+    from segpipe.core.raster import is_remote
+
+    if all(n.get("NodeManagerAddress") == driver_ip for n in nodes):
+        return None
+    local = []
+    if not (is_remote(settings.input) or is_object_url(settings.input)):
+        local.append("INPUT")
+    if not settings.work_dir or not is_object_url(settings.work_dir):
+        local.append("--work-dir")
+    if not is_object_url(settings.model) and ("/" in settings.model or "." in Path(settings.model).name):
+        local.append("--model")
+    if not local:
+        return None
+    return (
+        f"on a Ray cluster of several machines, {', '.join(local)} must be on object storage (s3://, gs://, az://) "
+        "that every node reads; the other machines cannot see this machine's files (see docs/cluster.md)"
+    )
 
 
 def auto_uses_ray(*, address: str | None, executor: str, device: str, workers: int | None, tiles: int) -> bool:

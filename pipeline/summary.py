@@ -15,6 +15,15 @@ from segpipe.pipeline.plan import RunPlan
 from segpipe.pipeline.settings import RunOptions
 
 
+def _tiles_by_node(stats: list[dict[str, Any]]) -> dict[str, int]:
+    """Tiles computed per node (Ray node id, or ``local``)."""
+    found: dict[str, int] = {}
+    for stat in stats:
+        node = str(stat.get("node", "local"))
+        found[node] = found.get(node, 0) + int(stat["tiles"])
+    return found
+
+
 def _absolute(path: str) -> str:
     return path if is_object_url(path) else os.path.abspath(path)
 
@@ -90,6 +99,7 @@ def build_summary(
         },
         "workers": inferred.workers,
         "device": inferred.device,
+        "nodes": _tiles_by_node(inferred.worker_stats),
         "segmenter_seconds": {
             name: round(sum(float(stat.get(key, 0.0)) for stat in inferred.worker_stats), 3)
             for name, key in (

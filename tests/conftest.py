@@ -91,3 +91,11 @@ def rgb_checkpoint(make_checkpoint: CheckpointFactory) -> Path:
     return make_checkpoint(
         "rgb", bands=("red", "green", "blue"), mean=(100.0, 100.0, 100.0), std=(50.0, 50.0, 50.0)
     )
+
+
+@pytest.fixture(scope="session")
+def slow_checkpoint(make_checkpoint: Callable[..., Path]) -> Path:
+    """A wider (base 8) RGB U-Net: slow enough on a CPU that a fault test can catch inference half-way."""
+    return make_checkpoint(
+        "slow", bands=("red", "green", "blue"), mean=(100.0,) * 3, std=(50.0,) * 3, base_channels=8
+    )

@@ -28,12 +28,14 @@ EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2,
 STARTED = time.time()
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised like Ctrl-C so that every ``finally`` (Ray, Prefect's server, locks) runs."""
-
-
-def _on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise Terminated()
+def on_sigterm(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM: one line and exit 143 at once. Raising into the run instead would surface inside Ray's or Prefect's
+    C extensions as a confusing internal error. What the run started is ended by the reaper; its locks die with
+    the process; a half-written output exists only under its hidden temporary name and its temporary folder is
+    removed by the next run, exactly as after SIGKILL."""
+    sys.stderr.write("error: terminated; re-run with the same --work-dir to resume\n")
+    sys.stderr.flush()
+    os._exit(EXIT_TERMINATED)
 
 
 class Parser(argparse.ArgumentParser):
@@ -123,15 +125,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         args.reaper = start_reaper()  # kept open until this process ends, however it ends
         if threading_main():
-            signal.signal(signal.SIGTERM, _on_sigterm)
+            signal.signal(signal.SIGTERM, on_sigterm)
     try:
         return int(args.handler(args))
     except SegpipeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt as exc:
+    except KeyboardInterrupt:
         print("error: interrupted; re-run with the same --work-dir to resume", file=sys.stderr)
-        return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
+        return EXIT_INTERRUPTED
     except Exception as exc:
         if args.verbose:
             raise

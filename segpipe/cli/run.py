@@ -7,7 +7,7 @@ import argparse
 import json
 from typing import Any
 
-from segpipe.cli import EXIT_OK, STARTED, prestart_prefect
+from segpipe.cli import EXIT_OK, STARTED, on_sigterm, prestart_prefect
 from segpipe.core.options import add_arguments, given
 from segpipe.pipeline.settings import RunOptions, RunSettings
 
@@ -40,7 +40,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         from segpipe.flows.segment import segment_scene
 
         prefect_ready()
-        summary = segment_scene(settings, plan=plan, started=STARTED)
+        summary = segment_scene(settings, plan=plan, started=STARTED, on_sigterm=on_sigterm)
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
     return EXIT_OK
 

@@ -83,11 +83,3 @@ def assert_refused(result: CliResult, message: str | re.Pattern[str], *empty_dir
         assert message.fullmatch(text), f"{text!r} does not match {message.pattern!r}"
     for folder in empty_dirs:
         assert sorted(p.name for p in folder.iterdir()) == [], f"left behind in {folder}"
-
-
-@pytest.fixture(scope="session")
-def slow_checkpoint(make_checkpoint: Callable[..., Path]) -> Path:
-    """A wider (base 8) RGB U-Net: slow enough on a CPU that a fault test can catch inference half-way."""
-    return make_checkpoint(
-        "slow", bands=("red", "green", "blue"), mean=(100.0,) * 3, std=(50.0,) * 3, base_channels=8
-    )
