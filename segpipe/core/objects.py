@@ -31,11 +31,13 @@ if TYPE_CHECKING:
 #: URL schemes that name object storage (everything else is a local path).
 SCHEMES = ("s3://", "gs://", "az://", "abfs://")
 
-#: Retries of every request: up to 10 attempts with backoff from 0.2 s doubling to 8 s, within 90 s in all.
+#: Retries of every request on connection errors, timeouts and server errors: backoff from 0.5 s doubling to 10 s
+#: (each wait drawn at random below that bound, as object_store does), until 120 s have passed. The retry count only
+#: backs the time limit up: with random waits, 10 retries were used up in 3.6 s of refused connections.
 RETRY: RetryConfig = {
-    "max_retries": 10,
-    "retry_timeout": timedelta(seconds=90),
-    "backoff": {"init_backoff": timedelta(seconds=0.2), "max_backoff": timedelta(seconds=8), "base": 2},
+    "max_retries": 100,
+    "retry_timeout": timedelta(seconds=120),
+    "backoff": {"init_backoff": timedelta(seconds=0.5), "max_backoff": timedelta(seconds=10), "base": 2},
 }
 #: Per-request limits: a connection must open within 5 s, a request complete within 30 s (then it is retried).
 CLIENT: ClientConfig = {"connect_timeout": timedelta(seconds=5), "timeout": timedelta(seconds=30)}
