@@ -1,7 +1,5 @@
 """``python -m segpipe.cli``: the ``segpipe`` command."""
 
-import sys
+from segpipe.cli import command
 
-from segpipe.cli import main
-
-sys.exit(main())
+command()

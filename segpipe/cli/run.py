@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from typing import Any
 
-from segpipe.cli import EXIT_OK, STARTED, on_sigterm, prestart_prefect
+from segpipe.cli import EXIT_OK, STARTED, on_sigterm
+from segpipe.cli.prefect_server import temporary_server
 from segpipe.core.options import add_arguments, given
 from segpipe.pipeline.settings import RunOptions, RunSettings
 
@@ -30,17 +32,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
     settings = RunSettings(
         input=args.input, output=args.output, probabilities=args.probabilities, **given(args, args.option_fields)
     )
-    prefect_ready = None if args.no_prefect else prestart_prefect()
-    plan = make_plan(settings)  # fail fast, before Ray starts; the model is loaded once, here
-    if prefect_ready is None:
+    if args.no_prefect:
         from segpipe.pipeline.run import run_scene
 
+        plan = make_plan(settings)  # fail fast, before Ray starts; the model is loaded once, here
         summary = run_scene(settings, plan=plan, started=STARTED)
     else:
-        from segpipe.flows.segment import segment_scene
+        with temporary_server() as server:  # comes up while the run validates and loads its model
+            plan = make_plan(settings)
+            from segpipe.flows.segment import segment_scene
 
-        prefect_ready()
-        summary = segment_scene(settings, plan=plan, started=STARTED, on_sigterm=on_sigterm)
+            if server is not None:
+                server.wait(float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")))
+            summary = segment_scene(settings, plan=plan, started=STARTED, on_sigterm=on_sigterm)
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
     return EXIT_OK
 
@@ -80,6 +84,9 @@ def _cmd_dataset(args: argparse.Namespace) -> int:
             name=args.name,
         )
         return EXIT_OK
-    result = segment_dataset(args.input_dir, args.output_dir, options=options, probabilities=args.probabilities)
+    with temporary_server() as server:
+        if server is not None:
+            server.wait(float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")))
+        result = segment_dataset(args.input_dir, args.output_dir, options=options, probabilities=args.probabilities)
     print(json.dumps(result, indent=2))
     return EXIT_OK
