@@ -146,6 +146,71 @@ def cluster_runs(scratch: Path) -> dict[str, Any]:
     return results
 
 
+def ingest_compare(scratch: Path, repeat: int) -> dict[str, Any]:
+    """Ingest of the 4096 px scene into a work store on S3 by the cluster's workers (two raylets of one CPU): as Ray
+    tasks (segpipe's way, :meth:`Session.map`) and as a dask graph of the same region tasks run by Ray's dask
+    scheduler (``ray.util.dask.ray_dask_get``, which needs pandas)."""
+    os.environ.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="token", RAY_USAGE_STATS_ENABLED="0")
+    import dask
+    import ray
+    from ray._private import ray_constants
+    from ray.cluster_utils import Cluster
+    from ray.util.dask import ray_dask_get
+
+    from benchmarks.bench_pipeline import DEFAULT_SOURCE, build_scene
+    from segpipe.core import objects
+    from segpipe.pipeline import store as ws
+    from segpipe.pipeline.ingest import copy_region, ingest, regions
+    from segpipe.pipeline.read import describe_scene
+    from segpipe.pipeline.session import Session
+    from tests.cluster.conftest import S3_ENV, S3Server
+
+    scene_path, _ = build_scene(DEFAULT_SOURCE, 4096, scratch / "scenes")
+    server = S3Server()
+    os.environ.update({**S3_ENV, "AWS_ENDPOINT_URL": server.url})
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="rb", dir="/tmp")
+    cluster = Cluster(
+        initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1", "include_dashboard": False}
+    )
+    cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+    cluster.wait_for_nodes()
+    timings: dict[str, list[float]] = {"ray tasks": [], "dask on ray": []}
+    try:
+        server.bucket("work")
+        server.bucket("scenes")
+        objects.upload_file(scene_path, "s3://scenes/in/mirror4096.tif")
+        scene = describe_scene("s3://scenes/in/mirror4096.tif")
+        with Session(address=cluster.address) as session:
+            for k in range(repeat):
+                store = ws.WorkStore(f"s3://work/ray-{k}.zarr")
+                started = time.perf_counter()
+                ingest(scene, store, chunk_size=1024, session=session)
+                timings["ray tasks"].append(time.perf_counter() - started)
+                store = ws.WorkStore(f"s3://work/dask-{k}.zarr")
+                started = time.perf_counter()
+                store.create_scene_arrays(
+                    shape=(scene.count, scene.height, scene.width), dtype=scene.dtype, chunk=1024, region=2048
+                )
+                tasks = [dask.delayed(copy_region)(scene, store.url, w, 1024) for w in regions(4096, 4096, 2048)]
+                dask.compute(*tasks, scheduler=ray_dask_get)
+                timings["dask on ray"].append(time.perf_counter() - started)
+                print(
+                    f"ingest 16.8 MP: ray tasks {timings['ray tasks'][-1]:.2f} s, "
+                    f"dask on ray {timings['dask on ray'][-1]:.2f} s",
+                    flush=True,
+                )
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        cluster.shutdown()
+        server.stop()
+    return {
+        name: {"seconds": [round(t, 2) for t in values], "median_s": round(statistics.median(values), 2)}
+        for name, values in timings.items()
+    }
+
+
 def one_cluster_run(layout: list[int], scratch: Path) -> dict[str, Any]:
     import ray
     from ray._private import ray_constants
@@ -214,8 +279,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scenes", type=int, default=20)
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--skip-cluster", action="store_true", help="only the CLI and warm-session figures")
+    parser.add_argument(
+        "--compare-dask",
+        action="store_true",
+        help="only ingest on the cluster: Ray tasks vs dask on Ray (needs pandas)",
+    )
     args = parser.parse_args(argv)
     scratch = Path(tempfile.mkdtemp(prefix="bench-cluster-"))
+    if args.compare_dask:
+        try:
+            found = ingest_compare(scratch, args.repeat)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        print(json.dumps(found, indent=2))
+        path = args.out.with_name("cluster-ingest.json")
+        path.write_text(json.dumps({"machine": machine(), "ingest_16_8_mp_on_2_nodes": found}, indent=2) + "\n")
+        print(f"wrote {path}")
+        return 0
     try:
         report: dict[str, Any] = {"machine": machine(), "cli": cli_overhead(args.repeat, scratch)}
         report["warm_session"] = warm_session(args.scenes, scratch)
