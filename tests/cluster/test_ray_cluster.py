@@ -38,8 +38,10 @@ def test_two_nodes_share_the_work_and_give_the_local_bytes(
 
 
 def test_a_session_serves_scenes_with_warm_segmenters(
-    s3: S3Server, ray_cluster: Any, data_dir: Path, rgb_checkpoint: Path
+    s3: S3Server, ray_cluster: Any, data_dir: Path, rgb_checkpoint: Path, slow_checkpoint: Path
 ) -> None:
+    """Two scenes with one model share the same actors; a scene with another model gets actors of its own, and the
+    first model's make room for them (the two nodes have one CPU each)."""
     urls = upload_inputs(s3, data_dir, rgb_checkpoint)
     with Session(address=ray_cluster.address) as session:
         first = run_scene(RunSettings(**urls, ray_address=ray_cluster.address, **ON_CLUSTER), session=session)  # type: ignore[arg-type]
@@ -49,7 +51,16 @@ def test_a_session_serves_scenes_with_warm_segmenters(
             session=session,
         )
         assert [a._actor_id for pool in session.pools.values() for a in pool.actors] == actors, "the same actors"
-    assert first["tiles"]["computed"] == second["tiles"]["computed"] > 0
+        third = run_scene(
+            RunSettings(
+                **{**urls, "output": "s3://out/z/mask.tif", "probabilities": None, "model": str(slow_checkpoint)},
+                **ON_CLUSTER,  # type: ignore[arg-type]
+            ),
+            session=session,
+        )
+        assert [pool.spec.model for pool in session.pools.values()] == [str(slow_checkpoint)]
+        assert not set(actors) & {a._actor_id for pool in session.pools.values() for a in pool.actors}
+    assert first["tiles"]["computed"] == second["tiles"]["computed"] == third["tiles"]["computed"] > 0
     assert objects.read_bytes("s3://out/y/mask.tif") == objects.read_bytes(urls["output"])
 
 
