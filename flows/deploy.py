@@ -1,34 +1,48 @@
-"""Deployments: ``segment_dataset`` served on a cron schedule (``segpipe serve``).
+"""Deployments: ``segment_dataset`` registered on a Prefect server with a cron schedule in a time zone, and served
+(``segpipe serve``): the serving process runs the scheduled (and manually triggered) flow runs.
 
 Point ``PREFECT_API_URL`` at a Prefect server to see and manage the runs in its UI; without it the schedule lives
-in Prefect's ephemeral API for as long as the serving process runs.
+in a temporary API server for as long as the serving process runs.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from segpipe.core.options import values_of
 from segpipe.flows.dataset import segment_dataset
-from segpipe.pipeline.settings import RunOptions
+from segpipe.pipeline.settings import DatasetOptions, RunOptions
+
+
+def deployment_parameters(
+    source: str, output_dir: str, options: RunOptions | None, dataset: DatasetOptions | None
+) -> dict[str, Any]:
+    """The deployment's parameters: JSON values that :func:`segment_dataset` turns back into its options."""
+    return {
+        "source": source,
+        "output_dir": output_dir,
+        "options": values_of(options or RunOptions()),
+        "dataset": values_of(dataset or DatasetOptions()),
+    }
 
 
 def serve_nightly(
-    input_dir: str,
+    source: str,
     output_dir: str,
     *,
     options: RunOptions | None = None,
-    probabilities: bool = False,
+    dataset: DatasetOptions | None = None,
     cron: str = "0 2 * * *",
+    timezone: str = "UTC",
     name: str = "nightly",
 ) -> None:
-    """Serve ``segment_dataset`` on a cron schedule (blocks; Ctrl-C stops it)."""
+    """Register the deployment ``segment_dataset/<name>`` with its cron schedule in ``timezone`` and serve it
+    (blocks; Ctrl-C or SIGTERM stops it)."""
+    from prefect.schedules import Cron
+
     segment_dataset.serve(
         name=name,
-        cron=cron,
-        parameters={
-            "input_dir": input_dir,
-            "output_dir": output_dir,
-            "options": values_of(options or RunOptions()),
-            "probabilities": probabilities,
-        },
-        description=f"segment new scenes of {input_dir} into {output_dir}",
+        schedules=[Cron(cron, timezone=timezone)],
+        parameters=deployment_parameters(source, output_dir, options, dataset),
+        description=f"segment new and changed scenes of {source} into {output_dir}",
     )

@@ -11,7 +11,7 @@ import os
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from segpipe.core import objects
 from segpipe.core.errors import ConfigError, ModelError, OutputError
@@ -20,8 +20,13 @@ from segpipe.core.runtime import available_cores, local_gpus
 from segpipe.core.tiles import TileGrid, validate_tiling
 from segpipe.pipeline import store as ws
 from segpipe.pipeline.export import Sink, sink_for
+from segpipe.pipeline.incremental import OutputKey, output_key
 from segpipe.pipeline.read import SceneInfo, describe_scene
-from segpipe.pipeline.settings import RunSettings
+from segpipe.pipeline.settings import RunOptions, RunSettings
+
+if TYPE_CHECKING:
+    from segpipe.models.checkpoint import LoadedModel
+    from segpipe.models.metadata import ModelMetadata
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,19 @@ class RunPlan:
     def summary_path(self) -> str:
         """``<output stem>.summary.json`` next to the output (a path or an object URL)."""
         return summary_path(self.settings.output)
+
+    @property
+    def output_key(self) -> OutputKey:
+        """What the run's outputs are made from (recorded in the summary; see :mod:`segpipe.pipeline.incremental`)."""
+        return output_key(
+            scene_fingerprint=self.scene.fingerprint,
+            model_checksum=self.model.checksum,
+            tile_size=self.tile_size,
+            halo=self.halo,
+            blend=self.settings.blend,
+            batch_size=self.batch_size,
+            probabilities=bool(self.settings.probabilities),
+        )
 
     @property
     def run_key(self) -> str:
@@ -166,8 +184,27 @@ def _check_outputs(settings: RunSettings) -> tuple[Sink, ...]:
     return tuple(sinks)
 
 
-def make_plan(settings: RunSettings) -> RunPlan:
+def resolve_tiling(settings: RunOptions, meta: ModelMetadata) -> tuple[int, int, int]:
+    """(tile size, halo, batch size) of a run: the options where given, else the model's and the device's defaults.
+
+    Raises:
+        ConfigError: a tile size and halo the model cannot take.
+    """
+    tile_size = settings.tile_size if settings.tile_size is not None else meta.tile_size
+    halo = settings.halo if settings.halo is not None else meta.halo
+    if meta.input_size is not None and settings.tile_size is None and settings.halo is None:
+        tile_size = meta.input_size - 2 * halo
+    validate_tiling(tile_size, halo, size_multiple=meta.size_multiple, input_size=meta.input_size)
+    batch_size = settings.batch_size or default_batch_size(tile_size + 2 * halo, gpu=_expects_gpu(settings))
+    return tile_size, halo, batch_size
+
+
+def make_plan(settings: RunSettings, *, loaded: LoadedModel | None = None) -> RunPlan:
     """Validate ``settings`` and resolve defaults.
+
+    Args:
+        settings: What to run.
+        loaded: ``settings.model``, loaded already (a data set's scenes share one model); None: loaded here.
 
     Raises:
         SegpipeError: (a subclass) saying what is wrong and how to fix it.
@@ -181,7 +218,7 @@ def make_plan(settings: RunSettings) -> RunPlan:
     sinks = _check_outputs(settings)
 
     scene = describe_scene(settings.input)
-    loaded = load_model(settings.model, device="cpu")
+    loaded = loaded or load_model(settings.model, device="cpu")
     meta = loaded.metadata
     if scene.count != len(meta.bands):
         raise ModelError(
@@ -189,12 +226,7 @@ def make_plan(settings: RunSettings) -> RunPlan:
             f"{settings.input!r} has {scene.count}; choose a model trained on this imagery, or select "
             f"{len(meta.bands)} bands first (e.g. gdal_translate -b 1 -b 2 -b 3)"
         )
-    tile_size = settings.tile_size if settings.tile_size is not None else meta.tile_size
-    halo = settings.halo if settings.halo is not None else meta.halo
-    if meta.input_size is not None and settings.tile_size is None and settings.halo is None:
-        tile_size = meta.input_size - 2 * halo
-    validate_tiling(tile_size, halo, size_multiple=meta.size_multiple, input_size=meta.input_size)
-    batch_size = settings.batch_size or default_batch_size(tile_size + 2 * halo, gpu=_expects_gpu(settings))
+    tile_size, halo, batch_size = resolve_tiling(settings, meta)
     summary = ModelSummary(
         name=settings.model,
         path=loaded.path,
@@ -219,7 +251,7 @@ def model_ref(asked: str, path: str) -> str:
     return path
 
 
-def _expects_gpu(settings: RunSettings) -> bool:
+def _expects_gpu(settings: RunOptions) -> bool:
     """Whether inference will run on CUDA: asked for, or ``auto`` with a local GPU or on a cluster (unknown)."""
     if settings.device != "auto":
         return settings.device == "cuda"

@@ -1,5 +1,5 @@
-"""What a user asks of a run: :class:`RunOptions` (every per-scene option, stated once) and :class:`RunSettings`
-(one scene: input, outputs and those options).
+"""What a user asks of a run: :class:`RunOptions` (every per-scene option, stated once), :class:`RunSettings`
+(one scene: input, outputs and those options) and :class:`DatasetOptions` (how a data set is read and run).
 
 Each field is declared with :func:`segpipe.core.options.option`: its default and help live here and nowhere
 else. The ``segpipe run``, ``dataset`` and ``serve`` commands build their flags from these fields, the Prefect
@@ -11,11 +11,15 @@ flows take these objects as parameters, and the run summary records them. Values
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from segpipe.core.errors import ConfigError
 from segpipe.core.options import option
 from segpipe.core.runtime import DEVICES
 from segpipe.pipeline.merge import MERGERS
+
+if TYPE_CHECKING:
+    from segpipe.pipeline.catalog import StacSearch
 
 EXECUTORS = ("auto", "ray", "local")
 
@@ -99,3 +103,50 @@ class RunSettings(RunOptions):
     def options(self) -> RunOptions:
         """The per-scene options alone."""
         return RunOptions(**{name: getattr(self, name) for name in RunOptions.__dataclass_fields__})
+
+
+@dataclass(frozen=True, kw_only=True)
+class DatasetOptions:
+    """How a data set is read and run (the run options of each scene are :class:`RunOptions`)."""
+
+    recursive: bool = option(False, help="a folder: also the scenes of its subfolders")
+    asset: str | None = option(None, help="STAC: the asset to segment, by key", metavar="KEY")
+    asset_role: str | None = option(None, help="STAC: the first asset with this role", metavar="ROLE")
+    collections: tuple[str, ...] = option(
+        (), help="STAC API: a collection to search (repeatable)", flag="--collection", metavar="ID", repeatable=True
+    )
+    bbox: str | None = option(None, help="STAC API: west,south,east,north in degrees", metavar="W,S,E,N")
+    datetime: str | None = option(
+        None, help="STAC API: an instant or interval, e.g. 2026-11-01/2026-11-30", metavar="RANGE"
+    )
+    scenes_at_once: int = option(1, help="scenes segmented at the same time on the session", metavar="N")
+    retries: int = option(1, help="times a scene that failed for an internal reason is tried again", metavar="N")
+    notify: str | None = option(
+        None, help="URL the night's report is POSTed to (JSON) when a scene fails", metavar="URL"
+    )
+    probabilities: bool = option(False, help="also write <scene>.probabilities.tif for every scene")
+
+    def __post_init__(self) -> None:
+        if self.scenes_at_once < 1:
+            raise ConfigError(f"--scenes-at-once must be >= 1, got {self.scenes_at_once}")
+        if self.retries < 0:
+            raise ConfigError(f"--retries must be >= 0, got {self.retries}")
+        if self.asset and self.asset_role:
+            raise ConfigError("give --asset or --asset-role, not both")
+        if self.bbox is not None:
+            parts = self.bbox.split(",")
+            try:
+                values = [float(v) for v in parts]
+            except ValueError:
+                values = []
+            if len(values) != 4:
+                raise ConfigError(f"--bbox must be four numbers west,south,east,north, got {self.bbox!r}")
+
+    def search(self, source: str) -> StacSearch | None:
+        """The STAC API search a ``stac-api+https://...`` source asks for, narrowed by these options."""
+        from segpipe.pipeline.catalog import STAC_API_PREFIX, StacSearch
+
+        if not source.startswith(STAC_API_PREFIX):
+            return None
+        bbox = tuple(float(v) for v in self.bbox.split(",")) if self.bbox else None
+        return StacSearch(source.removeprefix(STAC_API_PREFIX), self.collections, bbox, self.datetime)  # type: ignore[arg-type]

@@ -72,6 +72,7 @@ def build_summary(
         "probabilities": _absolute(s.probabilities) if s.probabilities else None,
         "work_store": store_url if s.work_dir else None,
         "settings": values_of(s, RunOptions),
+        "key": plan.output_key.to_dict(),
         "scene": {
             "width": scene.width,
             "height": scene.height,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from contextlib import ExitStack
 from types import TracebackType
 from typing import Any
@@ -22,7 +21,7 @@ from rasterio.enums import Resampling
 from rasterio.windows import Window as RioWindow
 
 from segpipe.core.errors import InputError
-from segpipe.core.raster import is_remote, open_raster, remote_env
+from segpipe.core.raster import identity, open_raster, remote_env
 from segpipe.core.tiles import Window
 from segpipe.pipeline.read import SceneInfo
 
@@ -37,12 +36,9 @@ MAX_BLOCK_BYTES = 256 * 2**20
 
 
 def _fingerprint(path: str, header: dict[str, Any]) -> str:
+    """SHA-256 of the scene's header and of what identifies its bytes (:func:`segpipe.core.raster.identity`)."""
     digest = hashlib.sha256(repr(sorted(header.items())).encode())
-    if not is_remote(path):
-        stat = os.stat(path)
-        digest.update(f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}".encode("utf-8", "surrogatepass"))
-    else:
-        digest.update(path.encode("utf-8", "surrogatepass"))  # surrogates: names that are not UTF-8
+    digest.update(identity(path).encode("utf-8", "surrogatepass"))  # surrogates: names that are not UTF-8
     return digest.hexdigest()
 
 

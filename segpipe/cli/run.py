@@ -11,7 +11,7 @@ from typing import Any
 from segpipe.cli import EXIT_OK, STARTED, on_sigterm
 from segpipe.cli.prefect_server import temporary_server
 from segpipe.core.options import add_arguments, given
-from segpipe.pipeline.settings import RunOptions, RunSettings
+from segpipe.pipeline.settings import DatasetOptions, RunOptions, RunSettings
 
 
 def add_run(sub: Any) -> None:
@@ -51,42 +51,53 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def add_dataset(sub: Any) -> None:
     for name, doc in (
-        ("dataset", "segment every raster of a folder now (skips scenes already done)"),
-        ("serve", "serve the dataset flow on a cron schedule (Prefect deployment; blocks)"),
+        ("dataset", "segment the new and changed scenes of a data set now"),
+        ("serve", "register the data set's nightly deployment on a Prefect server and serve it (blocks)"),
     ):
         p = sub.add_parser(name, help=doc, description=doc)
-        p.add_argument("input_dir", help="folder of scenes (*.tif, *.tiff, *.jp2, *.vrt)")
-        p.add_argument("output_dir", help="folder for <scene>.mask.tif and <scene>.mask.summary.json")
-        fields = add_arguments(p, RunOptions)
         p.add_argument(
-            "--probabilities", action="store_true", help="also write <scene>.probabilities.tif for every scene"
+            "source",
+            help="a folder, a glob, a list file, an object-storage prefix (s3://bucket/scenes/), a STAC catalog or "
+            "item collection (.json), or a STAC API (stac-api+https://...)",
         )
+        p.add_argument("output_dir", help="folder or prefix for <scene>.mask.tif, its summary and STAC Item")
+        fields = add_arguments(p, RunOptions)
+        dataset_fields = add_arguments(p, DatasetOptions)
         if name == "serve":
             p.add_argument("--cron", default="0 2 * * *", help="schedule (default: 02:00 every night)")
-            p.add_argument("--name", default="nightly", help="deployment name")
-        p.set_defaults(handler=_cmd_dataset, serve=name == "serve", option_fields=fields, starts_services=True)
+            p.add_argument("--timezone", default="UTC", help="time zone of the schedule, e.g. Europe/Zurich")
+            p.add_argument("--name", default="nightly", help="deployment name (default: nightly)")
+        p.set_defaults(
+            handler=_cmd_dataset,
+            serve=name == "serve",
+            option_fields=fields,
+            dataset_fields=dataset_fields,
+            starts_services=True,
+        )
 
 
 def _cmd_dataset(args: argparse.Namespace) -> int:
-    from segpipe.flows.dataset import scenes_in, segment_dataset
-
     options = RunOptions(**given(args, args.option_fields))
-    scenes_in(args.input_dir)  # fail fast on a missing folder
+    dataset = DatasetOptions(**given(args, args.dataset_fields))
     if args.serve:
         from segpipe.flows.deploy import serve_nightly
 
-        serve_nightly(
-            args.input_dir,
-            args.output_dir,
-            options=options,
-            probabilities=args.probabilities,
-            cron=args.cron,
-            name=args.name,
-        )
+        with temporary_server():
+            serve_nightly(
+                args.source,
+                args.output_dir,
+                options=options,
+                dataset=dataset,
+                cron=args.cron,
+                timezone=args.timezone,
+                name=args.name,
+            )
         return EXIT_OK
     with temporary_server() as server:
+        from segpipe.flows.dataset import segment_dataset
+
         if server is not None:
             server.wait(float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")))
-        result = segment_dataset(args.input_dir, args.output_dir, options=options, probabilities=args.probabilities)
-    print(json.dumps(result, indent=2))
+        report = segment_dataset(args.source, args.output_dir, options=options, dataset=dataset)
+    print(json.dumps(report, indent=2))
     return EXIT_OK

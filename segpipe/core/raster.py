@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import time
 import warnings
 from collections.abc import Iterator
@@ -56,9 +57,58 @@ def is_remote(path: str) -> bool:
     return path.startswith(REMOTE_PREFIXES)
 
 
+def is_inline(path: str) -> bool:
+    """Whether ``path`` is an inline GDAL VRT (an XML document GDAL opens like a file name)."""
+    return path.lstrip().startswith("<VRTDataset")
+
+
+def describe_path(path: str) -> str:
+    """A short, one-line name of ``path`` for messages (an inline VRT is named by its first source)."""
+    if not is_inline(path):
+        return path
+    found = re.search(r"<SourceFilename[^>]*>([^<]+)</SourceFilename>", path)
+    return f"VRT of {found.group(1)}" if found else "an inline VRT"
+
+
+def identity(path: str) -> str:
+    """What changes when the bytes behind ``path`` change, without reading them: a local file's absolute path, size
+    and modification time; an object's ETag and size; an HTTP resource's ETag, Last-Modified and length (a HEAD
+    request); an inline VRT's XML and the identity of each of its sources."""
+    if is_inline(path):
+        sources = re.findall(r"<SourceFilename[^>]*>([^<]+)</SourceFilename>", path)
+        return path + "|" + "|".join(identity(_unvsi(s)) for s in sources)
+    if not is_remote(path):
+        stat = os.stat(path)
+        return f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}"
+    from segpipe.core import objects
+
+    url = _unvsi(path)
+    if objects.is_object_url(url):
+        meta = objects.head(url) or {}
+        return f"{url}|{meta.get('e_tag')}|{meta.get('size')}"
+    if url.startswith(("http://", "https://")):
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=30) as answer:
+                headers = answer.headers
+                return f"{url}|{headers.get('ETag')}|{headers.get('Last-Modified')}|{headers.get('Content-Length')}"
+        except OSError:
+            return url
+    return url
+
+
+def _unvsi(path: str) -> str:
+    for vsi, scheme in (("/vsis3/", "s3://"), ("/vsigs/", "gs://")):
+        if path.startswith(vsi):
+            return scheme + path[len(vsi) :]
+    return path.removeprefix("/vsicurl/")
+
+
 def check_local_file(path: str, role: str) -> None:
-    """Raise InputError unless ``path`` is an existing, non-empty file (remote paths are not checked)."""
-    if is_remote(path):
+    """Raise InputError unless ``path`` is an existing, non-empty file (remote paths and inline VRTs are not
+    checked)."""
+    if is_remote(path) or is_inline(path):
         return
     if not os.path.exists(path):
         raise InputError(f"{role} {path!r} does not exist; check the path")

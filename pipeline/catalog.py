@@ -1,0 +1,344 @@
+"""Data sets: the scenes a dataset run (or a nightly deployment) segments, from the places teams keep them.
+
+A source is one string, recognised in this order:
+
+- ``stac-api+https://host/path`` (or ``--stac-api``): a STAC API item search (pystac-client), narrowed by
+  collections, bbox, datetime and a CQL2 query (:class:`StacSearch`);
+- a STAC document (a path or ``http(s)://`` URL ending in ``.json``): an ItemCollection, a static Catalog or
+  Collection (walked with pystac, child catalogs included), or one Item;
+- an object-storage prefix (``s3://bucket/scenes/``, ``gs://``, ``az://``): every raster under it;
+- a glob (``/data/**/*.tif``, with ``*``, ``?`` or ``[``): its matches;
+- a list file (a text file): one path or URL per line (``#`` comments);
+- a folder: its rasters (:data:`RASTER_SUFFIXES`), with ``recursive`` also those of its subfolders.
+
+STAC items: the asset segmented is the one named by ``asset`` (a key), or the first with ``asset_role``, or, when
+the model's bands are named and the item's assets carry ``eo:bands`` (``bands`` in STAC 1.1) with common names, the
+asset that holds all of them, or one asset per band stacked in the model's band order (a GDAL VRT, written inline,
+so that every worker opens it without a file). A :class:`SceneRef` keeps the item's id, datetime, geometry and link
+for the STAC Item of the output.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import glob
+import json
+import os
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from xml.sax.saxutils import escape
+
+from segpipe.core import objects
+from segpipe.core.errors import ConfigError, InputError
+from segpipe.core.objects import ObjectUrl, is_object_url
+
+#: File suffixes taken as rasters in folders, prefixes and globs without a suffix of their own.
+RASTER_SUFFIXES = (".tif", ".tiff", ".jp2", ".vrt", ".img", ".png", ".jpg", ".jpeg")
+STAC_API_PREFIX = "stac-api+"
+
+
+@dataclass(frozen=True)
+class SceneRef:
+    """One scene of a data set.
+
+    Attributes:
+        id: A name unique in the data set (the file's stem, or the STAC item's id), used to name its outputs.
+        href: What GDAL opens: a path, a URL, or an inline VRT that stacks STAC assets.
+        source: Where the scene came from, for the output's STAC Item: the item's or the file's URL or path.
+        item: The STAC item (its dict) the scene came from, or None.
+    """
+
+    id: str
+    href: str
+    source: str
+    item: dict[str, Any] | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
+class StacSearch:
+    """A STAC API item search: the API's root URL, and what narrows the search."""
+
+    url: str
+    collections: tuple[str, ...] = ()
+    bbox: tuple[float, float, float, float] | None = None
+    datetime: str | None = None
+    query: dict[str, Any] | None = None
+    max_items: int | None = None
+
+
+@dataclass(frozen=True)
+class AssetChoice:
+    """How to pick the asset of a STAC item: by key, by role, or by the model's band names."""
+
+    key: str | None = None
+    role: str | None = None
+    bands: tuple[str, ...] = ()
+
+
+def _is_raster_name(name: str) -> bool:
+    return name.lower().endswith(RASTER_SUFFIXES)
+
+
+def _safe_id(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", text).strip("._") or "scene"
+
+
+def _unique(refs: Iterable[SceneRef]) -> list[SceneRef]:
+    """Refs with unique ids (a repeated stem gets ``-2``, ``-3`` ...), in a stable order."""
+    seen: dict[str, int] = {}
+    out = []
+    for ref in refs:
+        n = seen.get(ref.id, 0) + 1
+        seen[ref.id] = n
+        out.append(ref if n == 1 else SceneRef(f"{ref.id}-{n}", ref.href, ref.source, ref.item))
+    return out
+
+
+def _file_ref(path: str) -> SceneRef:
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    return SceneRef(_safe_id(Path(name).stem), path, path)
+
+
+def scenes_of(
+    source: str,
+    *,
+    recursive: bool = False,
+    asset: AssetChoice | None = None,
+    search: StacSearch | None = None,
+) -> list[SceneRef]:
+    """The scenes of a data set source (see the module docstring), sorted by id.
+
+    Raises:
+        ConfigError: the source is not one of the kinds above, or names nothing.
+        InputError: a list file, STAC document or API cannot be read.
+    """
+    choice = asset or AssetChoice()
+    if search is not None or source.startswith(STAC_API_PREFIX):
+        search = search or StacSearch(source.removeprefix(STAC_API_PREFIX))
+        refs = [ref for item in _search(search) if (ref := item_ref(item, choice)) is not None]
+    elif source.lower().endswith(".json"):
+        refs = [ref for item in stac_items(source) if (ref := item_ref(item, choice)) is not None]
+    elif is_object_url(source):
+        refs = [_file_ref(url) for url in _list_prefix(source, recursive=True)]
+    elif any(ch in source for ch in "*?["):
+        refs = [_file_ref(p) for p in sorted(glob.glob(source, recursive=True)) if os.path.isfile(p)]
+    elif os.path.isfile(source) and not _is_raster_name(source):
+        refs = [_file_ref(line) for line in _list_file(source)]
+    elif os.path.isdir(source):
+        pattern = "**/*" if recursive else "*"
+        refs = [
+            _file_ref(str(p)) for p in sorted(Path(source).glob(pattern)) if p.is_file() and _is_raster_name(p.name)
+        ]
+    else:
+        raise ConfigError(
+            f"input {source!r} is not a folder, a glob, a list file, an object-storage prefix, a STAC document "
+            "(.json) or a STAC API (stac-api+https://...); check the path"
+        )
+    if not refs:
+        raise ConfigError(f"input {source!r} holds no scene (looked for {', '.join(RASTER_SUFFIXES)})")
+    return sorted(_unique(refs), key=lambda r: r.id)
+
+
+def _list_file(path: str) -> list[str]:
+    lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
+    entries = [line for line in lines if line and not line.startswith("#")]
+    base = Path(path).parent
+    return [e if (is_object_url(e) or "://" in e or os.path.isabs(e)) else str(base / e) for e in entries]
+
+
+def _list_prefix(url: str, *, recursive: bool) -> list[str]:
+    import obstore
+
+    parsed = ObjectUrl.parse(url if url.endswith("/") else url + "/")
+    store = objects.store_for(parsed)
+    prefix = parsed.key.rstrip("/")
+    found = []
+    try:
+        for page in obstore.list(store, prefix=prefix or None):
+            for meta in page:
+                key = meta["path"]
+                if _is_raster_name(key) and (recursive or "/" not in key[len(prefix) :].lstrip("/")):
+                    found.append(str(ObjectUrl(parsed.scheme, parsed.bucket, key)))
+    except Exception as exc:  # obstore's errors (credentials, endpoint, missing bucket)
+        raise InputError(f"input {url!r} cannot be listed ({str(exc).splitlines()[0][:200]}); check the URL") from None
+    return sorted(found)
+
+
+def _read_json(href: str) -> dict[str, Any]:
+    try:
+        if is_object_url(href):
+            text = objects.read_bytes(href).decode("utf-8")
+        elif href.startswith(("http://", "https://")):
+            import urllib.request
+
+            with urllib.request.urlopen(href, timeout=30) as response:
+                text = response.read().decode("utf-8")
+        else:
+            text = Path(href).read_text(encoding="utf-8")
+        data = json.loads(text)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"STAC document {href!r} cannot be read ({exc}); check the path or URL") from None
+    if not isinstance(data, dict):
+        raise InputError(f"STAC document {href!r} is not a JSON object")
+    return data
+
+
+def stac_items(href: str) -> list[dict[str, Any]]:
+    """The items of a STAC ItemCollection, Catalog or Collection (children walked), or the one Item, at ``href``;
+    every asset href made absolute."""
+    import pystac
+
+    data = _read_json(href)
+    kind = data.get("type")
+    if kind == "FeatureCollection":
+        collection = pystac.ItemCollection.from_dict(data, preserve_dict=False)
+        items = [item.to_dict() for item in collection]
+        return [_absolute_assets(item, href) for item in items]
+    if kind == "Feature":
+        return [_absolute_assets(data, href)]
+    if kind in ("Catalog", "Collection"):
+        catalog = pystac.read_file(href) if not is_object_url(href) else pystac.Catalog.from_dict(data, href=href)
+        if not isinstance(catalog, pystac.Catalog):
+            raise InputError(f"STAC document {href!r} is not a catalog")
+        found = []
+        for item in catalog.get_items(recursive=True):
+            item.make_asset_hrefs_absolute()
+            found.append({**item.to_dict(), "_self": item.get_self_href()})
+        return found
+    raise InputError(
+        f"STAC document {href!r} is a {kind!r}; give an ItemCollection, a Catalog, a Collection or an Item"
+    )
+
+
+def _absolute_assets(item: dict[str, Any], base: str) -> dict[str, Any]:
+    folder = base.rsplit("/", 1)[0] if "/" in base else "."
+    assets = {}
+    for key, asset in item.get("assets", {}).items():
+        href = str(asset.get("href", ""))
+        if href and not ("://" in href or href.startswith("/")):
+            href = f"{folder}/{href.removeprefix('./')}"
+        assets[key] = {**asset, "href": href}
+    return {
+        **item,
+        "assets": assets,
+        "_self": base if item.get("type") == "Feature" and base.endswith(".json") else None,
+    }
+
+
+def _search(search: StacSearch) -> list[dict[str, Any]]:
+    from pystac_client import Client
+
+    try:
+        client = Client.open(search.url)
+        result = client.search(
+            collections=list(search.collections) or None,
+            bbox=list(search.bbox) if search.bbox else None,
+            datetime=search.datetime,
+            query=search.query,
+            max_items=search.max_items,
+        )
+        items = [item.to_dict() for item in result.items()]
+    except Exception as exc:  # pystac-client's API and HTTP errors
+        raise InputError(
+            f"STAC API {search.url} search failed ({str(exc).splitlines()[0][:200]}); check the URL"
+        ) from None
+    for item in items:
+        item["_self"] = next((link["href"] for link in item.get("links", []) if link.get("rel") == "self"), None)
+    return items
+
+
+def _band_names(asset: dict[str, Any]) -> list[str]:
+    """Common names (else names) of an asset's bands, from ``eo:bands`` (STAC 1.0) or ``bands`` (STAC 1.1)."""
+    bands = asset.get("eo:bands") or asset.get("bands") or []
+    return [str(b.get("common_name") or b.get("eo:common_name") or b.get("name") or "") for b in bands]
+
+
+def item_ref(item: dict[str, Any], choice: AssetChoice) -> SceneRef | None:
+    """The scene of one STAC item, or None when no asset fits (the item is left out of the data set).
+
+    Raises:
+        ConfigError: the asset key asked for is missing from the item.
+    """
+    assets: dict[str, dict[str, Any]] = item.get("assets", {})
+    ident = _safe_id(str(item.get("id", "item")))
+    source = item.get("_self") or next(
+        (link["href"] for link in item.get("links", []) if link.get("rel") == "self"), f"stac-item:{item.get('id')}"
+    )
+    clean = {k: v for k, v in item.items() if k != "_self"}
+    if choice.key is not None:
+        if choice.key not in assets:
+            raise ConfigError(f"STAC item {item.get('id')!r} has no asset {choice.key!r}; it has {sorted(assets)}")
+        return SceneRef(ident, _band_vrt_or_href(assets[choice.key], choice.bands), str(source), clean)
+    if choice.role is not None:
+        for asset in assets.values():
+            if choice.role in asset.get("roles", []):
+                return SceneRef(ident, _band_vrt_or_href(asset, choice.bands), str(source), clean)
+        return None
+    wanted = [b for b in choice.bands if b]
+    if wanted:
+        for asset in assets.values():
+            names = _band_names(asset)
+            if set(wanted) <= set(names):
+                return SceneRef(ident, _band_vrt_or_href(asset, choice.bands), str(source), clean)
+        single = {}
+        for asset in assets.values():
+            names = _band_names(asset)
+            if len(names) == 1 and names[0] in wanted:
+                single[names[0]] = asset
+        if set(wanted) <= set(single):
+            return SceneRef(ident, stacked_vrt([(single[b]["href"], 1) for b in wanted]), str(source), clean)
+    for asset in assets.values():  # no band names to go by: the first data asset that is a raster
+        if "data" in asset.get("roles", ["data"]) and _is_raster_name(str(asset.get("href", "")).split("?")[0]):
+            return SceneRef(ident, str(asset["href"]), str(source), clean)
+    return None
+
+
+def _band_vrt_or_href(asset: dict[str, Any], wanted: Sequence[str]) -> str:
+    """The asset's href, or a VRT of its bands in the model's order when its band names say they differ."""
+    names = _band_names(asset)
+    if not wanted or not names or names[: len(wanted)] == list(wanted) or not set(wanted) <= set(names):
+        return str(asset["href"])
+    return stacked_vrt([(str(asset["href"]), names.index(b) + 1) for b in wanted])
+
+
+def stacked_vrt(bands: Sequence[tuple[str, int]]) -> str:
+    """An inline GDAL VRT (an XML string GDAL opens like a file name) whose band k is band ``bands[k][1]`` of raster
+    ``bands[k][0]``; every source must share one grid (size, CRS, transform). The first source is opened to read it.
+
+    Raises:
+        InputError: a source cannot be opened, or the sources' grids differ.
+    """
+    from segpipe.core.raster import gdal_path, open_raster
+
+    grids = []
+    for href, _ in bands:
+        with open_raster(href, role="STAC asset") as src:
+            grids.append(
+                (src.width, src.height, src.crs.to_wkt() if src.crs else "", tuple(src.transform)[:6], src.dtypes[0])
+            )
+    width, height, crs, transform, dtype = grids[0]
+    if any(g[:4] != grids[0][:4] for g in grids):
+        raise InputError(f"STAC assets {[h for h, _ in bands]} are not on one grid; segpipe stacks only aligned bands")
+    gdal_types = {"uint8": "Byte", "uint16": "UInt16", "int16": "Int16", "uint32": "UInt32", "int32": "Int32",
+                  "float32": "Float32", "float64": "Float64", "int8": "Int8"}  # fmt: skip
+    a, b, c, d, e, f = transform
+    parts = [f'<VRTDataset rasterXSize="{width}" rasterYSize="{height}">']
+    if crs:
+        parts.append(f"<SRS>{escape(crs)}</SRS>")
+    parts.append(f"<GeoTransform>{c!r}, {a!r}, {b!r}, {f!r}, {d!r}, {e!r}</GeoTransform>")
+    for k, (href, index) in enumerate(bands, start=1):
+        parts.append(
+            f'<VRTRasterBand dataType="{gdal_types.get(dtype, "Float64")}" band="{k}"><SimpleSource>'
+            f'<SourceFilename relativeToVRT="0">{escape(gdal_path(href))}</SourceFilename>'
+            f"<SourceBand>{index}</SourceBand></SimpleSource></VRTRasterBand>"
+        )
+    parts.append("</VRTDataset>")
+    return "".join(parts)
+
+
+def matches(ref: SceneRef, pattern: str) -> bool:
+    """Whether a scene's id matches a shell pattern (for ``--only``)."""
+    return fnmatch.fnmatch(ref.id, pattern)

@@ -1,0 +1,251 @@
+"""STAC for the outputs of a data set: one Item per scene beside its mask, and one Collection for the data set.
+
+The Item (``<scene>.item.json``) describes the mask COG (and the probabilities COG) with the projection, raster,
+classification and file extensions (class ids, names and colours; nodata 255; SHA-256 multihash and size), links
+to the source (the STAC item the scene came from, or its file) with ``derived_from``, and records the software and
+model that made it (``processing:software``, ``segpipe:model``, ``segpipe:key``). The Collection
+(``collection.json``) lists every item of the output folder, with their joint extent, and is rewritten atomically
+at the end of each run. Hrefs inside the folder are relative, so the folder can be moved or served as it is.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import segpipe
+from segpipe.core import objects
+from segpipe.core.files import write_json_atomically
+from segpipe.core.objects import ObjectUrl, is_object_url
+
+PROCESSING_EXTENSION = "https://stac-extensions.github.io/processing/v1.2.0/schema.json"
+COLLECTION_FILE = "collection.json"
+
+
+def _beside(folder: str, name: str) -> str:
+    return str(ObjectUrl.parse(folder).child(name)) if is_object_url(folder) else str(Path(folder) / name)
+
+
+def write_json(path: str, data: Any) -> None:
+    """Write JSON atomically to a local path or as one object."""
+    if is_object_url(path):
+        objects.write_json(path, data)
+    else:
+        write_json_atomically(path, data)
+
+
+def read_json(path: str) -> Any | None:
+    """JSON at a local path or object URL, or None when it does not exist or is not JSON."""
+    try:
+        text = objects.read_bytes(path) if is_object_url(path) else Path(path).read_bytes()
+        return json.loads(text)
+    except (OSError, ValueError, segpipe.SegpipeError):
+        return None
+
+
+def _footprint(scene: dict[str, Any]) -> tuple[dict[str, Any] | None, list[float] | None]:
+    """GeoJSON polygon and bbox in WGS84 of a scene's grid (None for a scene without a CRS)."""
+    if not scene.get("crs_wkt"):
+        return None, None
+    from affine import Affine
+    from rasterio.crs import CRS
+    from rasterio.warp import transform_geom
+
+    transform = Affine(*scene["transform"])
+    w, h = scene["width"], scene["height"]
+    ring = [transform * corner for corner in ((0, 0), (w, 0), (w, h), (0, h), (0, 0))]
+    polygon = {"type": "Polygon", "coordinates": [[list(p) for p in ring]]}
+    geometry = transform_geom(CRS.from_wkt(scene["crs_wkt"]), "EPSG:4326", polygon, precision=7)
+    xs = [p[0] for p in geometry["coordinates"][0]]
+    ys = [p[1] for p in geometry["coordinates"][0]]
+    return dict(geometry), [min(xs), min(ys), max(xs), max(ys)]
+
+
+def scene_item(
+    summary: dict[str, Any],
+    *,
+    scene: dict[str, Any],
+    item_id: str,
+    folder: str,
+    mask: str,
+    probabilities: str | None,
+    classes: Sequence[str],
+    colours: Sequence[str],
+    source: str,
+    source_item: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The STAC Item (a dict) of one scene's outputs.
+
+    Args:
+        summary: The run summary of the scene.
+        scene: The scene's description (``SceneInfo.to_attrs()``).
+        item_id: The item's id (the scene's id in the data set).
+        folder: The output folder; asset hrefs are relative to it.
+        mask: The mask COG; ``probabilities`` the probabilities COG, or None.
+        classes: Class names in class-id order; ``colours`` their ``#RRGGBB``.
+        source: Where the scene came from (a STAC item's href, or the file's path or URL).
+        source_item: The STAC item it came from, whose geometry and datetime the output keeps.
+    """
+    import pystac
+    from pystac.extensions.classification import Classification, ClassificationExtension
+    from pystac.extensions.file import FileExtension
+    from pystac.extensions.projection import ProjectionExtension
+    from pystac.extensions.raster import DataType, RasterBand, RasterExtension
+
+    geometry, bbox = _footprint(scene)
+    when = dt.datetime.now(dt.UTC)
+    if source_item is not None:
+        geometry = source_item.get("geometry", geometry)
+        bbox = source_item.get("bbox", bbox)
+        stamp = source_item.get("properties", {}).get("datetime")
+        if stamp:
+            when = dt.datetime.fromisoformat(str(stamp).replace("Z", "+00:00"))
+    item = pystac.Item(
+        id=item_id,
+        geometry=geometry,
+        bbox=bbox,
+        datetime=when,
+        properties={
+            "created": dt.datetime.now(dt.UTC).isoformat().replace("+00:00", "Z"),
+            "processing:software": {"segpipe": segpipe.__version__},
+            "segpipe:model": {
+                "name": summary["model"]["name"],
+                "architecture": summary["model"]["architecture"],
+                "sha256": summary["model"]["sha256"],
+            },
+            "segpipe:key": summary["key"]["digest"],
+            "segpipe:class_shares": summary["class_histogram"],
+        },
+    )
+    item.stac_extensions.append(PROCESSING_EXTENSION)
+    proj = ProjectionExtension.ext(item, add_if_missing=True)
+    if scene.get("crs_wkt"):
+        from rasterio.crs import CRS
+
+        epsg = CRS.from_wkt(scene["crs_wkt"]).to_epsg()
+        if epsg:
+            proj.code = f"EPSG:{epsg}"
+        else:
+            proj.wkt2 = scene["crs_wkt"]
+    else:
+        proj.code = None
+    proj.shape = [scene["height"], scene["width"]]
+    proj.transform = list(scene["transform"])
+    resolution = abs(float(scene["transform"][0])) or None
+    for key, href, role, bands in (
+        ("mask", mask, "data", 1),
+        ("probabilities", probabilities, "data", len(classes)),
+    ):
+        if not href:
+            continue
+        asset = pystac.Asset(
+            href=_relative(href, folder),
+            media_type=pystac.MediaType.COG,
+            title="class ids (255: nodata)" if key == "mask" else "per-class probability x 254 (255: nodata)",
+            roles=[role, "segmentation"] if key == "mask" else [role, "probabilities"],
+        )
+        item.add_asset(key, asset)
+        raster = RasterExtension.ext(asset, add_if_missing=True)
+        raster.bands = [
+            RasterBand.create(
+                nodata=255,
+                data_type=DataType.UINT8,
+                spatial_resolution=resolution,
+                scale=None if key == "mask" else 1 / 254,
+            )
+            for _ in range(bands)
+        ]
+        if key == "mask":
+            ClassificationExtension.ext(asset, add_if_missing=True).classes = [
+                Classification.create(
+                    value=i, description=name, name=_class_name(name), color_hint=colour.lstrip("#").upper()
+                )
+                for i, (name, colour) in enumerate(zip(classes, colours, strict=True))
+            ]
+        meta = _object_meta(href)
+        if meta is not None:
+            file = FileExtension.ext(asset, add_if_missing=True)
+            file.checksum, file.size = meta
+    item.add_link(pystac.Link(rel="derived_from", target=source, media_type=_source_type(source, source_item)))
+    item.add_link(pystac.Link(rel="collection", target=f"./{COLLECTION_FILE}", media_type=pystac.MediaType.JSON))
+    data: dict[str, Any] = item.to_dict(include_self_link=False, transform_hrefs=False)
+    data["collection"] = collection_id(folder)
+    return data
+
+
+def _class_name(name: str) -> str:
+    """A class name as the classification extension's ``name`` field wants it: letters, digits, ``_`` and ``-``."""
+    return "".join(ch if ch.isalnum() or ch in "_-" else "_" for ch in name) or "class"
+
+
+def _source_type(source: str, item: dict[str, Any] | None) -> str:
+    return "application/geo+json" if item is not None or source.endswith(".json") else "image/tiff"
+
+
+def _relative(href: str, folder: str) -> str:
+    prefix = folder.rstrip("/") + "/"
+    return "./" + href[len(prefix) :] if href.startswith(prefix) else href
+
+
+def _object_meta(href: str) -> tuple[str, int] | None:
+    """(SHA-256 multihash, size in bytes) of an output, local or on object storage."""
+    import hashlib
+
+    try:
+        data = objects.read_bytes(href) if is_object_url(href) else Path(href).read_bytes()
+    except (OSError, segpipe.SegpipeError):
+        return None
+    return "1220" + hashlib.sha256(data).hexdigest(), len(data)
+
+
+def collection_id(folder: str) -> str:
+    """The id of a data set's collection: the output folder's name."""
+    name = folder.rstrip("/").rsplit("/", 1)[-1]
+    return "".join(ch if ch.isalnum() or ch in "_-." else "-" for ch in name) or "segpipe"
+
+
+def item_path(folder: str, scene_id: str) -> str:
+    """Where a scene's STAC Item goes: ``<folder>/<scene>.item.json``."""
+    return _beside(folder, f"{scene_id}.item.json")
+
+
+def write_collection(folder: str, items: Sequence[dict[str, Any]], *, description: str) -> str:
+    """Write ``collection.json`` of the output folder, listing ``items`` (every item of the folder), atomically;
+    returns its path."""
+    import pystac
+
+    bboxes = [i["bbox"] for i in items if i.get("bbox")]
+    spatial = (
+        [[min(b[0] for b in bboxes), min(b[1] for b in bboxes), max(b[2] for b in bboxes), max(b[3] for b in bboxes)]]
+        if bboxes
+        else [[-180.0, -90.0, 180.0, 90.0]]
+    )
+    times = sorted(i["properties"]["datetime"] for i in items if i.get("properties", {}).get("datetime"))
+    interval = [
+        [
+            dt.datetime.fromisoformat(times[0].replace("Z", "+00:00")) if times else None,
+            dt.datetime.fromisoformat(times[-1].replace("Z", "+00:00")) if times else None,
+        ]
+    ]
+    collection = pystac.Collection(
+        id=collection_id(folder),
+        description=description,
+        extent=pystac.Extent(pystac.SpatialExtent(spatial), pystac.TemporalExtent(interval)),
+        license="other",
+    )
+    data: dict[str, Any] = collection.to_dict(include_self_link=False, transform_hrefs=False)
+    data["links"] = [
+        link for link in data.get("links", []) if link.get("rel") not in ("root", "self", "item")
+    ] + [
+        {"rel": "root", "href": f"./{COLLECTION_FILE}", "type": "application/json"},
+        *[
+            {"rel": "item", "href": f"./{i['id']}.item.json", "type": "application/geo+json", "title": i["id"]}
+            for i in sorted(items, key=lambda i: str(i["id"]))
+        ],
+    ]
+    path = _beside(folder, COLLECTION_FILE)
+    write_json(path, data)
+    return path
