@@ -9,6 +9,7 @@ A source is one string, recognised in this order:
 - an object-storage prefix (``s3://bucket/scenes/``, ``gs://``, ``az://``): every raster under it;
 - a glob (``/data/**/*.tif``, with ``*``, ``?`` or ``[``): its matches;
 - a list file (a text file): one path or URL per line (``#`` comments);
+- one raster file: a data set of one scene;
 - a folder: its rasters (:data:`RASTER_SUFFIXES`), with ``recursive`` also those of its subfolders.
 
 STAC items: the asset segmented is the one named by ``asset`` (a key), or the first with ``asset_role``, or, when
@@ -127,6 +128,8 @@ def scenes_of(
         refs = [_file_ref(p) for p in sorted(glob.glob(source, recursive=True)) if os.path.isfile(p)]
     elif os.path.isfile(source) and not _is_raster_name(source):
         refs = [_file_ref(line) for line in _list_file(source)]
+    elif os.path.isfile(source):
+        refs = [_file_ref(source)]
     elif os.path.isdir(source):
         pattern = "**/*" if recursive else "*"
         refs = [
@@ -306,7 +309,8 @@ def _band_vrt_or_href(asset: dict[str, Any], wanted: Sequence[str]) -> str:
 
 def stacked_vrt(bands: Sequence[tuple[str, int]]) -> str:
     """An inline GDAL VRT (an XML string GDAL opens like a file name) whose band k is band ``bands[k][1]`` of raster
-    ``bands[k][0]``; every source must share one grid (size, CRS, transform). The first source is opened to read it.
+    ``bands[k][0]``, with that band's nodata value; every source must share one grid (size, CRS, transform), which
+    is read from the sources.
 
     Raises:
         InputError: a source cannot be opened, or the sources' grids differ.
@@ -314,11 +318,13 @@ def stacked_vrt(bands: Sequence[tuple[str, int]]) -> str:
     from segpipe.core.raster import gdal_path, open_raster
 
     grids = []
-    for href, _ in bands:
+    nodata = []
+    for href, index in bands:
         with open_raster(href, role="STAC asset") as src:
             grids.append(
                 (src.width, src.height, src.crs.to_wkt() if src.crs else "", tuple(src.transform)[:6], src.dtypes[0])
             )
+            nodata.append(src.nodatavals[index - 1])
     width, height, crs, transform, dtype = grids[0]
     if any(g[:4] != grids[0][:4] for g in grids):
         raise InputError(f"STAC assets {[h for h, _ in bands]} are not on one grid; segpipe stacks only aligned bands")
@@ -329,10 +335,11 @@ def stacked_vrt(bands: Sequence[tuple[str, int]]) -> str:
     if crs:
         parts.append(f"<SRS>{escape(crs)}</SRS>")
     parts.append(f"<GeoTransform>{c!r}, {a!r}, {b!r}, {f!r}, {d!r}, {e!r}</GeoTransform>")
-    for k, (href, index) in enumerate(bands, start=1):
+    for k, ((href, index), missing) in enumerate(zip(bands, nodata, strict=True), start=1):
         parts.append(
-            f'<VRTRasterBand dataType="{gdal_types.get(dtype, "Float64")}" band="{k}"><SimpleSource>'
-            f'<SourceFilename relativeToVRT="0">{escape(gdal_path(href))}</SourceFilename>'
+            f'<VRTRasterBand dataType="{gdal_types.get(dtype, "Float64")}" band="{k}">'
+            + (f"<NoDataValue>{missing!r}</NoDataValue>" if missing is not None else "")
+            + f'<SimpleSource><SourceFilename relativeToVRT="0">{escape(gdal_path(href))}</SourceFilename>'
             f"<SourceBand>{index}</SourceBand></SimpleSource></VRTRasterBand>"
         )
     parts.append("</VRTDataset>")

@@ -98,10 +98,11 @@ def run_inference(
         units = work_units(plan.batches, len(pool.actors))
         stats = session.run_units(pool, lambda actor, unit: actor.process.remote(job, unit), units, done)
     elif plan.batches:
-        segmenter = session.local_segmenter(spec)
-        for unit in work_units(plan.batches, 1):
-            stats.append(segmenter.process(job, unit))
-            done(stats[-1])
+        with session.local_lock:
+            segmenter = session.local_segmenter(spec)
+            for unit in work_units(plan.batches, 1):
+                stats.append(segmenter.process(job, unit))
+                done(stats[-1])
     store.finish_run(key)
     return InferResult(
         tiles_total=len(grid),

@@ -30,6 +30,7 @@ import logging
 import os
 import pickle
 import socket
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -249,6 +250,11 @@ class Session:
         self.uses_ray = ray or bool(address)
         self.pools: dict[ModelSpec, Pool] = {}
         self.local_segmenters: dict[ModelSpec, Any] = {}
+        #: Held while the in-process segmenter works: one model, all cores, one scene at a time (scenes run at once
+        #: overlap their ingest and export, not their inference).
+        self.local_lock = threading.Lock()
+        #: Held while segmenter pools are started or let go (scenes may run on threads).
+        self.pools_lock = threading.Lock()
         #: Bytes of results and store data that crossed this process (the driver) for the session's work.
         self.driver_bytes = 0
         self._stack = contextlib.ExitStack()
@@ -319,6 +325,10 @@ class Session:
 
     def segmenters(self, spec: ModelSpec, workers: int, resources: dict[str, float]) -> Pool:
         """The segmenters of ``spec`` (started once per session; reused by every later scene)."""
+        with self.pools_lock:
+            return self._segmenters(spec, workers, resources)
+
+    def _segmenters(self, spec: ModelSpec, workers: int, resources: dict[str, float]) -> Pool:
         if spec in self.pools:
             return self.pools[spec]
         ray = self.ray

@@ -56,7 +56,7 @@ def _footprint(scene: dict[str, Any]) -> tuple[dict[str, Any] | None, list[float
 
     transform = Affine(*scene["transform"])
     w, h = scene["width"], scene["height"]
-    ring = [transform * corner for corner in ((0, 0), (w, 0), (w, h), (0, h), (0, 0))]
+    ring = [transform @ corner for corner in ((0, 0), (w, 0), (w, h), (0, h), (0, 0))]
     polygon = {"type": "Polygon", "coordinates": [[list(p) for p in ring]]}
     geometry = transform_geom(CRS.from_wkt(scene["crs_wkt"]), "EPSG:4326", polygon, precision=7)
     xs = [p[0] for p in geometry["coordinates"][0]]

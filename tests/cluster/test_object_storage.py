@@ -189,3 +189,30 @@ def test_storage_that_stalls_or_refuses_for_a_while_costs_time_not_the_run(
     mask, probabilities = local_run(data_dir, slow_checkpoint, tmp_path, batch_size=4)
     assert objects.read_bytes(urls["output"]) == mask
     assert objects.read_bytes(urls["probabilities"]) == probabilities
+
+
+def test_a_data_set_under_a_bucket_prefix_is_segmented_into_another_and_skipped_the_next_night(
+    s3: S3Server, data_dir: Path, rgb_checkpoint: Path
+) -> None:
+    from segpipe.flows.dataset import segment_dataset
+    from segpipe.pipeline.settings import RunOptions
+
+    for name in ("scenes", "out"):
+        s3.bucket(name)
+    objects.upload_file(data_dir / "RGB.byte.tif", "s3://scenes/night/a.tif")
+    objects.upload_file(data_dir / "lausanne-1091-322_00.tif", "s3://scenes/night/deep/b.tif")
+    objects.write_bytes("s3://scenes/night/readme.txt", b"not a scene")
+    options = RunOptions(model=str(rgb_checkpoint), work_dir="s3://out/work", **OPTIONS)  # type: ignore[arg-type]
+    first = segment_dataset("s3://scenes/night/", "s3://out/masks", options=options)
+    assert first["done"] == ["a", "b"]
+    assert objects.head("s3://out/masks/a.mask.tif") and objects.head("s3://out/masks/b.item.json")
+    collection = json.loads(objects.read_bytes("s3://out/masks/collection.json"))
+    assert sorted(link["href"] for link in collection["links"] if link["rel"] == "item") == [
+        "./a.item.json",
+        "./b.item.json",
+    ]
+    again = segment_dataset("s3://scenes/night/", "s3://out/masks", options=options)
+    assert again["skipped"] == ["a", "b"] and again["done"] == []
+    objects.upload_file(data_dir / "RGB.byte.tif", "s3://scenes/night/deep/b.tif")  # rewritten: a new ETag
+    third = segment_dataset("s3://scenes/night/", "s3://out/masks", options=options)
+    assert [(row["scene"], row["reason"]) for row in third["scenes"]] == [("a", "unchanged"), ("b", "changed scene")]
