@@ -29,6 +29,7 @@ from prefect.futures import as_completed
 from segpipe.core import objects
 from segpipe.core.errors import SegpipeError
 from segpipe.core.objects import ObjectUrl, is_object_url
+from segpipe.core.options import from_values
 from segpipe.flows.segment import as_task
 from segpipe.pipeline import stac
 from segpipe.pipeline.catalog import AssetChoice, SceneRef, scenes_of
@@ -249,8 +250,8 @@ def segment_dataset(
     from segpipe.models.checkpoint import load_model
 
     started = time.perf_counter()
-    options = options or RunOptions()
-    dataset = dataset or DatasetOptions()
+    options = from_values(RunOptions, options) or RunOptions()  # a deployment's parameters arrive as JSON values
+    dataset = from_values(DatasetOptions, dataset) or DatasetOptions()
     loaded = load_model(options.model, device="cpu")
     refs = scenes_of(
         source,

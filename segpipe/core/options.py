@@ -90,6 +90,15 @@ def values_of(obj: Any, cls: type | None = None) -> dict[str, Any]:
     return {f.name: _plain(getattr(obj, f.name)) for f in options_of(cls or type(obj))}
 
 
+def from_values(cls: type[Any], values: Any) -> Any:
+    """An instance of the configuration class ``cls`` from what :func:`values_of` wrote (a deployment's JSON
+    parameters): lists become tuples for repeatable options; an instance, or None, is returned as it is."""
+    if values is None or isinstance(values, cls):
+        return values
+    repeatable = {f.name for f in options_of(cls) if f.option.repeatable}
+    return cls(**{k: tuple(v) if k in repeatable and isinstance(v, list) else v for k, v in dict(values).items()})
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, tuple | list):
         return [_plain(v) for v in value]
