@@ -182,3 +182,52 @@ def test_sources_folder_recursive_glob_and_list_file(data_dir: Path, tmp_path: P
         scenes_of(str(tmp_path / "nope"))
     with pytest.raises(ConfigError, match="holds no scene"):
         scenes_of(str(folder / "deeper" / "*.jp2"))
+
+
+def test_a_night_killed_midway_is_finished_by_the_next_one(
+    data_dir: Path, slow_checkpoint: Path, tmp_path: Path
+) -> None:
+    """Killed (SIGKILL) while the second scene is half done: the next night skips the first by its key and resumes
+    the second tile by tile from the work store."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import numpy as np
+
+    from segpipe.pipeline import store as ws
+
+    folder = scenes(data_dir, tmp_path / "in")
+    out, work = tmp_path / "out", tmp_path / "work"
+    args = ["--model", str(slow_checkpoint), "--work-dir", str(work), "--executor", "local", "--tile-size", "64",
+            "--halo", "16", "--batch-size", "2"]  # fmt: skip
+    night = subprocess.Popen(
+        [sys.executable, "-m", "segpipe.cli", "dataset", str(folder), str(out), *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+    def tiles_of_b() -> int:
+        stores = list((work / "b").glob("*.zarr"))
+        try:
+            return int(np.asarray(ws.WorkStore(str(stores[0]), mode="r").array(ws.DONE)[...]).sum()) if stores else 0
+        except Exception:  # not created yet
+            return 0
+
+    deadline = time.monotonic() + 300
+    while not ((out / "a.mask.summary.json").exists() and tiles_of_b() >= 6):
+        assert night.poll() is None and time.monotonic() < deadline, "the night ended before it could be killed"
+        time.sleep(0.1)
+    night.send_signal(signal.SIGKILL)
+    night.wait()
+    done_before = tiles_of_b()
+    assert not (out / "b.mask.tif").exists()
+
+    options = RunOptions(
+        model=str(slow_checkpoint), work_dir=str(work), executor="local", tile_size=64, halo=16, batch_size=2
+    )
+    report = segment_dataset(str(folder), str(out), options=options)
+    assert reasons(report) == {"a": ("skipped", "unchanged"), "b": ("done", "new")}
+    summary = json.loads((out / "b.mask.summary.json").read_text())
+    assert summary["tiles"]["reused"] >= done_before - 2 > 0, (summary["tiles"], done_before)  # batches of 2
