@@ -57,9 +57,7 @@ def measure(architecture: str, extra: dict[str, Any], size: int, repeats: int, d
     x = torch.randn(1, 3, size, size, device=device)
     base_rss = _rss_bytes()
     autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if device == "cuda"
-        else torch.autocast("cpu", enabled=False)
+        torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
     )
     with torch.inference_mode(), autocast:
         model(x)
@@ -133,9 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.child:
         spec = json.loads(args.child)
-        print(
-            json.dumps(measure(spec["architecture"], spec["extra"], spec["size"], args.repeats, args.device))
-        )
+        print(json.dumps(measure(spec["architecture"], spec["extra"], spec["size"], args.repeats, args.device)))
         return 0
     rows = []
     for name, (architecture, extra) in NETWORKS.items():

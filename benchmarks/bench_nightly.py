@@ -86,7 +86,8 @@ def breakdown(run: dict[str, Any], label: str) -> str:
     per_scene = (run["scenes_s"] - compute) / max(len(run["done"]), 1)
     rest = run["flow_s"] - run["scenes_s"]
     return (
-        f"{label}: wall {run['wall_s']:.2f} s = command start and exit {command_start:.2f} s + flow {run['flow_s']:.2f} s"
+        f"{label}: wall {run['wall_s']:.2f} s = command start and exit {command_start:.2f} s"
+        f" + flow {run['flow_s']:.2f} s"
         f" (scenes {run['scenes_s']:.2f} s, of which compute {compute:.2f} s, i.e. {per_scene:.2f} s per computed"
         f" scene beyond compute; planning, session and collection {rest:.2f} s); done {len(run['done'])},"
         f" skipped {len(run['skipped'])}, failed {len(run['failed'])}"

@@ -157,9 +157,7 @@ def test_scenes_at_once_give_the_same_bytes(data_dir: Path, rgb_checkpoint: Path
     folder = scenes(data_dir, tmp_path / "in")
     options = RunOptions(model=str(rgb_checkpoint), **LOCAL)  # type: ignore[arg-type]
     one = segment_dataset(str(folder), str(tmp_path / "one"), options=options)
-    two = segment_dataset(
-        str(folder), str(tmp_path / "two"), options=options, dataset=DatasetOptions(scenes_at_once=2)
-    )
+    two = segment_dataset(str(folder), str(tmp_path / "two"), options=options, dataset=DatasetOptions(scenes_at_once=2))
     assert one["done"] == two["done"] == ["a", "b"]
     for name in "ab":
         one_mask, two_mask = (tmp_path / run / f"{name}.mask.tif" for run in ("one", "two"))

@@ -115,6 +115,7 @@ def test_serve_registers_the_nightly_deployment_and_a_triggered_run_completes(
             text=True,
         )  # fmt: skip
         try:
+
             def listed() -> bool:
                 found = prefect(env, "deployment", "ls")
                 return found.returncode == 0 and "segment_dataset/nightly" in found.stdout

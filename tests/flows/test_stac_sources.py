@@ -79,10 +79,9 @@ def build_catalog(data_dir: Path, root: Path) -> Path:
     with rasterio.open(data_dir / "RGB.byte.tif") as src:
         data = src.read()[::-1]  # stored blue, green, red
         profile = src.profile
-        bounds = src.bounds
     with rasterio.open(root / "rgb" / "bgr.tif", "w", **profile) as dst:
         dst.write(data)
-    bbox = [bounds.left, bounds.bottom, bounds.right, bounds.top]
+    bbox = [-78.0, 24.0, -77.0, 25.0]  # WGS84, as STAC wants (the scene is in the Bahamas, in UTM)
     geometry = {"type": "Polygon", "coordinates": [[[-78.0, 24.0], [-77.0, 24.0], [-77.0, 25.0], [-78.0, 24.0]]]}
     when = dt.datetime(2026, 11, 30, tzinfo=dt.UTC)
     rgb = pystac.Item("rgb", geometry, bbox, when, {})
@@ -133,14 +132,13 @@ def test_a_static_catalog_over_http_gives_the_masks_of_its_files(
     reference = tmp_path / "ref"
     segment_dataset(str(data_dir / "RGB.byte.tif"), str(reference), options=options)
     for name in ("rgb", "split"):  # both stackings give the scene's own pixels in red, green, blue order
-        with rasterio.open(tmp_path / "out" / f"{name}.mask.tif") as a, rasterio.open(
-            reference / "RGB.byte.mask.tif"
-        ) as b:
+        with (
+            rasterio.open(tmp_path / "out" / f"{name}.mask.tif") as a,
+            rasterio.open(reference / "RGB.byte.mask.tif") as b,
+        ):
             assert np.array_equal(a.read(), b.read()) and (a.crs, a.transform) == (b.crs, b.transform)
     item = json.loads((tmp_path / "out" / "split.item.json").read_text())
-    assert [link["href"] for link in item["links"] if link["rel"] == "derived_from"] == [
-        f"{url}/split/split.json"
-    ]
+    assert [link["href"] for link in item["links"] if link["rel"] == "derived_from"] == [f"{url}/split/split.json"]
     assert item["properties"]["datetime"].startswith("2026-11-30")
 
 
@@ -148,3 +146,34 @@ def test_an_asset_key_that_is_missing_is_one_clear_error(data_dir: Path, tmp_pat
     catalog = build_catalog(data_dir, tmp_path / "stac")
     with pytest.raises(ConfigError, match=r"STAC item 'rgb' has no asset 'nir'; it has \['visual'\]"):
         scenes_of(str(catalog), asset=AssetChoice(key="nir"))
+
+
+def test_a_stac_api_search_pages_through_its_items_and_narrows_by_date(
+    data_dir: Path, rgb_checkpoint: Path, tmp_path: Path
+) -> None:
+    """A STAC API (core + item search) on 127.0.0.1 over the same two items, read through pystac-client: pages of
+    one item followed by ``next`` links; collections, a bounding box and a datetime interval narrow the
+    search."""
+    from segpipe.pipeline.catalog import StacSearch
+    from segpipe.pipeline.settings import DatasetOptions
+
+    build_catalog(data_dir, tmp_path / "stac")
+    with served(tmp_path / "stac") as url:
+        source = f"stac-api+{url}/api"
+        november = DatasetOptions(collections=("night",), datetime="2026-11-01/2026-11-30T23:59:59Z")
+        search = november.search(source)
+        assert search == StacSearch(f"{url}/api", ("night",), None, "2026-11-01/2026-11-30T23:59:59Z")
+        bahamas = StacSearch(search.url, search.collections, (-77.5, 24.5, -76.0, 26.0), search.datetime)
+        assert [r.id for r in scenes_of(source, asset=AssetChoice(bands=RGB), search=bahamas)] == ["rgb", "split"]
+        refs = scenes_of(source, asset=AssetChoice(bands=RGB), search=search)
+        assert [r.id for r in refs] == ["rgb", "split"]
+        assert refs[1].source == f"{url}/split/split.json" and refs[1].href.count("<SimpleSource>") == 3
+        options = RunOptions(model=str(rgb_checkpoint), executor="local", tile_size=64, halo=16)
+        report = segment_dataset(source, str(tmp_path / "out"), options=options, dataset=november)
+        assert report["done"] == ["rgb", "split"]
+        with pytest.raises(ConfigError, match="holds no scene"):
+            scenes_of(source, search=StacSearch(f"{url}/api", ("night",), None, "2025-01-01/2025-12-31"))
+        with pytest.raises(ConfigError, match="holds no scene"):
+            scenes_of(source, search=StacSearch(f"{url}/api", ("elsewhere",)))
+        with pytest.raises(ConfigError, match="holds no scene"):
+            scenes_of(source, search=StacSearch(f"{url}/api", bbox=(5.0, 45.0, 6.0, 46.0)))
