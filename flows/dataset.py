@@ -97,7 +97,11 @@ def plan_night(
             probabilities=bool(settings.probabilities),
         )
         summary_file = stac.read_json(_beside(output_dir, f"{ref.id}.mask.summary.json"))
-        outputs = _exists(settings.output) and (not settings.probabilities or _exists(settings.probabilities))
+        outputs = (
+            _exists(settings.output)
+            and (not settings.probabilities or _exists(settings.probabilities))
+            and _exists(stac.item_path(output_dir, ref.id))  # written last: a night killed before it left it undone
+        )
         decided.append((ref, settings, decide(current, summary_file, outputs_exist=outputs, force=options.overwrite)))
     return decided
 

@@ -63,6 +63,14 @@ def test_a_night_segments_what_is_new_or_changed_and_says_why(
     incomplete = segment_dataset(str(folder), str(out), options=RunOptions(model=str(other), **{**LOCAL, "halo": 32}))  # type: ignore[arg-type]
     assert reasons(incomplete)["b"] == ("done", "incomplete (outputs without a summary)")
 
+    (out / "a.item.json").unlink()  # killed between the summary and the STAC Item
+    itemless = segment_dataset(str(folder), str(out), options=RunOptions(model=str(other), **{**LOCAL, "halo": 32}))  # type: ignore[arg-type]
+    assert reasons(itemless) == {
+        "a": ("done", "incomplete (summary without its outputs)"),
+        "b": ("skipped", "unchanged"),
+    }
+    assert (out / "a.item.json").is_file()
+
 
 def test_each_output_has_a_stac_item_and_the_folder_a_collection(
     data_dir: Path, rgb_checkpoint: Path, tmp_path: Path
