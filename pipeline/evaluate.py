@@ -1,12 +1,17 @@
-"""Evaluate stage: compare a predicted mask with a ground-truth mask, block by block.
+"""Evaluate stage: compare a predicted mask with a ground-truth mask, block by block; or a data set of pairs.
 
 Both rasters are read in windows of ``block_size`` x ``block_size`` pixels, so memory stays at a few blocks
-whatever the size of the scene. Only the confusion matrix (classes x classes counts) is kept.
+whatever the size of the scene. Only the confusion matrix (classes x classes counts) is kept. A data set
+(:func:`evaluate_pairs`; pairs from folders or a list file, :mod:`segpipe.pipeline.pairs`) is evaluated one pair
+after the other, keeping one confusion matrix per pair; its pooled metrics come from their sum
+(:class:`~segpipe.core.metrics.DatasetEvaluation`).
 
 Which pixels are scored:
 
 - a pixel whose ground truth is in ``ignore`` (class ids, e.g. "unlabeled" or 255) is skipped;
 - a pixel equal to the ground truth's nodata value is skipped;
+- a pixel of a colour-coded ground truth whose colour is not in the colour table is an error, or with
+  ``unknown="ignore"`` (``--unknown ignore``) skipped and counted apart (``EvaluationResult.unknown_pixels``);
 - a pixel equal to the prediction's nodata value (e.g. 255 outside the scene's footprint) is skipped and
   counted apart (``EvaluationResult.nodata_pixels``): the prediction made no claim there;
 - every other pixel is scored. A predicted class in ``ignore`` on a scored pixel is a miss (a model cannot
@@ -27,15 +32,20 @@ import rasterio
 from rasterio.enums import ColorInterp
 from rasterio.windows import Window
 
-from segpipe.core.colours import ColourTable
+from segpipe.core.colours import ColourTable, Unknown
 from segpipe.core.errors import ConfigError, InputError
-from segpipe.core.metrics import EvaluationResult, confusion_matrix
+from segpipe.core.metrics import DatasetEvaluation, EvaluationResult, confusion_matrix
 from segpipe.core.raster import open_raster
+from segpipe.pipeline.pairs import Pair
 
 log = logging.getLogger(__name__)
 
 #: Largest number of classes inferred from the data when ``num_classes`` is not given.
 MAX_INFERRED_CLASSES = 1024
+#: Class id given to ground-truth colours outside the colour table (a table has at most 255 classes, 0..254).
+_UNKNOWN = 255
+#: The advice in errors about unknown ground-truth colours.
+_UNKNOWN_FIX = "pass --unknown ignore (unknown='ignore') to leave such pixels out"
 
 
 def _blocks(width: int, height: int, size: int) -> Iterator[Window]:
@@ -53,6 +63,7 @@ def evaluate(
     class_names: Sequence[str] | None = None,
     block_size: int = 1024,
     colour_table: ColourTable | None = None,
+    unknown: Unknown = "error",
 ) -> EvaluationResult:
     """Compare a predicted class-id raster with a ground-truth raster, block by block.
 
@@ -67,12 +78,16 @@ def evaluate(
             1 + the largest scored value in either raster.
         class_names: Names of the K classes, for reports.
         block_size: Side of the square read windows, in pixels.
-        colour_table: Maps ground-truth colours to class ids (a colour outside it is an InputError).
+        colour_table: Maps ground-truth colours to class ids.
+        unknown: A colour-coded ground truth's colour outside ``colour_table``: "error" (an InputError), or
+            "ignore": such pixels are skipped and counted in ``unknown_pixels``.
 
     Raises:
-        InputError: the rasters differ in width or height, are not integer class rasters, or hold a class id
-            outside 0..K-1 on a scored pixel.
+        InputError: the rasters differ in width or height, are not integer class rasters, hold a class id
+            outside 0..K-1 on a scored pixel, or (with ``unknown="error"``) a colour outside the colour table.
     """
+    if unknown not in ("error", "ignore"):
+        raise ConfigError(f"expected unknown 'error' or 'ignore', got {unknown!r}")
     if block_size < 1:
         raise ConfigError(f"expected block_size >= 1, got {block_size}")
     if num_classes is None and class_names is not None:
@@ -103,36 +118,50 @@ def evaluate(
         )
         if colour_mode and colour_table is None:
             raise ConfigError(
-                f"ground truth {gt_path} has {gt.count} bands (colour-coded); pass a "
-                f"colour table to map its colours to class ids"
+                f"ground truth {gt_path} has {gt.count} bands (colour-coded); pass a colour table to map its "
+                f"colours to class ids: --model NAME (its classes' colours) or --colours '#RRGGBB,...'"
             )
         if not colour_mode and (gt.count != 1 or not np.issubdtype(np.dtype(gt.dtypes[0]), np.integer)):
             raise InputError(
                 f"ground truth {gt_path}: expected one integer band of class ids, got "
                 f"{gt.count} band(s) of {gt.dtypes[0]}"
             )
-        palette_lut = _palette_lut(gt, colour_table) if colour_mode and gt.count == 1 else None
+        palette = _palette_lut(gt, colour_table) if colour_mode and gt.count == 1 else None
         pred_nodata, gt_nodata = pred.nodata, None if colour_mode else gt.nodata
         k = num_classes if num_classes is not None else 1
         confusion = np.zeros((k, k), dtype=np.int64)
-        ignored_pixels = nodata_pixels = 0
+        ignored_pixels = nodata_pixels = unknown_pixels = 0
         for window in _blocks(pred.width, pred.height, block_size):
             p = pred.read(1, window=window).astype(np.int64)
-            if colour_mode and palette_lut is None:
+            size, at = f"{window.width}x{window.height} px", f"column {window.col_off}, row {window.row_off}"
+            where = f"{gt_path} (block of {size} at {at})"
+            if colour_mode and palette is None:
                 assert colour_table is not None
                 t = colour_table.to_class_ids(
-                    gt.read([1, 2, 3], window=window), source=str(gt_path), ignore_index=255
+                    gt.read([1, 2, 3], window=window),
+                    source=where,
+                    unknown=unknown,
+                    ignore_index=_UNKNOWN,
+                    fix=_UNKNOWN_FIX,
                 ).astype(np.int64)
-            elif palette_lut is not None:
-                t = palette_lut[gt.read(1, window=window)].astype(np.int64)
+            elif palette is not None:
+                assert colour_table is not None
+                index = gt.read(1, window=window)
+                t = palette[0][index].astype(np.int64)
+                if unknown == "error" and (t == _UNKNOWN).any():
+                    bad, counts = np.unique(palette[1][index[t == _UNKNOWN]], return_counts=True)
+                    raise colour_table.unknown_colours_error(bad, counts, source=where, fix=_UNKNOWN_FIX)
             else:
                 t = gt.read(1, window=window).astype(np.int64)
-            skip_gt = np.isin(t, ignore_values)
+            unknown_gt = t == _UNKNOWN if colour_mode else np.zeros(t.shape, dtype=bool)
+            skip_gt = np.isin(t, ignore_values) & ~unknown_gt
             if gt_nodata is not None:
                 skip_gt |= t == gt_nodata
-            no_pred = ~skip_gt & (p == pred_nodata) if pred_nodata is not None else np.zeros_like(skip_gt)
-            valid = ~skip_gt & ~no_pred
+            skip = skip_gt | unknown_gt
+            no_pred = ~skip & (p == pred_nodata) if pred_nodata is not None else np.zeros_like(skip)
+            valid = ~skip & ~no_pred
             ignored_pixels += int(skip_gt.sum())
+            unknown_pixels += int(unknown_gt.sum())
             nodata_pixels += int(no_pred.sum())
             tv, pv = t[valid], p[valid]
             if tv.size == 0:
@@ -144,8 +173,8 @@ def evaluate(
             if high >= k:
                 if high >= MAX_INFERRED_CLASSES:
                     raise InputError(
-                        f"class id {high} in {pred_path} or {gt_path}; pass num_classes "
-                        f"(and ignore / nodata for fill values)"
+                        f"class id {high} in {pred_path} or {gt_path}; name the classes (--classes or --model; "
+                        f"num_classes=) and leave fill values out (--ignore, or the prediction's nodata)"
                     )
                 grown = np.zeros((high + 1, high + 1), dtype=np.int64)
                 grown[:k, :k] = confusion
@@ -159,6 +188,7 @@ def evaluate(
         ignored_pixels,
         nodata_pixels,
         {"prediction": str(pred_path), "ground_truth": str(gt_path)},
+        unknown_pixels,
     )
     if nodata_pixels:
         log.info(
@@ -168,31 +198,88 @@ def evaluate(
             pred_nodata,
         )
     log.info(
-        "evaluated %s against %s: mIoU %.4f, %d pixels scored, %d ignored, %d nodata",
+        "evaluated %s against %s: mIoU %.4f, %d pixels scored, %d ignored, %d nodata, %d of unknown colour",
         pred_path,
         gt_path,
         result.miou,
         result.scored_pixels,
         ignored_pixels,
         nodata_pixels,
+        unknown_pixels,
     )
     return result
 
 
-def _palette_lut(src: rasterio.DatasetReader, table: ColourTable | None) -> np.ndarray:
-    """256-entry palette index -> class id lookup (255 for entries whose colour is not in the table).
+def evaluate_pairs(
+    pairs: Sequence[Pair | tuple[str | Path, str | Path]],
+    *,
+    ignore: Sequence[int] = (),
+    num_classes: int | None = None,
+    class_names: Sequence[str] | None = None,
+    block_size: int = 1024,
+    colour_table: ColourTable | None = None,
+    unknown: Unknown = "error",
+) -> DatasetEvaluation:
+    """Evaluate a data set of (prediction, ground truth) pairs one after the other, as :func:`evaluate` each.
 
-    Entries not in the table only matter if a pixel uses them: those pixels are scored with value 255, which
-    is reported as an out-of-range class id unless 255 is in ``ignore``.
+    Memory holds one pair's blocks and one confusion matrix per pair. The first pair that fails stops the
+    evaluation with its error. Where the number of classes is inferred per pair, the matrices are padded to the
+    largest (:meth:`~segpipe.core.metrics.DatasetEvaluation.from_results`).
+
+    Returns:
+        The per-pair results and, as ``.pooled``, the result of their summed confusion matrix.
+    """
+    if not pairs:
+        raise ConfigError("expected at least one (prediction, ground truth) pair, got none")
+    results = []
+    for number, pair in enumerate(pairs, start=1):
+        pred_path, gt_path = (pair.prediction, pair.ground_truth) if isinstance(pair, Pair) else pair
+        log.info("pair %d of %d: %s against %s", number, len(pairs), pred_path, gt_path)
+        results.append(
+            evaluate(
+                pred_path,
+                gt_path,
+                ignore=ignore,
+                num_classes=num_classes,
+                class_names=class_names,
+                block_size=block_size,
+                colour_table=colour_table,
+                unknown=unknown,
+            )
+        )
+    return DatasetEvaluation.from_results(results)
+
+
+def model_classes(name_or_path: str | Path) -> tuple[tuple[str, ...], ColourTable]:
+    """Class names and colour table of a model (``"default"``, a packaged name, a checkpoint path or URL), from its
+    metadata sidecar: the weights are not loaded.
+
+    Raises:
+        ModelError: the model or its sidecar cannot be found or is invalid.
+    """
+    from segpipe.models.checkpoint import read_metadata, resolve_model_path
+
+    metadata = read_metadata(resolve_model_path(name_or_path).resolve().with_suffix(".json"))
+    names = tuple(c.name for c in metadata.classes)
+    return names, ColourTable.from_hex(c.colour for c in metadata.classes)
+
+
+def _palette_lut(src: rasterio.DatasetReader, table: ColourTable | None) -> tuple[np.ndarray, np.ndarray]:
+    """256-entry lookups palette index -> class id (``_UNKNOWN`` where the entry's colour is not in the table), and
+    palette index -> its colour as 0xRRGGBB (black for an index without an entry).
+
+    Entries not in the table only matter if a pixel uses them.
     """
     assert table is not None
     codes = {(r << 16) | (g << 8) | b: i for i, (r, g, b) in enumerate(table.colours)}
-    lut = np.full(256, 255, dtype=np.uint8)
+    lut = np.full(256, _UNKNOWN, dtype=np.uint8)
+    colours = np.zeros(256, dtype=np.int64)
     for index, rgba in src.colormap(1).items():
         if 0 <= index < 256:
             r, g, b = rgba[:3]
-            lut[index] = codes.get((r << 16) | (g << 8) | b, 255)
-    return lut
+            colours[index] = (r << 16) | (g << 8) | b
+            lut[index] = codes.get(int(colours[index]), _UNKNOWN)
+    return lut, colours
 
 
 def _raise_bad_value(
@@ -204,6 +291,8 @@ def _raise_bad_value(
         if bad.size:
             odd = np.unique(bad)[:5].tolist()
             hint = (
-                "set the prediction's nodata value, e.g. to 255" if role == "prediction" else "add the value to ignore"
+                "set the prediction's nodata value, e.g. to 255"
+                if role == "prediction"
+                else f"leave it out with --ignore {odd[0]} (ignore=)"
             )
             raise InputError(f"{role} {path}: value(s) {odd} are not class ids 0..{limit - 1}; {hint}")

@@ -1,5 +1,5 @@
-"""``segpipe evaluate`` (a mask against ground truth), ``segpipe explain`` (a tile's attention maps) and
-``segpipe quicklook`` (a mask beside its scene)."""
+"""``segpipe evaluate`` (masks against ground truth: one pair, or a data set of pairs pooled), ``segpipe explain``
+(a tile's attention maps) and ``segpipe quicklook`` (a mask beside its scene)."""
 
 from __future__ import annotations
 
@@ -16,11 +16,22 @@ from segpipe.core.options import whole_number
 def add_evaluate(sub: Any) -> None:
     p = sub.add_parser(
         "evaluate",
-        help="per-class IoU, F1, precision, recall of a mask against ground truth",
-        description="Compare a predicted class-id raster with ground truth, block by block (any size).",
+        help="per-class IoU, F1, precision, recall of masks against ground truth (one pair or a data set)",
+        description=(
+            "Compare predicted class-id rasters with ground truth, block by block (any size). PRED GT: two rasters "
+            "(one pair); two folders, their rasters paired by name without suffix and without a trailing .mask "
+            "(x.mask.tif or x.tif with x.png); or PRED a list file of 'PRED GT' lines (# comments; relative paths "
+            "from the list's folder) with GT omitted or '-'. A data set reports each pair and the pooled metrics "
+            "of the summed confusion matrix (not the mean of per-image IoUs)."
+        ),
     )
-    p.add_argument("pred", help="predicted mask (class ids; its nodata pixels are not scored)")
-    p.add_argument("gt", help="ground truth (class ids, or RGB colour-coded with --colours)")
+    p.add_argument("pred", help="predicted mask, folder of masks, or list file of pairs (class ids; nodata not scored)")
+    p.add_argument(
+        "gt",
+        nargs="?",
+        help="ground truth raster or folder (class ids, or colour-coded with --model/--colours); omit or '-' "
+        "with a list file",
+    )
     p.add_argument(
         "--ignore",
         type=whole_number,
@@ -29,20 +40,51 @@ def add_evaluate(sub: Any) -> None:
         metavar="ID",
         help="ground-truth class id to leave out (repeatable)",
     )
+    p.add_argument("--model", metavar="NAME_OR_PATH", help="take class names and colours from this model's metadata")
     p.add_argument("--classes", help="comma-separated class names, in id order")
     p.add_argument("--colours", help="comma-separated #RRGGBB per class, to read colour-coded ground truth")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a markdown table")
+    p.add_argument(
+        "--unknown",
+        choices=("error", "ignore"),
+        default="error",
+        help="a ground-truth colour outside the classes' colours: error (default), or ignore: leave its pixels out",
+    )
+    p.add_argument(
+        "--allow-missing",
+        action="store_true",
+        help="score the complete pairs when some files have no partner (default: an error)",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON instead of Markdown tables")
     p.set_defaults(handler=_cmd_evaluate)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from segpipe.core.colours import ColourTable
-    from segpipe.pipeline.evaluate import evaluate
+    from segpipe.pipeline.evaluate import evaluate, evaluate_pairs, model_classes
+    from segpipe.pipeline.pairs import find_pairs
 
-    table = ColourTable.from_hex(args.colours.split(",")) if args.colours else None
-    names = args.classes.split(",") if args.classes else None
-    result = evaluate(args.pred, args.gt, ignore=args.ignore, class_names=names, colour_table=table)
-    print(json.dumps(result.to_dict(), indent=2) if args.json else result.to_markdown())
+    if args.model and (args.classes or args.colours):
+        raise ConfigError("--model gives the class names and colours; pass --model or --classes/--colours, not both")
+    pairs, dataset = find_pairs(args.pred, args.gt, allow_missing=args.allow_missing)
+    names: tuple[str, ...] | None
+    table: ColourTable | None
+    if args.model:
+        names, table = model_classes(args.model)
+    else:
+        table = ColourTable.from_hex(args.colours.split(",")) if args.colours else None
+        names = tuple(args.classes.split(",")) if args.classes else None
+    options: dict[str, Any] = {
+        "ignore": args.ignore,
+        "class_names": names,
+        "colour_table": table,
+        "unknown": args.unknown,
+    }
+    if not dataset:
+        result = evaluate(pairs[0].prediction, pairs[0].ground_truth, **options)
+        print(json.dumps(result.to_dict(), indent=2) if args.json else result.to_markdown())
+        return EXIT_OK
+    report = evaluate_pairs(pairs, **options)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.to_markdown())
     return EXIT_OK
 
 

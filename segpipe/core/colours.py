@@ -73,6 +73,16 @@ class ColourTable:
     def __len__(self) -> int:
         return len(self.colours)
 
+    def unknown_colours_error(self, codes: np.ndarray, counts: np.ndarray, *, source: str, fix: str) -> InputError:
+        """The error for mask colours not in the table: ``codes`` (0xRRGGBB, distinct, ascending) with their pixel
+        ``counts``; ``fix`` ends the advice ("Add the colour to the class table, or <fix>")."""
+        listed = ", ".join(f"{_hex(int(c))} ({int(n)} px)" for c, n in zip(codes[:5], counts[:5], strict=True))
+        more = f" and {len(codes) - 5} more" if len(codes) > 5 else ""
+        return InputError(
+            f"{source}: mask colour(s) not in the colour table: {listed}{more}; the table has "
+            f"{', '.join(self.hex_colours)}. Add the colour to the class table, or {fix}"
+        )
+
     def to_class_ids(
         self,
         rgb: np.ndarray,
@@ -80,6 +90,7 @@ class ColourTable:
         source: str = "<array>",
         unknown: Unknown = "error",
         ignore_index: int = 255,
+        fix: str | None = None,
     ) -> np.ndarray:
         """Map a colour-coded mask to class ids.
 
@@ -89,6 +100,8 @@ class ColourTable:
             unknown: "error" raises on a colour not in the table; "ignore" gives those pixels
                 ``ignore_index``.
             ignore_index: Value for unknown colours when ``unknown="ignore"``.
+            fix: How the caller's user lets unknown colours through (the end of the error's advice), e.g.
+                ``"pass --unknown ignore"`` for a command; default: the Python argument ``unknown='ignore'``.
 
         Returns:
             (H, W) uint8 class ids.
@@ -105,12 +118,8 @@ class ColourTable:
         if not known.all():
             bad, counts = np.unique(codes[~known], return_counts=True)
             if unknown == "error":
-                listed = ", ".join(f"{_hex(int(c))} ({int(n)} px)" for c, n in zip(bad[:5], counts[:5], strict=True))
-                raise InputError(
-                    f"{source}: mask colour(s) not in the colour table: {listed}; the table has "
-                    f"{', '.join(self.hex_colours)}. Add the colour to the class table, or pass "
-                    f"unknown='ignore' to give such pixels the ignore index {ignore_index}"
-                )
+                fix = fix or f"pass unknown='ignore' to give such pixels the ignore index {ignore_index}"
+                raise self.unknown_colours_error(bad, counts, source=source, fix=fix)
             log.info(
                 "%s: %d px of unknown colour(s) %s set to ignore index %d",
                 source,

@@ -4,10 +4,15 @@ Per class c, with TP/FP/FN from the confusion matrix (rows: ground truth, column
 IoU = TP / (TP + FP + FN), precision = TP / (TP + FP), recall = TP / (TP + FN), F1 = 2TP / (2TP + FP + FN);
 undefined ratios are NaN (``None`` in JSON). mIoU is the mean IoU over the classes that occur in the ground
 truth or the prediction of scored pixels and are not ignored. Overall accuracy = trace / scored pixels.
+
+Over a data set (:class:`DatasetEvaluation`), the pooled metrics come from the confusion matrix summed over all
+pairs, so every scored pixel weighs the same; the mean of the per-image mIoUs, where every image weighs the same,
+is reported beside them and is a different number.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -64,6 +69,9 @@ class EvaluationResult:
         ignored: Class ids (and other values) whose ground-truth pixels were skipped.
         ignored_pixels: Pixels skipped for their ground truth (in ``ignored`` or ground-truth nodata).
         nodata_pixels: Pixels skipped because the prediction is nodata there.
+        sources: Where the rasters came from (``prediction``, ``ground_truth``), for reports.
+        unknown_pixels: Pixels skipped because their ground-truth colour is not in the colour table
+            (``unknown="ignore"``, ``--unknown ignore``).
     """
 
     confusion: np.ndarray
@@ -72,6 +80,7 @@ class EvaluationResult:
     ignored_pixels: int = 0
     nodata_pixels: int = 0
     sources: dict[str, str] = field(default_factory=dict)
+    unknown_pixels: int = 0
 
     def __post_init__(self) -> None:
         k = self.confusion.shape[0]
@@ -90,6 +99,8 @@ class EvaluationResult:
         ignored: Sequence[int] = (),
         ignored_pixels: int = 0,
         nodata_pixels: int = 0,
+        unknown_pixels: int = 0,
+        sources: dict[str, str] | None = None,
     ) -> EvaluationResult:
         k = confusion.shape[0]
         names = tuple(class_names) if class_names is not None else tuple(f"class_{i}" for i in range(k))
@@ -99,6 +110,21 @@ class EvaluationResult:
             tuple(int(i) for i in ignored),
             int(ignored_pixels),
             int(nodata_pixels),
+            dict(sources or {}),
+            int(unknown_pixels),
+        )
+
+    def padded(self, num_classes: int, class_names: Sequence[str] | None = None) -> EvaluationResult:
+        """The same counts with ``num_classes`` classes (zero rows and columns added; no metric changes)."""
+        k = self.num_classes
+        if num_classes < k:
+            raise ConfigError(f"expected num_classes >= {k} to pad a confusion matrix, got {num_classes}")
+        confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+        confusion[:k, :k] = self.confusion
+        return dataclasses.replace(
+            self,
+            confusion=confusion,
+            class_names=tuple(class_names or (*self.class_names, *(f"class_{i}" for i in range(k, num_classes)))),
         )
 
     @property
@@ -196,6 +222,7 @@ class EvaluationResult:
             "ignored": list(self.ignored),
             "ignored_pixels": self.ignored_pixels,
             "nodata_pixels": self.nodata_pixels,
+            "unknown_pixels": self.unknown_pixels,
             "confusion": self.confusion.tolist(),
             **({"sources": dict(self.sources)} if self.sources else {}),
         }
@@ -223,6 +250,159 @@ class EvaluationResult:
             f"mIoU {fmt(self.miou)} over {len(counted)} classes; mean F1 {fmt(self.mean_f1)}; "
             f"overall accuracy {fmt(self.overall_accuracy)}; {self.scored_pixels} pixels scored.",
             f"Skipped: {self.ignored_pixels} pixels with ignored ground truth {list(self.ignored)} or "
-            f"ground-truth nodata; {self.nodata_pixels} pixels where the prediction is nodata.",
+            f"ground-truth nodata; {self.nodata_pixels} pixels where the prediction is nodata"
+            + (
+                f"; {self.unknown_pixels} pixels of ground-truth colours not in the colour table."
+                if self.unknown_pixels
+                else "."
+            ),
+        ]
+        return "\n".join(lines)
+
+    def confusion_markdown(self) -> str:
+        """The confusion matrix as a Markdown table: rows ground truth, columns prediction, pixel counts."""
+        names = self.class_names
+        lines = [
+            "| ground truth (rows) / prediction (columns) | " + " | ".join(names) + " |",
+            "|---|" + "---:|" * len(names),
+        ]
+        for i, row in enumerate(self.confusion.tolist()):
+            lines.append(f"| {names[i]} | " + " | ".join(str(int(v)) for v in row) + " |")
+        return "\n".join(lines)
+
+
+#: How pooled metrics are computed, stated in every data-set report.
+POOLING = (
+    "pooled metrics come from the confusion matrix summed over all pairs (every scored pixel weighs the same), "
+    "not from the mean of per-image IoUs; mean_image_miou is the mean of the per-image mIoUs (every image with "
+    "scored pixels weighs the same)"
+)
+
+
+@dataclass(frozen=True, eq=False)
+class DatasetEvaluation:
+    """The evaluations of several (prediction, ground truth) pairs and their pooled result.
+
+    Build one with :meth:`from_results`, which gives every pair the same classes.
+
+    Attributes:
+        images: One result per pair, in pair order, all with the same class names and ignored values.
+    """
+
+    images: tuple[EvaluationResult, ...]
+
+    def __post_init__(self) -> None:
+        if not self.images:
+            raise ConfigError("expected at least one evaluated pair, got none")
+        first = self.images[0]
+        for result in self.images[1:]:
+            if result.class_names != first.class_names or result.ignored != first.ignored:
+                raise ConfigError(
+                    f"expected every pair with classes {list(first.class_names)} and ignored {list(first.ignored)}, "
+                    f"got {list(result.class_names)} and {list(result.ignored)}; use DatasetEvaluation.from_results"
+                )
+
+    @classmethod
+    def from_results(cls, results: Sequence[EvaluationResult]) -> DatasetEvaluation:
+        """Pool results whose class counts may differ (classes inferred per image): every confusion matrix is
+        padded to the largest K, which changes no metric (an added class is absent, hence not in the mIoU)."""
+        if not results:
+            raise ConfigError("expected at least one evaluated pair, got none")
+        widest = max(results, key=lambda r: r.num_classes)
+        k, names = widest.num_classes, widest.class_names
+        return cls(tuple(r if r.num_classes == k else r.padded(k, names) for r in results))
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.images[0].class_names
+
+    @property
+    def pooled(self) -> EvaluationResult:
+        """The result of the summed confusion matrix (and summed skipped-pixel counts) of all pairs."""
+        first = self.images[0]
+        confusion = np.zeros_like(first.confusion, dtype=np.int64)
+        for result in self.images:
+            confusion += result.confusion
+        return EvaluationResult(
+            confusion,
+            first.class_names,
+            first.ignored,
+            sum(r.ignored_pixels for r in self.images),
+            sum(r.nodata_pixels for r in self.images),
+            {},
+            sum(r.unknown_pixels for r in self.images),
+        )
+
+    @property
+    def mean_image_miou(self) -> float:
+        """Mean of the per-image mIoUs over the images that have one (scored pixels); NaN if none has."""
+        values = [r.miou for r in self.images if not math.isnan(r.miou)]
+        return float(np.mean(values)) if values else math.nan
+
+    def _image_row(self, result: EvaluationResult) -> dict[str, Any]:
+        counted = set(result.counted_classes.tolist())
+        iou = result.iou
+        return {
+            "prediction": result.sources.get("prediction"),
+            "ground_truth": result.sources.get("ground_truth"),
+            "miou": _clean(result.miou),
+            "overall_accuracy": _clean(result.overall_accuracy),
+            "scored_pixels": result.scored_pixels,
+            "ignored_pixels": result.ignored_pixels,
+            "nodata_pixels": result.nodata_pixels,
+            "unknown_pixels": result.unknown_pixels,
+            "iou": {name: _clean(float(iou[i])) if i in counted else None for i, name in enumerate(result.class_names)},
+            "confusion": result.confusion.tolist(),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable report: ``pooled`` (as :meth:`EvaluationResult.to_dict`), ``mean_image_miou``,
+        ``images`` (one row per pair: per-class IoU, mIoU, overall accuracy, pixel counts, confusion matrix)."""
+        return {
+            "pairs": len(self.images),
+            "pooling": POOLING,
+            "pooled": self.pooled.to_dict(),
+            "mean_image_miou": _clean(self.mean_image_miou),
+            "images": [self._image_row(r) for r in self.images],
+        }
+
+    def to_markdown(self) -> str:
+        """Per-image rows, then the pooled per-class table, the mean of per-image mIoUs and the pooled confusion
+        matrix, as Markdown."""
+
+        def fmt(v: float | None) -> str:
+            return "-" if v is None or math.isnan(v) else f"{v:.4f}"
+
+        pooled = self.pooled
+        columns = pooled.counted_classes.tolist()
+        names = self.class_names
+        lines = [
+            f"Per image ({len(self.images)} pairs; IoU per class, '-' where the class is in neither mask):",
+            "",
+            "| prediction | ground truth | mIoU | overall accuracy | pixels scored | "
+            + " | ".join(f"IoU {names[i]}" for i in columns)
+            + " |",
+            "|---|---|---:|---:|---:|" + "---:|" * len(columns),
+        ]
+        for result in self.images:
+            row = self._image_row(result)
+            ious = " | ".join(fmt(row["iou"][names[i]]) for i in columns)
+            lines.append(
+                f"| {row['prediction']} | {row['ground_truth']} | {fmt(result.miou)} | "
+                f"{fmt(result.overall_accuracy)} | {result.scored_pixels} | {ious} |"
+            )
+        lines += [
+            "",
+            f"Pooled over {len(self.images)} pairs: the metrics of the confusion matrix summed over all pairs (every "
+            "scored pixel weighs the same), not the mean of per-image IoUs:",
+            "",
+            pooled.to_markdown(),
+            "",
+            f"Mean of per-image mIoU: {fmt(self.mean_image_miou)} (every image with scored pixels weighs the same; "
+            f"pooled mIoU {fmt(pooled.miou)}).",
+            "",
+            "Pooled confusion matrix (pixels):",
+            "",
+            pooled.confusion_markdown(),
         ]
         return "\n".join(lines)
