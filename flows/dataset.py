@@ -33,8 +33,8 @@ from segpipe.core.options import from_values
 from segpipe.flows.segment import as_task
 from segpipe.pipeline import stac
 from segpipe.pipeline.catalog import AssetChoice, SceneRef, scenes_of
-from segpipe.pipeline.incremental import Decision, decide, output_key
-from segpipe.pipeline.plan import make_plan, resolve_tiling
+from segpipe.pipeline.incremental import Decision, decide
+from segpipe.pipeline.plan import make_plan, scene_output_key
 from segpipe.pipeline.read import describe_scene
 from segpipe.pipeline.run import run_scene
 from segpipe.pipeline.session import Session, auto_uses_ray
@@ -77,25 +77,14 @@ def plan_night(
     refs: list[SceneRef], output_dir: str, options: RunOptions, dataset: DatasetOptions, loaded: Any
 ) -> list[tuple[SceneRef, RunSettings, Decision]]:
     """Each scene with its settings and the decision whether to segment it, by key."""
-    meta = loaded.metadata
     decided = []
     for ref in refs:
         settings = _scene_settings(ref, output_dir, options, dataset)
         try:
-            scene = describe_scene(ref.href)
-            tile_size, halo, batch_size = resolve_tiling(settings, meta)
+            current = scene_output_key(settings, describe_scene(ref.href), loaded)
         except SegpipeError as exc:
             decided.append((ref, settings, Decision(True, f"cannot be read: {exc}")))
             continue
-        current = output_key(
-            scene_fingerprint=scene.fingerprint,
-            model_checksum=loaded.checksum,
-            tile_size=tile_size,
-            halo=halo,
-            blend=settings.blend,
-            batch_size=batch_size,
-            probabilities=bool(settings.probabilities),
-        )
         summary_file = stac.read_json(_beside(output_dir, f"{ref.id}.mask.summary.json"))
         outputs = (
             _exists(settings.output)
@@ -256,7 +245,7 @@ def segment_dataset(
     started = time.perf_counter()
     options = from_values(RunOptions, options) or RunOptions()  # a deployment's parameters arrive as JSON values
     dataset = from_values(DatasetOptions, dataset) or DatasetOptions()
-    loaded = load_model(options.model, device="cpu")
+    loaded = load_model(options.model, device="cpu", metadata=options.model_metadata)
     refs = scenes_of(
         source,
         recursive=dataset.recursive,

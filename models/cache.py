@@ -1,8 +1,9 @@
 """Models on object storage: a local cache of model files, keyed by their SHA-256.
 
-``--model s3://bucket/models/x.safetensors`` (or ``.onnx``, ``.pt``) names a model file with its JSON sidecar
-``x.json`` beside it. Every process that needs it (the driver, each segmenter, on any machine) fetches it once into
-``<cache>/models/<sha256>/`` and loads it from there with the same loader as a local file (never unpickling). The
+``--model s3://bucket/models/x.safetensors`` (or ``.onnx``, ``.pt``) names a model file with its metadata
+``x.segpipe.json`` (or ``x.json``) beside it. Every process that needs it (the driver, each segmenter, on any
+machine) fetches it once into ``<cache>/models/<sha256>/`` and loads it from there with the same loader as a local
+file (never unpickling). The
 model file is downloaded only when the cache lacks a copy with the expected checksum; the sidecar (a few hundred
 bytes) is read again at every load, so an edited sidecar is never stale. A copy whose bytes do not match its
 checksum is replaced.
@@ -29,10 +30,24 @@ def cache_root() -> Path:
     return Path(base) / "segpipe"
 
 
-def sidecar_url(url: str) -> str:
-    """The JSON sidecar of a model URL: ``<stem>.json`` beside it."""
+def sidecar_url(url: str, suffix: str = ".json") -> str:
+    """A metadata file of a model URL: ``<stem><suffix>`` beside it."""
     parsed = ObjectUrl.parse(url)
-    return str(parsed.parent.child(Path(parsed.name).stem + ".json"))
+    return str(parsed.parent.child(Path(parsed.name).stem + suffix))
+
+
+def _read_sidecar(url: str) -> tuple[bytes, str]:
+    """The model's metadata (``<stem>.segpipe.json``, else ``<stem>.json``) and the suffix it was found under."""
+    from segpipe.models.metadata import METADATA_SUFFIX
+
+    for suffix in (METADATA_SUFFIX, ".json"):
+        try:
+            return read_bytes(sidecar_url(url, suffix)), suffix
+        except Exception as exc:  # missing: try the next name
+            last = exc
+    raise ModelError(
+        f"model {url}: its metadata {sidecar_url(url, METADATA_SUFFIX)} (or {sidecar_url(url)}) cannot be read ({last})"
+    )
 
 
 def fetch_model(url: str, *, checksum: str | None = None) -> Path:
@@ -48,14 +63,11 @@ def fetch_model(url: str, *, checksum: str | None = None) -> Path:
     name = ObjectUrl.parse(url).name
     if not name:
         raise ModelError(f"--model {url!r} names no file; give the URL of a .safetensors, .onnx or .pt file")
-    try:
-        sidecar = read_bytes(sidecar_url(url))
-    except Exception as exc:
-        raise ModelError(f"model {url}: its sidecar {sidecar_url(url)} cannot be read ({exc})") from None
+    sidecar, suffix = _read_sidecar(url)
     if checksum is not None:
         cached = cache_root() / "models" / checksum / name
         if cached.is_file() and sha256_file(cached) == checksum:
-            write_atomically(cached.with_suffix(".json"), sidecar)
+            write_atomically(cached.with_name(cached.stem + suffix), sidecar)
             return cached
     try:
         data = read_bytes(url)
@@ -68,6 +80,6 @@ def fetch_model(url: str, *, checksum: str | None = None) -> Path:
             "changed during the run: run again"
         )
     path = cache_root() / "models" / digest / name
-    write_atomically(path.with_suffix(".json"), sidecar)
+    write_atomically(path.with_name(path.stem + suffix), sidecar)
     write_atomically(path, data)
     return path

@@ -9,8 +9,10 @@ Accepted by :func:`load_model`:
 
 - ``"default"`` (the packaged model) or another stem of a file in ``models/weights/``;
 - ``x.safetensors`` or ``x.json`` (the pair is found by stem); a directory holding exactly one checkpoint;
-- ``x.onnx`` + ``x.json`` (onnxruntime; ``pip install onnxruntime``);
-- ``x.pt`` / ``x.ts`` TorchScript archives (``torch.jit.save``) + ``x.json``;
+- ``x.onnx`` (onnxruntime; ``pip install onnxruntime``) and ``x.pt`` / ``x.ts`` TorchScript archives
+  (``torch.jit.save``), each with segpipe's metadata ``x.segpipe.json`` (``segpipe model init`` writes it), or an
+  ``x.json`` that is segpipe's, or a metadata file named explicitly (``--model-metadata``); a ``x.json`` of another
+  tool beside the model is never read as segpipe's (:func:`segpipe.models.metadata.find_metadata`);
 - any of these as an object-storage URL (``s3://bucket/models/x.safetensors``), fetched into a local cache keyed by
   its checksum (:mod:`segpipe.models.cache`).
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import zipfile
 from collections.abc import Mapping
@@ -37,8 +40,10 @@ from segpipe.models.cache import fetch_model
 from segpipe.models.external import OnnxModel, TorchScriptModel
 from segpipe.models.metadata import (
     EXTERNAL_ARCHITECTURES,
+    METADATA_SUFFIX,
     ClassInfo,
     ModelMetadata,
+    find_metadata,
     read_metadata,
     write_metadata,
 )
@@ -49,6 +54,7 @@ __all__ = [
     "LoadedModel",
     "ModelMetadata",
     "default_model_path",
+    "find_metadata",
     "load_model",
     "read_metadata",
     "save_checkpoint",
@@ -81,6 +87,14 @@ class LoadedModel:
     metadata: ModelMetadata
     path: str
     checksum: str
+    metadata_path: str = ""
+
+    @property
+    def identity(self) -> str:
+        """What outputs depend on: the model file's SHA-256 and a digest of its metadata (bands, normalisation,
+        input contract), as ``<sha256>+<16 hex>``."""
+        text = json.dumps(self.metadata.to_dict(), sort_keys=True)
+        return f"{self.checksum}+{hashlib.sha256(text.encode()).hexdigest()[:16]}"
 
 
 def default_model_path() -> Path:
@@ -164,6 +178,8 @@ def _model_file(path: Path) -> Path:
     if suffix in MODEL_SUFFIXES:
         return path
     if suffix == ".json":
+        if path.name.endswith(METADATA_SUFFIX):
+            path = path.with_name(path.name[: -len(METADATA_SUFFIX)] + ".json")
         siblings = [path.with_suffix(s) for s in MODEL_SUFFIXES if path.with_suffix(s).is_file()]
         if len(siblings) == 1:
             return siblings[0]
@@ -176,8 +192,7 @@ def _model_file(path: Path) -> Path:
         if pickles:
             raise _refusal(pickles[0], "a pickle-based checkpoint")
         raise ModelError(
-            f"sidecar {path} has no model file next to it; expected {path.stem} with one of "
-            f"{', '.join(MODEL_SUFFIXES)}"
+            f"sidecar {path} has no model file next to it; expected {path.stem} with one of {', '.join(MODEL_SUFFIXES)}"
         )
     raise ModelError(
         f"model file {path}: unsupported type {path.suffix or '(no suffix)'}; expected .safetensors, "
@@ -247,9 +262,7 @@ def _check_state(tensors: Mapping[str, Tensor], expected: Mapping[str, Tensor], 
         raise ModelError(f"{where}: {'; '.join(problems)}; {fix}")
     bad = [key for key, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if bad:
-        raise ModelError(
-            f"{where}: non-finite values (NaN or inf) in {_summarise(sorted(bad))}; retrain or re-save"
-        )
+        raise ModelError(f"{where}: non-finite values (NaN or inf) in {_summarise(sorted(bad))}; retrain or re-save")
 
 
 def _check_consistency(model: nn.Module, metadata: ModelMetadata, where: str) -> None:
@@ -331,15 +344,15 @@ def _load_safetensors(data: bytes, path: Path, metadata: ModelMetadata) -> nn.Mo
     except ModelError as error:
         raise ModelError(f"sidecar {sidecar}: {error}") from None
     where = f"weights {path} vs architecture {metadata.architecture!r} in {sidecar}"
-    _check_state(
-        tensors, model.state_dict(), where, "the sidecar must describe the network the weights came from"
-    )
+    _check_state(tensors, model.state_dict(), where, "the sidecar must describe the network the weights came from")
     _check_consistency(model, metadata, f"sidecar {sidecar}")
     model.load_state_dict(tensors, strict=True)
     return model
 
 
-def load_model(name_or_path: str | Path, *, device: str = "cpu", checksum: str | None = None) -> LoadedModel:
+def load_model(
+    name_or_path: str | Path, *, device: str = "cpu", checksum: str | None = None, metadata: str | None = None
+) -> LoadedModel:
     """Load a model and its metadata for inference, without ever unpickling.
 
     Args:
@@ -350,6 +363,8 @@ def load_model(name_or_path: str | Path, *, device: str = "cpu", checksum: str |
             provider on CUDA devices when it is installed.
         checksum: The SHA-256 the model file must have (a segmenter loading what its run planned with); None:
             any.
+        metadata: The metadata file (a path or URL); None: found beside the model file
+            (:func:`segpipe.models.metadata.find_metadata`).
 
     Returns:
         The module (eval mode, on ``device``), its validated metadata, the model file path and its SHA-256.
@@ -364,9 +379,7 @@ def load_model(name_or_path: str | Path, *, device: str = "cpu", checksum: str |
     except (RuntimeError, TypeError):
         raise ConfigError(f"device {device!r} is not a torch device; use 'cpu', 'cuda' or 'cuda:N'") from None
     if target.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(
-            f"device {device!r} was requested but this machine has no usable CUDA GPU; use 'cpu'"
-        )
+        raise ConfigError(f"device {device!r} was requested but this machine has no usable CUDA GPU; use 'cpu'")
     path = resolve_model_path(name_or_path, checksum=checksum).resolve()
     try:
         data = path.read_bytes()
@@ -376,27 +389,22 @@ def load_model(name_or_path: str | Path, *, device: str = "cpu", checksum: str |
     kind = _pickle_kind(data) if suffix != ".safetensors" or not _safetensors_header_ok(data) else None
     if kind:
         raise _refusal(path, kind)
-    sidecar = path.with_suffix(".json")
-    if not sidecar.is_file():
-        raise ModelError(
-            f"model file {path} has no metadata sidecar {sidecar}; every checkpoint needs one "
-            "(see segpipe.models.checkpoint.ModelMetadata and write_metadata)"
-        )
-    metadata = read_metadata(sidecar)
+    sidecar = metadata if metadata is not None else find_metadata(path)
+    meta = read_metadata(sidecar)
     module: nn.Module
     if suffix == ".safetensors":
-        module = _load_safetensors(data, path, metadata)
+        module = _load_safetensors(data, path, meta)
     else:
         expected = "onnx" if suffix == ".onnx" else "torchscript"
-        if metadata.architecture != expected:
+        if meta.architecture != expected:
             raise ModelError(
                 f"sidecar {sidecar}: 'architecture' must be {expected!r} for a {suffix} model file, "
-                f"got {metadata.architecture!r}; fix the JSON sidecar"
+                f"got {meta.architecture!r}; fix the JSON sidecar"
             )
         if suffix == ".onnx":
-            module = OnnxModel(data, metadata, str(path), target)
+            module = OnnxModel(data, meta, str(path), target)
         else:
-            module = TorchScriptModel(data, metadata, str(path), target)
+            module = TorchScriptModel(data, meta, str(path), target)
     module = module.to(target).eval()
     found = hashlib.sha256(data).hexdigest()
     if checksum is not None and found != checksum:
@@ -405,8 +413,8 @@ def load_model(name_or_path: str | Path, *, device: str = "cpu", checksum: str |
             "node must have the same model (a URL on object storage, or the same segpipe version for packaged models)"
         )
     checksum = found
-    logger.info("loaded model %s (%s, sha256 %s) on %s", path, metadata.architecture, checksum[:12], target)
-    return LoadedModel(module=module, metadata=metadata, path=str(path), checksum=checksum)
+    logger.info("loaded model %s (%s, sha256 %s) on %s", path, meta.architecture, checksum[:12], target)
+    return LoadedModel(module=module, metadata=meta, path=str(path), checksum=checksum, metadata_path=str(sidecar))
 
 
 def _safetensors_header_ok(data: bytes) -> bool:

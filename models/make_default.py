@@ -15,6 +15,7 @@ import torch
 
 from segpipe.models.checkpoint import ClassInfo, ModelMetadata, default_model_path, save_checkpoint
 from segpipe.models.dubai import DUBAI_CLASSES
+from segpipe.models.metadata import input_contract
 from segpipe.models.registry import build_model
 
 ARGUMENTS = {
@@ -42,6 +43,7 @@ def default_metadata() -> ModelMetadata:
         tile_size=512,
         halo=64,
         size_multiple=16,
+        input=input_contract("uint8"),
         provenance={
             "trained": False,
             "note": "fixed-seed untrained weights; masks are meaningless until the trained model lands",

@@ -6,7 +6,13 @@ A sidecar looks like::
      "classes": [{"name": "building", "colour": "#3C1098"}, ...],
      "bands": ["red", "green", "blue"], "mean": [123.7, 116.3, 103.5], "std": [58.4, 57.1, 57.4],
      "tile_size": 512, "halo": 64, "size_multiple": 16, "input_size": null,
+     "input": {"dtype": "uint8", "range": [0, 255], "scaling": "percentile:2,98"},
      "provenance": {"trained": true, "data": "...", "epochs": 40, "metrics": {...}}}
+
+``input`` is the model's input contract (:class:`InputContract`): the values ``mean`` and ``std`` refer to, and how
+a scene whose values do not fit is brought to them. ``bands`` are STAC common names where the bands have one
+(``red``, ``green``, ``blue``, ``nir``, ``swir16`` ...), so that scenes can be matched by name
+(:mod:`segpipe.core.bands`).
 
 Every field is validated on construction; errors are :class:`ModelError` naming the file, the field, what was
 expected and what was found.
@@ -25,6 +31,7 @@ from typing import Any
 from segpipe.core.colours import parse_colour
 from segpipe.core.errors import ModelError
 from segpipe.core.files import write_json_atomically
+from segpipe.core.pixels import Scaling
 
 #: ``architecture`` values for models that are not built from the registry.
 EXTERNAL_ARCHITECTURES = ("onnx", "torchscript")
@@ -120,8 +127,7 @@ def _classes(value: Any) -> tuple[ClassInfo, ...]:
             continue
         if not isinstance(item, Mapping) or set(item) != {"name", "colour"}:
             raise _FieldError(
-                f"'classes[{i}]' must be an object with exactly the keys 'name' and 'colour', "
-                f"got {_describe(item)}"
+                f"'classes[{i}]' must be an object with exactly the keys 'name' and 'colour', got {_describe(item)}"
             )
         name, colour = item["name"], item["colour"]
         if not isinstance(name, str) or not name.strip():
@@ -146,6 +152,70 @@ def _bands(value: Any) -> tuple[str, ...]:
 
 
 @dataclass(frozen=True)
+class InputContract:
+    """What values a model takes, and how a scene's values are brought to them.
+
+    Attributes:
+        dtype: The numpy dtype of the imagery the model was trained on (``uint8`` for 8-bit aerial RGB).
+        range: (low, high): the values ``mean`` and ``std`` refer to, in the model's input units.
+        scaling: For a scene whose dtype does not fit (see :func:`segpipe.core.pixels.fits`): ``refuse`` (one
+            clear error naming the options that fix it) or a :class:`~segpipe.core.pixels.Scaling` such as
+            ``percentile:2,98``. ``--scaling`` overrides it for a run.
+    """
+
+    dtype: str
+    range: tuple[float, float]
+    scaling: str = "refuse"
+
+    def __post_init__(self) -> None:
+        import numpy as np
+
+        try:
+            np.dtype(self.dtype)
+        except TypeError:
+            raise _FieldError(
+                f"'input.dtype' must be a numpy dtype name such as uint8, got {_describe(self.dtype)}"
+            ) from None
+        values = _numbers("input.range", self.range, positive=False)
+        if len(values) != 2 or not values[0] < values[1]:
+            raise _FieldError(f"'input.range' must be [low, high] with low < high, got {_describe(self.range)}")
+        low, high = values
+        object.__setattr__(self, "range", (low, high))
+        try:
+            Scaling.parse(self.scaling)
+        except Exception as error:
+            raise _FieldError(f"'input.scaling': {error}") from None
+
+    @classmethod
+    def from_value(cls, value: Any) -> InputContract:
+        if isinstance(value, InputContract):
+            return value
+        if not isinstance(value, Mapping) or not {"dtype", "range"} <= set(value) <= {"dtype", "range", "scaling"}:
+            raise _FieldError(
+                "'input' must be an object with 'dtype', 'range' and optionally 'scaling', e.g. "
+                f'{{"dtype": "uint8", "range": [0, 255], "scaling": "percentile:2,98"}}, got {_describe(value)}'
+            )
+        return cls(str(value["dtype"]), tuple(value["range"]), str(value.get("scaling", "refuse")))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"dtype": self.dtype, "range": list(self.range), "scaling": self.scaling}
+
+
+def input_contract(dtype: Any) -> InputContract:
+    """The contract of a model trained on imagery of ``dtype``: integer imagery's full range (uint8: 0..255); a
+    scene of another dtype is stretched per band (2-98 % percentiles) onto that range for 8-bit models, whose
+    training imagery was itself display-stretched, and refused for others (their scaling must be stated)."""
+    import numpy as np
+
+    kind = np.dtype(dtype)
+    if np.issubdtype(kind, np.integer):
+        info = np.iinfo(kind)
+        scaling = "percentile:2,98" if kind == np.uint8 else "refuse"
+        return InputContract(kind.name, (float(info.min), float(info.max)), scaling)
+    return InputContract(kind.name, (0.0, 1.0), "refuse")
+
+
+@dataclass(frozen=True)
 class ModelMetadata:
     """What a checkpoint's network expects and produces; the content of its JSON sidecar.
 
@@ -160,6 +230,8 @@ class ModelMetadata:
         halo: Recommended halo, in pixels (at least the effective receptive field).
         size_multiple: Model input height and width must be multiples of this.
         input_size: Fixed square input side in pixels (ONNX models exported with a fixed shape), or None.
+        input: The input contract (values, range and scaling), or None for a model that states none (its scenes'
+            values are used as they are).
         provenance: Free-form record of how the weights were made (data, epochs, seed, metrics, ...).
     """
 
@@ -173,6 +245,7 @@ class ModelMetadata:
     halo: int
     size_multiple: int = 1
     input_size: int | None = None
+    input: InputContract | None = None
     provenance: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -194,6 +267,8 @@ class ModelMetadata:
         _integer("size_multiple", self.size_multiple, 1)
         if self.input_size is not None:
             _integer("input_size", self.input_size, 1)
+        if self.input is not None:
+            put(self, "input", InputContract.from_value(self.input))
         put(self, "provenance", _json_object("provenance", self.provenance))
         problem = self._tile_problem(self.tile_size, self.halo)
         if problem:
@@ -201,7 +276,7 @@ class ModelMetadata:
 
     def _tile_problem(self, tile_size: int, halo: int) -> str | None:
         side = tile_size + 2 * halo
-        if side % self.size_multiple:
+        if self.input_size is None and side % self.size_multiple:
             return (
                 f"tile_size + 2 * halo ({tile_size} + 2 * {halo} = {side}) must be a multiple of "
                 f"'size_multiple' ({self.size_multiple})"
@@ -242,14 +317,12 @@ class ModelMetadata:
             raise ModelError(
                 f"model metadata {source}: unknown field(s) {unknown}; allowed fields: {', '.join(allowed)}"
             )
-        required = [
-            f.name for f in fields(cls) if f.name not in ("size_multiple", "input_size", "provenance")
-        ]
+        if data.get("architecture") in EXTERNAL_ARCHITECTURES:
+            data = {"arguments": {}, **data}  # an ONNX or TorchScript model is not built from arguments
+        required = [f.name for f in fields(cls) if f.name not in ("size_multiple", "input_size", "input", "provenance")]
         missing = [name for name in required if name not in data]
         if missing:
-            raise ModelError(
-                f"model metadata {source}: missing field(s) {missing}; add them to the JSON sidecar"
-            )
+            raise ModelError(f"model metadata {source}: missing field(s) {missing}; add them to the JSON sidecar")
         try:
             return cls(**data)
         except _FieldError as error:
@@ -268,38 +341,98 @@ class ModelMetadata:
             "halo": self.halo,
             "size_multiple": self.size_multiple,
             "input_size": self.input_size,
+            **({"input": self.input.to_dict()} if self.input is not None else {}),
             "provenance": dict(self.provenance),
         }
 
 
+#: The name of segpipe's metadata beside a model file ``x.onnx``: ``x.segpipe.json``, which no other tool writes.
+METADATA_SUFFIX = ".segpipe.json"
+
+
+def metadata_path(model: str | Path) -> Path:
+    """Where segpipe writes the metadata of ``model``: ``<stem>.segpipe.json`` beside it."""
+    model = Path(model)
+    return model.with_name(model.stem + METADATA_SUFFIX)
+
+
+def is_segpipe_metadata(data: Any) -> bool:
+    """Whether parsed JSON is segpipe's metadata (an object with 'architecture'), not another tool's file."""
+    return isinstance(data, Mapping) and "architecture" in data
+
+
+def find_metadata(model: str | Path) -> Path:
+    """The metadata file of a local model file: ``<stem>.segpipe.json``, else ``<stem>.json`` when that file is
+    segpipe's (checkpoints written by ``segpipe train`` and older exports); another tool's ``<stem>.json`` is never
+    read as segpipe's.
+
+    Raises:
+        ModelError: there is none, saying how to make one.
+    """
+    model = Path(model)
+    ours, plain = metadata_path(model), model.with_suffix(".json")
+    if ours.is_file():
+        return ours
+    how = f"write one with: segpipe model init {model}, or name it with --model-metadata PATH"
+    if plain.is_file():
+        try:
+            data = json.loads(plain.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return plain  # not JSON at all: reading it says so
+        if is_segpipe_metadata(data):
+            return plain
+        found = sorted(data)[:6] if isinstance(data, Mapping) else type(data).__name__
+        raise ModelError(
+            f"model file {model} has no segpipe metadata: {ours.name} is missing, and {plain.name} beside it is "
+            f"another tool's file (fields {found}, no 'architecture'); {how}"
+        )
+    if model.suffix.lower() == ".safetensors":
+        how = "segpipe train and save_checkpoint write it with the weights; copy it with the checkpoint"
+    raise ModelError(f"model file {model} has no segpipe metadata ({ours.name} or {plain.name} beside it); {how}")
+
+
 def read_metadata(path: str | Path) -> ModelMetadata:
-    """Read and validate a JSON sidecar.
+    """Read and validate a metadata file (a path, or an object-storage URL).
 
     Raises:
         ModelError: If the file is missing, is not JSON, or a field is invalid.
     """
+    from segpipe.core.objects import is_object_url, read_bytes
+
+    if is_object_url(str(path)):
+        try:
+            text = read_bytes(str(path)).decode("utf-8")
+        except Exception as error:
+            raise ModelError(f"model metadata {path} cannot be read ({error}); check the URL") from None
+        return _parse_metadata(text, str(path))
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ModelError(
-            f"model metadata {path} is missing; every checkpoint needs a JSON sidecar with the same stem "
-            "(see segpipe.models.metadata.ModelMetadata)"
+            f"model metadata {path} is missing; every model needs segpipe metadata (see "
+            "segpipe.models.metadata.ModelMetadata, or write it with segpipe model init)"
         ) from None
     except (OSError, UnicodeDecodeError) as error:
         raise ModelError(f"model metadata {path} cannot be read ({error}); check the file") from None
+    return _parse_metadata(text, str(path))
+
+
+def _parse_metadata(text: str, source: str) -> ModelMetadata:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as error:
-        raise ModelError(f"model metadata {path} is not valid JSON ({error}); fix the JSON sidecar") from None
-    return ModelMetadata.from_dict(data, source=str(path))
+        raise ModelError(f"model metadata {source} is not valid JSON ({error}); fix the JSON sidecar") from None
+    return ModelMetadata.from_dict(data, source=source)
 
 
-def write_metadata(metadata: ModelMetadata, path: str | Path) -> Path:
-    """Write ``metadata`` as the JSON sidecar ``<stem>.json`` of ``path``, atomically; return its path.
+def write_metadata(metadata: ModelMetadata, path: str | Path, *, suffix: str = ".json") -> Path:
+    """Write ``metadata`` beside ``path`` as ``<stem><suffix>`` (``.json`` for segpipe's own checkpoints,
+    :data:`METADATA_SUFFIX` for a model from elsewhere), atomically; return its path.
 
-    Use it to give an exported ONNX or TorchScript model its sidecar (``path`` may be the model file itself).
+    Use it to give an exported ONNX or TorchScript model its metadata (``path`` may be the model file itself).
     """
-    sidecar = Path(path).with_suffix(".json")
+    path = Path(path)
+    sidecar = path.with_name(path.stem + suffix) if suffix != ".json" else path.with_suffix(".json")
     write_json_atomically(sidecar, metadata.to_dict())
     return sidecar

@@ -85,8 +85,8 @@ def run_inference(
     n_workers, threads, resources = session.plan_pool(device, workers)
     if not session.uses_ray:
         threads = options.threads
-    spec = ModelSpec(options.model, options.checksum, device, threads)
-    job = InferJob(store.url, options.tile_size, options.halo, options.blend, options.probabilities)
+    spec = ModelSpec(options.model, options.checksum, device, threads, options.metadata)
+    job = InferJob(store.url, options.tile_size, options.halo, options.blend, options.probabilities, options.pixel_map)
     stats: list[dict[str, Any]] = []
 
     def done(result: dict[str, Any]) -> None:

@@ -257,9 +257,9 @@ def model_classes(name_or_path: str | Path) -> tuple[tuple[str, ...], ColourTabl
     Raises:
         ModelError: the model or its sidecar cannot be found or is invalid.
     """
-    from segpipe.models.checkpoint import read_metadata, resolve_model_path
+    from segpipe.models.checkpoint import find_metadata, read_metadata, resolve_model_path
 
-    metadata = read_metadata(resolve_model_path(name_or_path).resolve().with_suffix(".json"))
+    metadata = read_metadata(find_metadata(resolve_model_path(name_or_path).resolve()))
     names = tuple(c.name for c in metadata.classes)
     return names, ColourTable.from_hex(c.colour for c in metadata.classes)
 

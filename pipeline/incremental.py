@@ -6,9 +6,10 @@ A key (:class:`OutputKey`) has three parts:
 - ``scene``: the scene's fingerprint (its header, and what identifies its bytes: a local file's size and
   modification time, an object's ETag, an HTTP resource's ETag and Last-Modified; see
   :func:`segpipe.core.raster.identity`);
-- ``model``: the SHA-256 of the model file;
-- ``settings``: every setting that changes pixels (tile size, halo, blend, batch size, probabilities) and segpipe's
-  version.
+- ``model``: the SHA-256 of the model file and a digest of its metadata (normalisation, bands, input contract);
+- ``settings``: every setting that changes pixels (tile size, halo, blend, batch size, probabilities, the scaling of
+  the scene's values) and segpipe's version; the bands and nodata read (``--bands``, ``--nodata``) are part of the
+  scene's fingerprint.
 
 The run summary holds it (``"key"``), and :func:`decide` compares a scene's current key with the one in its
 summary, giving the reason of the decision: ``new``, ``incomplete`` (outputs without a readable summary),
@@ -25,7 +26,7 @@ from typing import Any
 import segpipe
 
 #: Settings that change an output's pixels, recorded in its key.
-PIXEL_SETTINGS = ("tile_size", "halo", "blend", "batch_size", "probabilities")
+PIXEL_SETTINGS = ("tile_size", "halo", "blend", "batch_size", "probabilities", "scaling")
 
 
 @dataclass(frozen=True)
@@ -52,15 +53,17 @@ class OutputKey:
 
 def output_key(
     *, scene_fingerprint: str, model_checksum: str, tile_size: int, halo: int, blend: str, batch_size: int,
-    probabilities: bool,
+    probabilities: bool, scaling: str | None = None,
 ) -> OutputKey:  # fmt: skip
-    """The key of an output made with these inputs and settings."""
+    """The key of an output made with these inputs and settings (``model_checksum``: the model's identity, see
+    :attr:`segpipe.models.checkpoint.LoadedModel.identity`)."""
     settings = {
         "tile_size": tile_size,
         "halo": halo,
         "blend": blend,
         "batch_size": batch_size,
         "probabilities": probabilities,
+        "scaling": scaling,
         "segpipe": segpipe.__version__,
     }
     return OutputKey(scene_fingerprint, model_checksum, settings)

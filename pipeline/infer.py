@@ -1,7 +1,8 @@
 """Infer stage, worker side: a :class:`TileSegmenter` holds one model and turns tile indices into predictions.
 
 A segmenter reads each tile's input (core + halo, mirror-padded at the scene edge) from the work store,
-normalises it as the model's metadata says, runs batches, and hands the scores to the run's merger
+scales it as the run decided (the scene's pixel map, :mod:`segpipe.pipeline.fit`), normalises it as the model's
+metadata says, runs batches, and hands the scores to the run's merger
 (:mod:`segpipe.pipeline.merge`), which writes them back into the store.
 
 Only tile indices go in and small stats come out. Reads of the next batch and writes of the previous one run
@@ -21,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from segpipe.core.pixels import normalise
+from segpipe.core.pixels import PixelMap, normalise
 from segpipe.core.runtime import retain_freed_memory
 from segpipe.core.tiles import Tile, TileGrid, read_tile_input
 from segpipe.pipeline import store as ws
@@ -41,6 +42,7 @@ class InferJob:
         halo: Halo in pixels.
         blend: A merger name (see :data:`segpipe.pipeline.merge.MERGERS`).
         probabilities: Also write per-class probabilities.
+        pixel_map: Applied to each tile's pixels before the model's normalisation (the scene's scaling), or None.
     """
 
     store_url: str
@@ -48,6 +50,7 @@ class InferJob:
     halo: int
     blend: str
     probabilities: bool = False
+    pixel_map: PixelMap | None = None
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,8 @@ class InferOptions:
             session).
         probabilities: Also write per-class probabilities.
         checksum: The SHA-256 of the model file the run was planned with (segmenters verify it); None: any.
+        metadata: The model's metadata file when named explicitly (``--model-metadata``), else None.
+        pixel_map: The scene's scaling (see :class:`InferJob`).
     """
 
     model: str
@@ -76,6 +81,8 @@ class InferOptions:
     threads: int
     probabilities: bool = False
     checksum: str | None = None
+    metadata: str | None = None
+    pixel_map: PixelMap | None = None
 
 
 def _node_id() -> str:
@@ -105,7 +112,7 @@ class TileSegmenter:
             retain_freed_memory()
         self.torch = torch
         self.device = torch.device(spec.device)
-        self.loaded = load_model(spec.model, device=spec.device, checksum=spec.checksum)
+        self.loaded = load_model(spec.model, device=spec.device, checksum=spec.checksum, metadata=spec.metadata)
         self.model = self.loaded.module
         if self.device.type == "cuda":
             # torch's stubs for Module.to omit the memory_format keyword that it accepts
@@ -131,8 +138,11 @@ class TileSegmenter:
     def _read_batch(self, indices: Sequence[int]) -> tuple[list[Tile], np.ndarray, np.ndarray]:
         tiles = [self.grid.tile_at(i) for i in indices]
         inputs, valids = [], []
+        pixel_map = self.job.pixel_map if self.job is not None else None
         for tile in tiles:
             pixels, ok = read_tile_input(self.image, self.valid, tile)
+            if pixel_map is not None:
+                pixels = pixel_map.apply(pixels)
             inputs.append(normalise(pixels, self.mean, self.std, ok))
             valids.append(ok)
         return tiles, np.stack(inputs), np.stack(valids)

@@ -53,7 +53,10 @@ def copy_region(
         ``(window, counts)``: the region and the valid pixels of each chunk in it, (rows, cols) int64.
     """
     store = ws.opened(store_ref)
-    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES), open_source(scene.path, source=scene.source) as src:
+    with (
+        rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES),
+        open_source(scene.path, source=scene.source, selection=scene.selection) as src,
+    ):
         data, ok = src.read(window)
     if np.issubdtype(data.dtype, np.floating):
         data = np.where(ok[None].astype(bool), data, 0).astype(data.dtype)  # no NaN/Inf in the store

@@ -7,6 +7,7 @@ that is known to be sound; the model is loaded once for it.
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from dataclasses import dataclass, field
@@ -14,12 +15,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from segpipe.core import objects
-from segpipe.core.errors import ConfigError, ModelError, OutputError
+from segpipe.core.errors import ConfigError, OutputError
 from segpipe.core.objects import ObjectUrl, is_object_url
+from segpipe.core.pixels import PixelMap
 from segpipe.core.runtime import available_cores, local_gpus
-from segpipe.core.tiles import TileGrid, validate_tiling
+from segpipe.core.tiles import TileGrid, fit_fixed_input, validate_tiling
 from segpipe.pipeline import store as ws
 from segpipe.pipeline.export import Sink, sink_for
+from segpipe.pipeline.fit import SceneFit, fit_scene
 from segpipe.pipeline.incremental import OutputKey, output_key
 from segpipe.pipeline.read import SceneInfo, describe_scene
 from segpipe.pipeline.settings import RunOptions, RunSettings
@@ -27,6 +30,8 @@ from segpipe.pipeline.settings import RunOptions, RunSettings
 if TYPE_CHECKING:
     from segpipe.models.checkpoint import LoadedModel
     from segpipe.models.metadata import ModelMetadata
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,8 @@ class ModelSummary:
     colours: tuple[str, ...]
     bands: tuple[str, ...]
     provenance: dict[str, Any] = field(default_factory=dict)
+    identity: str = ""
+    metadata: str | None = None
 
 
 @dataclass(frozen=True)
@@ -57,6 +64,7 @@ class RunPlan:
         batch_size: Tiles per forward pass.
         grid: The tile grid over the scene.
         sinks: The outputs, mask first.
+        fit: How the scene feeds the model (bands, nodata, scaling; :mod:`segpipe.pipeline.fit`).
     """
 
     settings: RunSettings
@@ -67,6 +75,11 @@ class RunPlan:
     batch_size: int
     grid: TileGrid
     sinks: tuple[Sink, ...] = ()
+    fit: SceneFit | None = None
+
+    @property
+    def pixel_map(self) -> PixelMap | None:
+        return self.fit.pixel_map if self.fit is not None else None
 
     @property
     def summary_path(self) -> str:
@@ -78,12 +91,13 @@ class RunPlan:
         """What the run's outputs are made from (recorded in the summary; see :mod:`segpipe.pipeline.incremental`)."""
         return output_key(
             scene_fingerprint=self.scene.fingerprint,
-            model_checksum=self.model.checksum,
+            model_checksum=self.model.identity or self.model.checksum,
             tile_size=self.tile_size,
             halo=self.halo,
             blend=self.settings.blend,
             batch_size=self.batch_size,
             probabilities=bool(self.settings.probabilities),
+            scaling=self.fit.scaling if self.fit is not None else None,
         )
 
     @property
@@ -91,7 +105,8 @@ class RunPlan:
         """The work store's key of this run's inference results: what changes them (see
         :func:`segpipe.pipeline.store.run_key`)."""
         return ws.run_key(
-            model=self.model.checksum,
+            model=self.model.identity or self.model.checksum,
+            scaling=self.fit.scaling if self.fit is not None else None,
             tile_size=self.tile_size,
             halo=self.halo,
             blend=self.settings.blend,
@@ -185,15 +200,16 @@ def _check_outputs(settings: RunSettings) -> tuple[Sink, ...]:
 
 
 def resolve_tiling(settings: RunOptions, meta: ModelMetadata) -> tuple[int, int, int]:
-    """(tile size, halo, batch size) of a run: the options where given, else the model's and the device's defaults.
+    """(tile size, halo, batch size) of a run: the options where given, else the model's and the device's defaults;
+    for a model with a fixed input size, the tile and halo that fill it (:func:`segpipe.core.tiles.fit_fixed_input`).
 
     Raises:
         ConfigError: a tile size and halo the model cannot take.
     """
     tile_size = settings.tile_size if settings.tile_size is not None else meta.tile_size
     halo = settings.halo if settings.halo is not None else meta.halo
-    if meta.input_size is not None and settings.tile_size is None and settings.halo is None:
-        tile_size = meta.input_size - 2 * halo
+    if meta.input_size is not None:
+        tile_size, halo = fit_fixed_input(meta.input_size, settings.tile_size, halo)
     validate_tiling(tile_size, halo, size_multiple=meta.size_multiple, input_size=meta.input_size)
     batch_size = settings.batch_size or default_batch_size(tile_size + 2 * halo, gpu=_expects_gpu(settings))
     return tile_size, halo, batch_size
@@ -217,15 +233,13 @@ def make_plan(settings: RunSettings, *, loaded: LoadedModel | None = None) -> Ru
         _check_local_workers(settings.workers, settings.device)
     sinks = _check_outputs(settings)
 
-    scene = describe_scene(settings.input)
-    loaded = loaded or load_model(settings.model, device="cpu")
+    file = describe_scene(settings.input)
+    loaded = loaded or load_model(settings.model, device="cpu", metadata=settings.model_metadata)
     meta = loaded.metadata
-    if scene.count != len(meta.bands):
-        raise ModelError(
-            f"model {settings.model!r} takes {len(meta.bands)} bands ({', '.join(meta.bands)}) but the scene "
-            f"{settings.input!r} has {scene.count}; choose a model trained on this imagery, or select "
-            f"{len(meta.bands)} bands first (e.g. gdal_translate -b 1 -b 2 -b 3)"
-        )
+    fit = fit_scene(file, meta, bands=settings.bands, nodata=settings.nodata, scaling=settings.scaling)
+    for line in fit.warnings:
+        log.warning("%s: %s", settings.input, line)
+    scene = fit.scene
     tile_size, halo, batch_size = resolve_tiling(settings, meta)
     summary = ModelSummary(
         name=settings.model,
@@ -237,9 +251,33 @@ def make_plan(settings: RunSettings, *, loaded: LoadedModel | None = None) -> Ru
         colours=tuple(c.colour for c in meta.classes),
         bands=tuple(meta.bands),
         provenance=dict(meta.provenance),
+        identity=loaded.identity,
+        metadata=settings.model_metadata,
     )
     grid = TileGrid(scene.width, scene.height, tile_size, halo)
-    return RunPlan(settings, scene, summary, tile_size, halo, batch_size, grid, sinks)
+    return RunPlan(settings, scene, summary, tile_size, halo, batch_size, grid, sinks, fit)
+
+
+def scene_output_key(settings: RunOptions, file: SceneInfo, loaded: LoadedModel) -> OutputKey:
+    """The key the outputs of ``file`` would be made with under ``settings`` (what :attr:`RunPlan.output_key`
+    gives once planned), without reading the scene's pixels: a data set decides from it what to segment.
+
+    Raises:
+        SegpipeError: the scene cannot be fitted to the model, or the tiling is wrong.
+    """
+    meta = loaded.metadata
+    fit = fit_scene(file, meta, bands=settings.bands, nodata=settings.nodata, scaling=settings.scaling, compute=False)
+    tile_size, halo, batch_size = resolve_tiling(settings, meta)
+    return output_key(
+        scene_fingerprint=fit.scene.fingerprint,
+        model_checksum=loaded.identity,
+        tile_size=tile_size,
+        halo=halo,
+        blend=settings.blend,
+        batch_size=batch_size,
+        probabilities=isinstance(settings, RunSettings) and bool(settings.probabilities),
+        scaling=fit.scaling,
+    )
 
 
 def model_ref(asked: str, path: str) -> str:

@@ -6,6 +6,7 @@ nearest overview; the mask uses nearest-neighbour sampling and its own colour ta
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from segpipe.core.errors import InputError
 from segpipe.core.pixels import stretch
 from segpipe.core.raster import open_raster
 from segpipe.core.tiles import Window
-from segpipe.pipeline.read import open_source
+from segpipe.pipeline.read import Selection, open_source
 
 
 def _shape(width: int, height: int, max_size: int) -> tuple[int, int]:
@@ -43,16 +44,30 @@ def read_mask_preview(
     return lut[mask], legend  # type: ignore[return-value]
 
 
-def read_scene_preview(scene_path: str, max_size: int) -> np.ndarray:
-    """RGB (H, W, 3) float in [0, 1] of a scene: first three bands (or the first, grey), 2-98 % stretch,
-    nodata black; read through the scene's source at reduced resolution."""
-    with open_source(scene_path) as src:
+def read_scene_preview(scene_path: str, max_size: int, selection: Selection | None = None) -> np.ndarray:
+    """RGB (H, W, 3) float in [0, 1] of a scene: first three bands (or the first, grey) of ``selection`` (the bands
+    and nodata a run read), 2-98 % stretch of the valid pixels, nodata black; read through the scene's source at
+    reduced resolution."""
+    with open_source(scene_path, selection=selection) as src:
         info = src.info
         h, w = _shape(info.width, info.height, max_size)
         data, valid = src.read(Window(0, 0, info.width, info.height), out_shape=(h, w))
-    rgb = stretch(data[:3] if data.shape[0] >= 3 else data[:1])
+    rgb = stretch(data[:3] if data.shape[0] >= 3 else data[:1], valid)
     rgb[valid == 0] = 0
     return rgb
+
+
+def _run_selection(mask_path: str) -> Selection | None:
+    """The bands and nodata the run that wrote ``mask_path`` read (from its summary beside it), or None."""
+    from segpipe.pipeline.plan import summary_path
+
+    try:
+        fit = json.loads(Path(summary_path(mask_path)).read_text()).get("fit") or {}
+    except (OSError, ValueError):
+        return None
+    if not fit:
+        return None
+    return Selection(tuple(fit["bands"]), None if fit.get("nodata") is None else float(fit["nodata"]))
 
 
 def quicklook(
@@ -68,7 +83,7 @@ def quicklook(
     mask, legend = read_mask_preview(mask_path, max_size)
     panels: list[tuple[str, np.ndarray]] = []
     if scene_path:
-        panels.append((Path(scene_path).name, read_scene_preview(scene_path, max_size)))
+        panels.append((Path(scene_path).name, read_scene_preview(scene_path, max_size, _run_selection(mask_path))))
     panels.append((f"mask: {Path(mask_path).name}", mask))
     aspect = mask.shape[1] / mask.shape[0]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * aspect * len(panels) + 0.5, 5.4), squeeze=False)

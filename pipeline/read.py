@@ -8,13 +8,19 @@ accepts what GDAL opens and comes last. A new input format is one module in ``pi
 
 Validation happens when a source opens, before any work starts, so a bad scene fails in seconds with one clear
 message. Each open source is one handle: threads open their own.
+
+A run may read a :class:`Selection` of the file: some of its bands, in the model's order (``--bands``), and a
+nodata value that replaces the file's (``--nodata``). A source opened with a selection describes and reads only
+that view; the view's fingerprint differs from the file's, so work stores and output keys follow the selection.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import logging
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field, replace
 from types import TracebackType
 from typing import Any, Protocol, runtime_checkable
 
@@ -24,6 +30,42 @@ from segpipe.core.errors import InputError
 from segpipe.core.tiles import Window
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What a run reads of a file: which bands (1-based numbers, in the model's order; None: all, in order) and the
+    value that marks nodata in every band (None: the file's own nodata, mask or alpha)."""
+
+    bands: tuple[int, ...] | None = None
+    nodata: float | None = None
+
+    @property
+    def is_default(self) -> bool:
+        return self.bands is None and self.nodata is None
+
+    def invalid(self, pixels: np.ndarray) -> np.ndarray:
+        """(h, w) bool: where every band equals :attr:`nodata` (NaN matches NaN)."""
+        assert self.nodata is not None
+        if math.isnan(self.nodata):
+            return np.isnan(pixels).all(axis=0)
+        return (pixels == self.nodata).all(axis=0)
+
+    def to_attrs(self) -> dict[str, Any]:
+        nodata = self.nodata
+        return {
+            "bands": list(self.bands) if self.bands is not None else None,
+            "nodata": str(nodata) if nodata is not None and not math.isfinite(nodata) else nodata,
+        }
+
+    @classmethod
+    def from_attrs(cls, attrs: dict[str, Any] | None) -> Selection:
+        if not attrs:
+            return cls()
+        bands, nodata = attrs.get("bands"), attrs.get("nodata")
+        return cls(
+            tuple(int(b) for b in bands) if bands is not None else None, None if nodata is None else float(nodata)
+        )
 
 
 @dataclass(frozen=True)
@@ -41,8 +83,13 @@ class SceneInfo:
         nodata: The nodata value, or None.
         band_descriptions: One description per band ("" where the file has none).
         georeferenced: False when the file has neither CRS nor a non-identity transform.
-        fingerprint: A sha256 of the source's identity (size, mtime, header); changes when the file changes.
+        fingerprint: A sha256 of the source's identity (size, mtime, header); changes when the file changes (and
+            with the selection).
         source: The name of the :class:`SceneSource` that reads it (see :data:`SOURCES`).
+        colour_interpretations: Per band, GDAL's colour interpretation in lower case (``red``, ``gray`` ...).
+        scales: Per band, the scale the product records for its values (1.0 where none).
+        offsets: Per band, the offset the product records (0.0 where none): physical = value * scale + offset.
+        selection: The bands and nodata of the file this describes (see :meth:`select`).
     """
 
     path: str
@@ -57,10 +104,46 @@ class SceneInfo:
     georeferenced: bool
     fingerprint: str
     source: str = "gdal"
+    colour_interpretations: tuple[str, ...] = ()
+    scales: tuple[float, ...] = ()
+    offsets: tuple[float, ...] = ()
+    selection: Selection = field(default_factory=Selection)
 
     @property
     def pixels(self) -> int:
         return self.width * self.height
+
+    def select(self, selection: Selection) -> SceneInfo:
+        """The description of a selection of this file's bands and nodata (pure; this must describe the whole
+        file).
+
+        Raises:
+            InputError: a band number the file does not have.
+        """
+        if selection.is_default:
+            return self
+        if not self.selection.is_default:
+            raise ValueError("select() applies to the description of a whole file")
+        bands = selection.bands or tuple(range(1, self.count + 1))
+        beyond = [b for b in bands if not 1 <= b <= self.count]
+        if beyond:
+            raise InputError(f"input {self.path!r} has {self.count} band(s), no band {beyond[0]}")
+
+        def pick(values: tuple[Any, ...], fill: Any) -> tuple[Any, ...]:
+            return tuple(values[b - 1] if b - 1 < len(values) else fill for b in bands)
+
+        digest = hashlib.sha256(f"{self.fingerprint}|{selection.to_attrs()}".encode()).hexdigest()
+        return replace(
+            self,
+            count=len(bands),
+            nodata=selection.nodata if selection.nodata is not None else self.nodata,
+            band_descriptions=pick(self.band_descriptions, ""),
+            colour_interpretations=pick(self.colour_interpretations, ""),
+            scales=pick(self.scales, 1.0),
+            offsets=pick(self.offsets, 0.0),
+            fingerprint=digest,
+            selection=selection,
+        )
 
     def to_attrs(self) -> dict[str, Any]:
         nodata = self.nodata
@@ -81,6 +164,10 @@ class SceneInfo:
             "georeferenced": self.georeferenced,
             "fingerprint": self.fingerprint,
             "source": self.source,
+            "colour_interpretations": list(self.colour_interpretations),
+            "scales": list(self.scales),
+            "offsets": list(self.offsets),
+            "selection": self.selection.to_attrs(),
         }
 
     @classmethod
@@ -99,6 +186,10 @@ class SceneInfo:
             georeferenced=bool(attrs["georeferenced"]),
             fingerprint=attrs["fingerprint"],
             source=attrs.get("source", "gdal"),
+            colour_interpretations=tuple(attrs.get("colour_interpretations", ())),
+            scales=tuple(float(v) for v in attrs.get("scales", ())),
+            offsets=tuple(float(v) for v in attrs.get("offsets", ())),
+            selection=Selection.from_attrs(attrs.get("selection")),
         )
 
 
@@ -106,8 +197,9 @@ class SceneInfo:
 class SceneSource(Protocol):
     """An open scene: its description and windows of its pixels (pixel coordinates of the scene, origin top-left).
 
-    Implementations open (and validate) in their constructor ``Source(path)``, raise
-    :class:`~segpipe.core.errors.InputError` for anything wrong with the scene, and are context managers.
+    Implementations open (and validate) in their constructor ``Source(path, selection)``, describe and read only
+    the selection's bands (with its nodata) when one is given, raise :class:`~segpipe.core.errors.InputError` for
+    anything wrong with the scene, and are context managers.
     """
 
     #: Registry name, recorded in :attr:`SceneInfo.source`.
@@ -150,7 +242,7 @@ class SourceType(Protocol):
 
     def probe(self, path: str) -> bool: ...
 
-    def __call__(self, path: str) -> SceneSource: ...
+    def __call__(self, path: str, selection: Selection = ...) -> SceneSource: ...
 
 
 #: Registered scene sources, ``name -> "module:Class"``, tried in this order; imported when first used.
@@ -168,30 +260,55 @@ def source_type(name: str) -> SourceType:
     return found
 
 
-def open_source(path: str, *, source: str | None = None) -> SceneSource:
-    """Open ``path`` with the named source, or with the first registered source whose ``probe`` accepts it.
+def open_source(path: str, *, source: str | None = None, selection: Selection | None = None) -> SceneSource:
+    """Open ``path`` (its ``selection``, default all bands) with the named source, or with the first registered
+    source whose ``probe`` accepts it.
 
     Raises:
         InputError: no source reads it, or the scene is not usable (the source's message).
     """
+    chosen = selection or Selection()
     if source is not None:
-        return source_type(source)(path)
+        return source_type(source)(path, chosen)
     for name in SOURCES:
         kind = source_type(name)
         if kind.probe(path):
-            return kind(path)
+            return kind(path, chosen)
     raise InputError(f"input {path!r} is not a format segpipe reads; give a GeoTIFF, COG, JPEG or PNG")
 
 
-def describe_scene(path: str) -> SceneInfo:
-    """Open, validate and describe a scene without reading its pixels; a scene without georeferencing works,
-    with one warning.
+def describe_scene(path: str, selection: Selection | None = None) -> SceneInfo:
+    """Open, validate and describe a scene (its ``selection``) without reading its pixels; a scene without
+    georeferencing works, with one warning.
 
     Raises:
         InputError: with a message saying what is wrong with the scene and what to do.
     """
-    with open_source(path) as src:
+    with open_source(path, selection=selection) as src:
         info = src.info
     if not info.georeferenced:
         log.warning("%s has no georeferencing (no CRS, identity transform): the mask keeps pixel coordinates", path)
     return info
+
+
+def sample_scene(scene: SceneInfo, *, windows: int = 64, size: int = 128) -> tuple[np.ndarray, float]:
+    """A bounded sample of a scene's pixels, for statistics (a percentile stretch, a nodata hint): ``windows``
+    squares of ``size`` pixels spread evenly over the scene (:func:`segpipe.core.tiles.sample_windows`; at most
+    ``windows * size**2`` pixels, 1 MP by default, whatever the scene's size).
+
+    Returns:
+        ``(values, zero_share)``: the valid pixels (bands, N) as float64, and the share of sampled pixels that are
+        0 in every band and not nodata (a border that may be nodata without saying so).
+    """
+    from segpipe.core.tiles import sample_windows
+
+    parts, zeros, total = [], 0, 0
+    with open_source(scene.path, source=scene.source, selection=scene.selection) as src:
+        for window in sample_windows(scene.width, scene.height, count=windows, size=size):
+            pixels, ok = src.read(window)
+            valid = ok.astype(bool)
+            zeros += int(((pixels == 0).all(axis=0) & valid).sum())
+            total += valid.size
+            parts.append(pixels[:, valid].astype(np.float64))
+    values = np.concatenate(parts, axis=1) if parts else np.zeros((scene.count, 0))
+    return values, zeros / total if total else 0.0

@@ -75,6 +75,8 @@ def infer_stage(plan: RunPlan, store_url: str, session: Session) -> InferResult:
         threads=available_cores(),
         probabilities=bool(s.probabilities),
         checksum=plan.model.checksum,
+        metadata=plan.model.metadata,
+        pixel_map=plan.pixel_map,
     )
     with _bar(len(plan.grid), "infer", "tile") as bar:
         return run_inference(

@@ -211,12 +211,13 @@ def _start(address: str | None, num_cpus: int, connect_timeout: float, quiet: in
 @dataclass(frozen=True)
 class ModelSpec:
     """What one segmenter holds: a model (packaged name, local path or object URL) with the checksum the run
-    planned with, on a device, with a number of torch threads."""
+    planned with and its metadata file when named explicitly, on a device, with a number of torch threads."""
 
     model: str
     checksum: str | None
     device: str
     threads: int
+    metadata: str | None = None
 
 
 @dataclass
@@ -464,9 +465,7 @@ class Session:
         return out
 
 
-def cluster_paths_problem(
-    settings: Any, nodes: Sequence[dict[str, Any]], driver_ip: str
-) -> str | None:
+def cluster_paths_problem(settings: Any, nodes: Sequence[dict[str, Any]], driver_ip: str) -> str | None:
     """What of ``settings`` (a :class:`~segpipe.pipeline.settings.RunSettings`) only this machine sees, when the
     cluster has nodes on other machines; None when all is reachable from every node.
 

@@ -13,8 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from segpipe.core.bands import parse_bands
 from segpipe.core.errors import ConfigError
 from segpipe.core.options import option
+from segpipe.core.pixels import Scaling
 from segpipe.core.runtime import DEVICES
 from segpipe.pipeline.merge import MERGERS
 
@@ -29,6 +31,26 @@ class RunOptions:
     """The options of a run that apply to every scene (see the module docstring)."""
 
     model: str = option("default", help="model name or checkpoint path (default: the shipped model)")
+    model_metadata: str | None = option(
+        None,
+        help="the model's segpipe metadata (default: <model>.segpipe.json beside the model, else <model>.json)",
+        metavar="PATH",
+    )
+    bands: str | None = option(
+        None,
+        help="the scene bands that feed the model, by number (4,3,2) or name (red,green,blue), in the model's order "
+        "(default: by the bands' names, else all in order)",
+        metavar="LIST",
+    )
+    nodata: float | None = option(
+        None, help="the value that marks nodata in every band (replaces the file's; e.g. 0 or nan)", metavar="V"
+    )
+    scaling: str | None = option(
+        None,
+        help="how scene values map to the model's input: none, linear:SCALE,OFFSET, product, minmax:MIN,MAX or "
+        "percentile[:LOW,HIGH] (default: the model's contract, for scenes that do not fit it)",
+        metavar="KIND",
+    )
     tile_size: int | None = option(None, help="tile core size in pixels (default: the model's)", metavar="N")
     halo: int | None = option(
         None, help="context margin around each tile in pixels (default: the model's)", metavar="N"
@@ -75,6 +97,12 @@ class RunOptions:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+        if self.scaling is not None:
+            Scaling.parse(self.scaling)  # ConfigError naming what is allowed
+            if Scaling.parse(self.scaling).kind == "refuse":
+                raise ConfigError("--scaling refuse is for a model's contract; give none or a mapping")
+        if self.bands is not None:
+            parse_bands(self.bands)
 
 
 @dataclass(frozen=True, kw_only=True)

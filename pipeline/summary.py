@@ -82,6 +82,7 @@ def build_summary(
             "georeferenced": scene.georeferenced,
             "megapixels": round(scene.pixels / 1e6, 3),
         },
+        "fit": plan.fit.to_summary() if plan.fit is not None else None,
         "model": {
             "name": plan.model.name,
             "architecture": plan.model.architecture,
@@ -136,6 +137,9 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"classes: {classes}",
         f"mask: {summary['output']}",
     ]
+    fit = summary.get("fit") or {}
+    if fit.get("bands_by") == "--bands" or fit.get("scaling"):
+        lines.insert(1, f"input: bands {fit['bands']}, nodata {fit['nodata']}, scaling {fit.get('scaling') or 'none'}")
     if summary.get("probabilities"):
         lines.append(f"probabilities: {summary['probabilities']}")
     if not summary["model"]["trained"]:

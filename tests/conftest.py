@@ -41,6 +41,7 @@ def make_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> CheckpointFacto
     import torch
 
     from segpipe.models.checkpoint import ClassInfo, ModelMetadata, save_checkpoint
+    from segpipe.models.metadata import InputContract
     from segpipe.models.registry import build_model
 
     def make(
@@ -56,6 +57,7 @@ def make_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> CheckpointFacto
         tile_size: int = 64,
         halo: int = 16,
         seed: int = 0,
+        contract: tuple[str, tuple[float, float], str] | None = None,
         **extra: object,
     ) -> Path:
         torch.manual_seed(seed)
@@ -78,6 +80,7 @@ def make_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> CheckpointFacto
             tile_size=tile_size,
             halo=halo,
             size_multiple=int(getattr(module, "size_multiple", 2**depth)),
+            input=InputContract(*contract) if contract else None,
             provenance={"trained": False, "note": "test fixture"},
         )
         directory = tmp_path_factory.mktemp("models")

@@ -69,6 +69,7 @@ def train(config: TrainConfig, *, on_epoch_end: Callable[[EpochRecord], None] | 
         InputError: unreadable or inconsistent data.
     """
     from segpipe.models.checkpoint import ClassInfo, ModelMetadata, save_checkpoint
+    from segpipe.models.metadata import input_contract
     from segpipe.models.registry import build_model
 
     started, cpu_started = time.perf_counter(), time.process_time()
@@ -264,6 +265,7 @@ def train(config: TrainConfig, *, on_epoch_end: Callable[[EpochRecord], None] | 
             tile_size=config.inference_tile_size,
             halo=config.halo,
             size_multiple=size_multiple,
+            input=input_contract(images[0].dtype),
             provenance=provenance,
         )
 

@@ -3,7 +3,8 @@
 
 Validation on open: one data type for all bands, a supported one, and blocks small enough to read in bounded
 memory (:data:`MAX_BLOCK_BYTES`). Validity (:meth:`GdalSource.read`) is GDAL's dataset mask (nodata, alpha,
-internal masks) and, for floating-point scenes, finite values in every band.
+internal masks) and, for floating-point scenes, finite values in every band. With a selection's nodata, validity
+is instead "not that value in every selected band" (and finite): the value replaces the file's nodata.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from rasterio.windows import Window as RioWindow
 from segpipe.core.errors import InputError
 from segpipe.core.raster import identity, open_raster, remote_env
 from segpipe.core.tiles import Window
-from segpipe.pipeline.read import SceneInfo
+from segpipe.pipeline.read import SceneInfo, Selection
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,9 @@ def describe(path: str, src: rasterio.DatasetReader) -> SceneInfo:
         georeferenced=crs is not None or not transform.is_identity,
         fingerprint=_fingerprint(path, header),
         source=GdalSource.name,
+        colour_interpretations=tuple(c.name.lower() for c in src.colorinterp),
+        scales=tuple(float(v) for v in src.scales),
+        offsets=tuple(float(v) for v in src.offsets),
     )
 
 
@@ -108,9 +112,10 @@ class GdalSource:
     Args:
         path: Local path, URL or GDAL path (remote opens are retried, see
             :func:`segpipe.core.raster.open_raster`).
+        selection: The bands read (in this order) and the nodata value that replaces the file's.
 
     Raises:
-        InputError: the scene is missing, unreadable or not usable.
+        InputError: the scene is missing, unreadable or not usable, or has no band the selection names.
     """
 
     name = "gdal"
@@ -120,11 +125,12 @@ class GdalSource:
         """GDAL is the fallback: it is asked last and accepts every path (errors come from opening)."""
         return True
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, selection: Selection | None = None) -> None:
         self._stack = ExitStack()
         self.dataset = self._stack.enter_context(open_raster(path))
+        self.selection = selection or Selection()
         try:
-            self._info = describe(path, self.dataset)
+            self._info = describe(path, self.dataset).select(self.selection)
         except BaseException:
             self._stack.close()
             raise
@@ -158,10 +164,18 @@ class GdalSource:
         return data, mask.astype(np.uint8)
 
     def _read(self, rio_window: RioWindow, out_shape: tuple[int, int] | None) -> tuple[np.ndarray, np.ndarray]:
-        src = self.dataset
+        src, selection = self.dataset, self.selection
+        indexes = list(selection.bands) if selection.bands is not None else None
         if out_shape is None:
-            return src.read(window=rio_window), src.dataset_mask(window=rio_window) > 0
-        data = src.read(window=rio_window, out_shape=(src.count, *out_shape), resampling=Resampling.average)
+            data = src.read(indexes, window=rio_window)
+        else:
+            data = src.read(
+                indexes, window=rio_window, out_shape=(self._info.count, *out_shape), resampling=Resampling.average
+            )
+        if selection.nodata is not None:
+            return data, ~selection.invalid(data)
+        if out_shape is None:
+            return data, src.dataset_mask(window=rio_window) > 0
         return data, src.dataset_mask(window=rio_window, out_shape=out_shape) > 0
 
     def close(self) -> None:

@@ -60,7 +60,7 @@ def _quiet_environment(verbose: bool) -> None:
 
 
 def _commands() -> list[Callable[[Any], None]]:
-    from segpipe.cli import review, run, train
+    from segpipe.cli import model, review, run, train
 
     return [
         run.add_run,
@@ -69,6 +69,7 @@ def _commands() -> list[Callable[[Any], None]]:
         run.add_dataset,
         review.add_explain,
         review.add_quicklook,
+        model.add_model,
     ]
 
 

@@ -11,6 +11,7 @@ input has the same size ``tile_size + 2 * halo``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -189,8 +190,10 @@ def validate_tiling(tile_size: int, halo: int, *, size_multiple: int = 1, input_
         halo: Halo in pixels.
         size_multiple: The model's input height and width must be multiples of this (e.g. 16 for a depth-4
             U-Net). Tile size and halo must both be multiples of it, so that every tile is aligned with the
-            model's down-sampling grid and tiled inference matches whole-image inference.
-        input_size: A fixed model input size (e.g. an ONNX export); then ``tile_size + 2*halo`` must equal it.
+            model's down-sampling grid and tiled inference matches whole-image inference. Not checked for a
+            fixed input size, which the network takes as it is.
+        input_size: A fixed model input size (e.g. an ONNX export); then ``tile_size + 2*halo`` must equal it
+            (:func:`fit_fixed_input` chooses them).
     """
     if tile_size < 1:
         raise ConfigError(f"tile size must be a positive number of pixels, got {tile_size}")
@@ -204,7 +207,7 @@ def validate_tiling(tile_size: int, halo: int, *, size_multiple: int = 1, input_
             f"context; use --tile-size >= {2 * halo} or a smaller --halo"
         )
     for name, value in (("tile size", tile_size), ("halo", halo)):
-        if value % size_multiple:
+        if input_size is None and value % size_multiple:
             raise ConfigError(
                 f"{name} {value} is not a multiple of {size_multiple}, which the model requires; "
                 f"use {max(size_multiple, value // size_multiple * size_multiple)}"
@@ -215,6 +218,54 @@ def validate_tiling(tile_size: int, halo: int, *, size_multiple: int = 1, input_
             f"tile size {tile_size} + 2 x halo {halo} = {tile_size + 2 * halo}; "
             f"choose tile size and halo so that tile_size + 2*halo = {input_size}"
         )
+
+
+def fit_fixed_input(input_size: int, tile_size: int | None, halo: int) -> tuple[int, int]:
+    """(tile size, halo) for a model that takes only ``input_size`` x ``input_size`` pixels.
+
+    Without a tile size, the tile is what the input leaves after the halo: ``input_size - 2 * halo``. With one, a
+    tile that leaves room gets a wider halo, ``(input_size - tile_size) / 2`` (more context, never less).
+
+    Raises:
+        ConfigError: the tile and halo do not fit in the input, or leave an odd margin.
+    """
+    if tile_size is None:
+        tile_size = input_size - 2 * halo
+        if tile_size < 1:
+            raise ConfigError(
+                f"the model takes a fixed input of {input_size} pixels, which a halo of {halo} leaves no tile in; "
+                f"use --halo {max(0, input_size // 4)} or less"
+            )
+        return tile_size, halo
+    side = tile_size + 2 * halo
+    if side > input_size:
+        raise ConfigError(
+            f"the model takes a fixed input of {input_size} pixels but tile size {tile_size} + 2 x halo {halo} = "
+            f"{side}; use --tile-size {max(1, input_size - 2 * halo)} or less (or leave it out)"
+        )
+    if (input_size - tile_size) % 2:
+        raise ConfigError(
+            f"the model takes a fixed input of {input_size} pixels: tile size {tile_size} leaves an odd margin; use "
+            f"--tile-size {tile_size - 1} or {tile_size + 1}"
+        )
+    return tile_size, (input_size - tile_size) // 2
+
+
+def sample_windows(width: int, height: int, *, count: int = 64, size: int = 128) -> list[Window]:
+    """About ``count`` windows of ``size`` x ``size`` pixels (smaller where the scene is), spread evenly over a
+    ``width`` x ``height`` scene on a regular grid, inside it, without overlap when the scene has room (a
+    deterministic sample for statistics)."""
+    side = max(1, math.isqrt(count))
+    w, h = min(size, width), min(size, height)
+    cols = max(1, min(side, width // w))
+    rows = max(1, min(side, height // h))
+    windows = []
+    for r in range(rows):
+        for c in range(cols):
+            row = (height - h) * r // max(rows - 1, 1) if rows > 1 else (height - h) // 2
+            col = (width - w) * c // max(cols - 1, 1) if cols > 1 else (width - w) // 2
+            windows.append(Window(col, row, w, h))
+    return windows
 
 
 def read_tile_input(image: Any, valid: Any, tile: Tile) -> tuple[np.ndarray, np.ndarray]:

@@ -101,7 +101,7 @@ def test_missing_sidecar(tmp_path: Path) -> None:
     _, _, weights = _saved(tmp_path)
     weights.with_suffix(".json").unlink()
     with pytest.raises(
-        ModelError, match=r"has no metadata sidecar .*model\.json; every checkpoint needs one"
+        ModelError, match=r"has no segpipe metadata \(model\.segpipe\.json or model\.json beside it\); segpipe train"
     ):
         load_model(weights)
 
@@ -157,9 +157,7 @@ def test_weights_must_match_architecture(tmp_path: Path) -> None:
 def test_classes_and_bands_must_match_network(tmp_path: Path) -> None:
     model, _, weights = _saved(tmp_path)
     _rewrite_sidecar(weights, classes=[{"name": "a", "colour": "#000000"}])
-    with pytest.raises(
-        ModelError, match="the network has num_classes=4 but 'classes' lists 1; make them agree"
-    ):
+    with pytest.raises(ModelError, match="the network has num_classes=4 but 'classes' lists 1; make them agree"):
         load_model(weights)
     with pytest.raises(ModelError, match="has in_channels=3 but 'bands' lists 2"):
         save_checkpoint(model, make_metadata(bands=("a", "b"), mean=(0, 0), std=(1, 1)), tmp_path / "x")

@@ -96,9 +96,7 @@ def test_unknown_and_missing_fields() -> None:
 
 
 def test_direct_construction_is_validated() -> None:
-    with pytest.raises(
-        ModelError, match="'tile_size' must be a positive integer, got 0; fix the values passed"
-    ):
+    with pytest.raises(ModelError, match="'tile_size' must be a positive integer, got 0; fix the values passed"):
         make_metadata(tile_size=0)
     with pytest.raises(ModelError, match="'colour' must be a colour '#RRGGBB'"):
         ClassInfo("a", "#12345")
@@ -107,14 +105,12 @@ def test_direct_construction_is_validated() -> None:
 def test_check_tile_geometry() -> None:
     metadata = make_metadata()
     metadata.check_tile_geometry(56, 4)
-    with pytest.raises(
-        ModelError, match=r"\(50 \+ 2 \* 4 = 58\) must be a multiple of 'size_multiple' \(4\)"
-    ):
+    with pytest.raises(ModelError, match=r"\(50 \+ 2 \* 4 = 58\) must be a multiple of 'size_multiple' \(4\)"):
         metadata.check_tile_geometry(50, 4)
 
 
 def test_read_metadata_errors(tmp_path: Path) -> None:
-    with pytest.raises(ModelError, match="is missing; every checkpoint needs a JSON sidecar"):
+    with pytest.raises(ModelError, match="is missing; every model needs segpipe metadata"):
         read_metadata(tmp_path / "absent.json")
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")

@@ -174,8 +174,8 @@ def test_band_count_not_what_the_model_takes(cli: Cli, inp: Path, out: Path, rgb
     result = cli("run", path, out / "m.tif", "--model", rgb_checkpoint, *LOCAL)
     assert_refused(
         result,
-        f"model {str(rgb_checkpoint)!r} takes 3 bands (red, green, blue) but the scene {str(path)!r} has 1; "
-        "choose a model trained on this imagery, or select 3 bands first (e.g. gdal_translate -b 1 -b 2 -b 3)",
+        f"the model takes 3 band(s) (red, green, blue) but the scene {str(path)!r} has only 1 (1=unnamed); "
+        "choose a model trained on this imagery",
         out,
     )
 
@@ -202,9 +202,7 @@ def test_corrupted_model_file(cli: Cli, scene: Path, out: Path, rgb_checkpoint: 
     )
 
 
-def test_model_metadata_missing_fields(
-    cli: Cli, scene: Path, out: Path, rgb_checkpoint: Path, tmp_path: Path
-) -> None:
+def test_model_metadata_missing_fields(cli: Cli, scene: Path, out: Path, rgb_checkpoint: Path, tmp_path: Path) -> None:
     import json
 
     weights, sidecar = _copy_model(rgb_checkpoint, tmp_path)
