@@ -484,6 +484,9 @@ def cluster_paths_problem(settings: Any, nodes: Sequence[dict[str, Any]], driver
         local.append("--work-dir")
     if not is_object_url(settings.model) and ("/" in settings.model or "." in Path(settings.model).name):
         local.append("--model")
+    metadata = getattr(settings, "model_metadata", None)
+    if metadata and not is_object_url(metadata):
+        local.append("--model-metadata")
     if not local:
         return None
     return (

@@ -97,7 +97,7 @@ def test_bad_urls_are_one_clear_error_and_leave_nothing(
     urls = upload_inputs(s3, data_dir, rgb_checkpoint)
     with pytest.raises(OutputError, match=r"cannot write output 's3://nobucket/mask.tif'"):
         run_scene(RunSettings(**{**urls, "output": "s3://nobucket/mask.tif", "probabilities": None}, **OPTIONS))  # type: ignore[arg-type]
-    with pytest.raises(ModelError, match=r"model s3://models/m/missing.safetensors: its sidecar .* cannot be read"):
+    with pytest.raises(ModelError, match=r"model s3://models/m/missing.safetensors: its metadata .* cannot be read"):
         run_scene(RunSettings(**{**urls, "model": "s3://models/m/missing.safetensors"}, **OPTIONS))  # type: ignore[arg-type]
     with pytest.raises(OutputError, match="already exists; pass --overwrite"):
         objects.write_bytes(urls["output"], b"an earlier mask")

@@ -4,11 +4,14 @@ node that is not the head."""
 
 from __future__ import annotations
 
+import io
 import threading
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+import rasterio
 
 from segpipe.core import objects
 from segpipe.core.errors import ConfigError
@@ -88,7 +91,15 @@ def test_losing_the_other_node_mid_run_finishes_on_the_head(
     assert outcome["summary"]["tiles"]["computed"] + outcome["summary"]["tiles"]["reused"] > 12
     mask, probabilities = local_run(data_dir, slow_checkpoint, tmp_path, batch_size=4)
     assert objects.read_bytes(urls["output"]) == mask
-    assert objects.read_bytes(urls["probabilities"]) == probabilities
+    # The tiles the lost node had not finished were recomputed by the head's segmenter (one torch thread, while the
+    # local run has two): float sums in another order move a softmax by ~6e-8 (measured for this network), which
+    # can tip a probability across one 1/254 step. The mask is the contract here; probabilities agree within a step.
+    with (
+        rasterio.open(io.BytesIO(objects.read_bytes(urls["probabilities"]))) as got,
+        rasterio.open(io.BytesIO(probabilities)) as want,
+    ):
+        difference = np.abs(got.read().astype(np.int16) - want.read().astype(np.int16))
+    assert difference.max() <= 1 and (difference > 0).mean() < 1e-4, (difference.max(), (difference > 0).sum())
 
 
 def test_paths_only_the_driver_sees_are_refused_on_a_cluster_of_several_machines() -> None:
@@ -102,9 +113,7 @@ def test_paths_only_the_driver_sees_are_refused_on_a_cluster_of_several_machines
     assert problem is not None and problem.startswith("on a Ray cluster of several machines")
     for option in ("INPUT", "--work-dir", "--model"):
         assert option in problem, problem
-    remote = RunSettings(
-        input="s3://b/scene.tif", output="/out/mask.tif", work_dir="s3://b/work", model="default"
-    )
+    remote = RunSettings(input="s3://b/scene.tif", output="/out/mask.tif", work_dir="s3://b/work", model="default")
     assert cluster_paths_problem(remote, away, "127.0.0.1") is None, "a local OUTPUT is written by the driver"
 
 
@@ -115,4 +124,3 @@ def test_unreachable_cluster_and_auto_without_one_are_one_clear_error(tmp_path: 
     ):
         with pytest.raises(ConfigError, match=message), Session(address=address, connect_timeout=10):
             pass
-

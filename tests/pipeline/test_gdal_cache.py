@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import rasterio
-from rasterio._env import get_gdal_config
+from rasterio._env import get_gdal_config, set_gdal_config
 
 from segpipe.core.raster import GDAL_CACHE_BYTES
 from segpipe.pipeline.run import run_scene
@@ -32,11 +32,17 @@ def test_ingest_and_export_open_rasters_under_the_bounded_cache(
             frame = frame.f_back
         return original(*args, **kwargs)
 
-    before = int(get_gdal_config("GDAL_CACHEMAX"))
-    assert before != GDAL_CACHE_BYTES, "the test needs GDAL's default to differ from the bound"
-    monkeypatch.setattr(rasterio, "open", recording_open)
-    scene = data_dir / "RGB.byte.tif"
-    run_scene(RunSettings(input=str(scene), output=str(tmp_path / "mask.tif"), executor="local"))
-    assert seen.get("segpipe.pipeline.ingest") == {GDAL_CACHE_BYTES}
-    assert seen.get("segpipe.pipeline.export") == {GDAL_CACHE_BYTES}
-    assert int(get_gdal_config("GDAL_CACHEMAX")) == before, "the process-wide setting is restored"
+    # GDAL's default is 5 % of the memory it sees, which on a small container can equal the bound: start the
+    # process from a setting that differs from it, and put the original back afterwards.
+    original_setting = get_gdal_config("GDAL_CACHEMAX")
+    before = 3 * GDAL_CACHE_BYTES
+    set_gdal_config("GDAL_CACHEMAX", before)
+    try:
+        monkeypatch.setattr(rasterio, "open", recording_open)
+        scene = data_dir / "RGB.byte.tif"
+        run_scene(RunSettings(input=str(scene), output=str(tmp_path / "mask.tif"), executor="local"))
+        assert seen.get("segpipe.pipeline.ingest") == {GDAL_CACHE_BYTES}
+        assert seen.get("segpipe.pipeline.export") == {GDAL_CACHE_BYTES}
+        assert int(get_gdal_config("GDAL_CACHEMAX")) == before, "the process-wide setting is restored"
+    finally:
+        set_gdal_config("GDAL_CACHEMAX", original_setting)
