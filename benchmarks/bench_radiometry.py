@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.figures.mkdir(parents=True, exist_ok=True)
                 segpipe(
                     "quicklook", str(out), "--scene", str(LANDSAT), "--max-size", "512",
-                    "--out", str(args.figures / f"quicklook-{name}.png"), cwd=scratch,
+                    "--out", str(args.figures.resolve() / f"quicklook-{name}.png"), cwd=scratch,
                 )  # fmt: skip
         for options in ((), ("--scaling", "none"), ("--scaling", "minmax:0,3000")):
             out = scratch / "s2.tif"
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(scratch, ignore_errors=True)
     lines = ["| scene and options | result |", "|---|---|"]
     for row in report["landsat"]:
-        shares = ", ".join(f"{k} {v:.1%}" for k, v in row["class_shares"].items())
+        shares = ", ".join(f"{k} {v:.1%}" for k, v in row["class_shares"].items() if k != "nodata")
         lines.append(f"| Landsat 8, {row['options']} | nodata {row['nodata_share']:.1%}; {shares} |")
     for row in report["sentinel2"]:
         lines.append(
