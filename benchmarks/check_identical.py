@@ -13,7 +13,11 @@ Cases: ``RGB.byte.tif`` (tests/data, Landsat 7, 791 x 718, nodata 0) with crop +
 ``cogeo.tif`` (../shared/data/rasterio, 1024 x 1024 aerial RGB) with crop and cosine; a 4096 x 4096 mirror
 tiling of cogeo.tif (built as in ``benchmarks.bench_pipeline``) with crop and cosine. The hashes are those of
 this machine's GDAL, zarr and torch builds: a different library version may change bytes without any change in
-segpipe, so record on the same environment you compare on. Exit status 1 when any case differs or fails.
+segpipe, and so may another CPU (its float kernels sum in another order: on a 2-core Intel Xeon the probabilities of
+``rgb-crop-probabilities`` differ from the AMD EPYC's, with the same mask, for the code of the recording commit
+too). The results file therefore keeps one reference per CPU model (``references``, keyed by ``/proc/cpuinfo``'s
+model name); a CPU without one is "no reference" until ``--record`` adds it. Exit status 1 when any case differs or
+fails.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from benchmarks.bench_pipeline import DEFAULT_SOURCE, build_scene
 from segpipe.core.files import sha256_file
@@ -82,6 +87,27 @@ def run_case(case: Case, scratch: Path) -> dict[str, object]:
     return {"sha256": {k: sha256_file(v) for k, v in files.items()}, "seconds": seconds}
 
 
+def cpu_model() -> str:
+    """This machine's CPU model name (``/proc/cpuinfo``), or ``platform.processor()`` elsewhere."""
+    info = Path("/proc/cpuinfo")
+    if info.is_file():
+        for line in info.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def load_references(path: Path) -> dict[str, dict[str, object]]:
+    """CPU model -> {machine, recorded, cases}. The first format (one ``cases`` table) was recorded on an AMD EPYC."""
+    if not path.is_file():
+        return {}
+    saved = json.loads(path.read_text())
+    if "references" in saved:
+        references: dict[str, dict[str, object]] = saved["references"]
+        return references
+    return {"AMD EPYC": saved}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.check_identical", description=__doc__.split("\n")[0])
     parser.add_argument("--record", action="store_true", help="write the reference hashes instead of comparing")
@@ -90,7 +116,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scratch", type=Path, default=Path(os.environ.get("SEGPIPE_BENCH_DIR", "/tmp/segpipe-bench")))
     args = parser.parse_args(argv)
     chosen = [c for c in CASES if not args.cases or c.name in args.cases.split(",")]
-    reference = json.loads(args.results.read_text())["cases"] if args.results.is_file() else {}
+    references = load_references(args.results)
+    cpu = cpu_model()
+    # the first reference names only the CPU family ("AMD EPYC"): a model name that starts with it uses it
+    mine = references.get(cpu) or next((v for k, v in references.items() if cpu.startswith(k)), {})
+    reference: dict[str, Any] = dict(mine.get("cases", {}))  # type: ignore[call-overload]
+    print(f"CPU {cpu}: {'comparing with its reference of ' + str(mine.get('recorded')) if mine else 'no reference'}")
     failures = 0
     found: dict[str, object] = {}
     args.scratch.mkdir(parents=True, exist_ok=True)
@@ -113,17 +144,12 @@ def main(argv: list[str] | None = None) -> int:
                 failures += 1
             print(f"{case.name:<26} {result['seconds']:>7} s  {status}", flush=True)
     if args.record and not failures:
-        args.results.write_text(
-            json.dumps(
-                {
-                    "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
-                    "recorded": time.strftime("%Y-%m-%d"),
-                    "cases": {**reference, **found},
-                },
-                indent=2,
-            )
-            + "\n"
-        )
+        references[cpu] = {
+            "machine": f"{cpu}, {platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
+            "recorded": time.strftime("%Y-%m-%d"),
+            "cases": {**reference, **found},
+        }
+        args.results.write_text(json.dumps({"references": references}, indent=2) + "\n")
         print(f"wrote {args.results}")
     return 1 if failures else 0
 

@@ -4,12 +4,15 @@ For each scene of the source (a folder, glob, list file, object-storage prefix, 
 :mod:`segpipe.pipeline.catalog`), the flow compares the key the scene would be segmented with (scene fingerprint,
 model checksum, pixel settings; :mod:`segpipe.pipeline.incremental`) with the key recorded in its outputs' summary,
 and segments only the new, changed or incomplete ones, up to ``scenes_at_once`` at a time, each with Prefect
-retries for internal failures (bad input is not retried). Every output gets a STAC Item, and the output folder a STAC
-Collection (:mod:`segpipe.pipeline.stac`). The night's report (every scene, its decision and the reason, megapixels,
-seconds, class shares) is returned, published as Prefect table and markdown artifacts, and, when a scene failed,
-POSTed to ``notify``; the flow then fails, naming the failed scenes. A scene that fails does not stop the others; a
-night killed midway is finished by the next (finished scenes are skipped by key, a half-done one resumes tile by
-tile from ``--work-dir``); two nights that overlap refuse each other per scene (the outputs' locks).
+retries for internal failures (bad input is not retried). A whole-slide image is a scene like any other; its mask is
+a pyramidal OME-TIFF (``<scene>.mask.ome.tif``), every other scene's a COG (``<scene>.mask.tif``); with
+``vector_format`` each scene's polygons go beside it (``<scene>.polygons.<format>``). Every output gets a STAC Item,
+and the output folder a STAC Collection (:mod:`segpipe.pipeline.stac`). The night's report (every scene, its
+decision and the reason, megapixels, seconds, class shares) is returned, published as Prefect table and markdown
+artifacts, and, when a scene failed, POSTed to ``notify``; the flow then fails, naming the failed scenes. A scene
+that fails does not stop the others; a night killed midway is finished by the next (finished scenes are skipped by
+key, a half-done one resumes tile by tile from ``--work-dir``); two nights that overlap refuse each other per scene
+(the outputs' locks).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from segpipe.flows.segment import as_task
 from segpipe.pipeline import stac
 from segpipe.pipeline.catalog import AssetChoice, SceneRef, scenes_of
 from segpipe.pipeline.incremental import Decision, decide
-from segpipe.pipeline.plan import make_plan, scene_output_key
+from segpipe.pipeline.plan import make_plan, scene_output_key, summary_path
 from segpipe.pipeline.read import describe_scene
 from segpipe.pipeline.run import run_scene
 from segpipe.pipeline.session import Session, auto_uses_ray
@@ -47,21 +50,32 @@ def _beside(folder: str, name: str) -> str:
     return str(ObjectUrl.parse(folder).child(name)) if is_object_url(folder) else str(Path(folder) / name)
 
 
-def mask_path(output_dir: str, scene_id: str) -> str:
-    """Where a scene's mask goes: ``<output_dir>/<scene id>.mask.tif`` (its summary beside it)."""
-    return _beside(output_dir, f"{scene_id}.mask.tif")
+def mask_path(output_dir: str, scene_id: str, *, slide: bool = False) -> str:
+    """Where a scene's mask goes: ``<output_dir>/<scene id>.mask.tif`` (a COG), or for a whole-slide image
+    ``<scene id>.mask.ome.tif`` (a pyramidal OME-TIFF, what slide viewers open); its summary beside it as
+    ``<scene id>.mask.summary.json``."""
+    return _beside(output_dir, f"{scene_id}.mask.ome.tif" if slide else f"{scene_id}.mask.tif")
+
+
+def vector_path(output_dir: str, scene_id: str, suffix: str) -> str:
+    """Where a scene's polygons go: ``<output_dir>/<scene id>.polygons<suffix>``."""
+    return _beside(output_dir, f"{scene_id}.polygons{suffix}")
 
 
 def _exists(path: str) -> bool:
     return objects.head(path) is not None if is_object_url(path) else Path(path).is_file()
 
 
-def _scene_settings(ref: SceneRef, output_dir: str, options: RunOptions, dataset: DatasetOptions) -> RunSettings:
+def _scene_settings(
+    ref: SceneRef, output_dir: str, options: RunOptions, dataset: DatasetOptions, *, slide: bool = False
+) -> RunSettings:
+    suffix = dataset.vector_suffix(slide=slide)
     settings = RunSettings.for_scene(
         options,
         input=ref.href,
-        output=mask_path(output_dir, ref.id),
+        output=mask_path(output_dir, ref.id, slide=slide),
         probabilities=_beside(output_dir, f"{ref.id}.probabilities.tif") if dataset.probabilities else None,
+        vector=vector_path(output_dir, ref.id, suffix) if suffix else None,
     )
     work = None
     if options.work_dir:
@@ -73,24 +87,37 @@ def _scene_settings(ref: SceneRef, output_dir: str, options: RunOptions, dataset
     return dataclasses.replace(settings, work_dir=work, overwrite=True)
 
 
+def _outputs_exist(ref: SceneRef, settings: RunSettings, output_dir: str, summary: Any) -> bool:
+    """Whether every output the scene's summary speaks of is there: the mask, the probabilities and polygons asked
+    for, and the STAC Item (written last: a night killed before it left the scene undone). Polygons asked for now
+    but not when the summary was written are not looked for: the key tells that change (``changed settings
+    (vector)``)."""
+    recorded = summary.get("key", {}).get("settings", {}) if isinstance(summary, dict) else {}
+    had_vector = isinstance(recorded, dict) and bool(recorded.get("vector"))
+    return (
+        _exists(settings.output)
+        and (not settings.probabilities or _exists(settings.probabilities))
+        and (not settings.vector or not had_vector or _exists(settings.vector))
+        and _exists(stac.item_path(output_dir, ref.id))
+    )
+
+
 def plan_night(
     refs: list[SceneRef], output_dir: str, options: RunOptions, dataset: DatasetOptions, loaded: Any
 ) -> list[tuple[SceneRef, RunSettings, Decision]]:
     """Each scene with its settings and the decision whether to segment it, by key."""
     decided = []
     for ref in refs:
-        settings = _scene_settings(ref, output_dir, options, dataset)
         try:
-            current = scene_output_key(settings, describe_scene(ref.href), loaded)
+            file = describe_scene(ref.href)
+            settings = _scene_settings(ref, output_dir, options, dataset, slide=file.pyramid is not None)
+            current = scene_output_key(settings, file, loaded)
         except SegpipeError as exc:
+            settings = _scene_settings(ref, output_dir, options, dataset)
             decided.append((ref, settings, Decision(True, f"cannot be read: {exc}")))
             continue
-        summary_file = stac.read_json(_beside(output_dir, f"{ref.id}.mask.summary.json"))
-        outputs = (
-            _exists(settings.output)
-            and (not settings.probabilities or _exists(settings.probabilities))
-            and _exists(stac.item_path(output_dir, ref.id))  # written last: a night killed before it left it undone
-        )
+        summary_file = stac.read_json(summary_path(settings.output))
+        outputs = _outputs_exist(ref, settings, output_dir, summary_file)
         decided.append((ref, settings, decide(current, summary_file, outputs_exist=outputs, force=options.overwrite)))
     return decided
 
@@ -121,6 +148,7 @@ def segment_one(
         folder=output_dir,
         mask=settings.output,
         probabilities=settings.probabilities,
+        vector=settings.vector,
         classes=plan.model.classes,
         colours=plan.model.colours,
         source=ref.source,
@@ -227,8 +255,8 @@ def segment_dataset(
 
     Args:
         source: The data set (see :func:`segpipe.pipeline.catalog.scenes_of`).
-        output_dir: A folder or object-storage prefix for ``<scene>.mask.tif``, its summary and STAC Item, and the
-            collection (created if missing).
+        output_dir: A folder or object-storage prefix for ``<scene>.mask.tif`` (``<scene>.mask.ome.tif`` for a
+            whole-slide image), its summary, polygons and STAC Item, and the collection (created if missing).
         options: The run options of every scene (``work_dir`` gets one folder per scene; ``overwrite`` redoes every
             scene).
         dataset: How the data set is read and run.
@@ -238,6 +266,7 @@ def segment_dataset(
         row per scene.
 
     Raises:
+        ConfigError: options that do not go together (``--vector-simplify`` without ``--vector-format``).
         SegpipeError: a scene failed (its name and reason in the message; the others were segmented).
     """
     from segpipe.models.checkpoint import load_model
@@ -245,6 +274,7 @@ def segment_dataset(
     started = time.perf_counter()
     options = from_values(RunOptions, options) or RunOptions()  # a deployment's parameters arrive as JSON values
     dataset = from_values(DatasetOptions, dataset) or DatasetOptions()
+    dataset.check_with(options)
     loaded = load_model(options.model, device="cpu", metadata=options.model_metadata)
     refs = scenes_of(
         source,

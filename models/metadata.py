@@ -7,12 +7,14 @@ A sidecar looks like::
      "bands": ["red", "green", "blue"], "mean": [123.7, 116.3, 103.5], "std": [58.4, 57.1, 57.4],
      "tile_size": 512, "halo": 64, "size_multiple": 16, "input_size": null,
      "input": {"dtype": "uint8", "range": [0, 255], "scaling": "percentile:2,98"},
+     "resolution": {"value": 0.5, "unit": "um"},
      "provenance": {"trained": true, "data": "...", "epochs": 40, "metrics": {...}}}
 
 ``input`` is the model's input contract (:class:`InputContract`): the values ``mean`` and ``std`` refer to, and how
 a scene whose values do not fit is brought to them. ``bands`` are STAC common names where the bands have one
 (``red``, ``green``, ``blue``, ``nir``, ``swir16`` ...), so that scenes can be matched by name
-(:mod:`segpipe.core.bands`).
+(:mod:`segpipe.core.bands`). ``resolution`` is the pixel size the model was trained at (``um``: micrometres per pixel,
+for slides; ``m``: metres, for imagery); a slide is read at it (:mod:`segpipe.core.pyramid`), optional.
 
 Every field is validated on construction; errors are :class:`ModelError` naming the file, the field, what was
 expected and what was found.
@@ -32,6 +34,7 @@ from segpipe.core.colours import parse_colour
 from segpipe.core.errors import ModelError
 from segpipe.core.files import write_json_atomically
 from segpipe.core.pixels import Scaling
+from segpipe.core.pyramid import Resolution
 
 #: ``architecture`` values for models that are not built from the registry.
 EXTERNAL_ARCHITECTURES = ("onnx", "torchscript")
@@ -233,6 +236,7 @@ class ModelMetadata:
         input: The input contract (values, range and scaling), or None for a model that states none (its scenes'
             values are used as they are).
         provenance: Free-form record of how the weights were made (data, epochs, seed, metrics, ...).
+        resolution: The pixel size the model was trained at, or None when it states none.
     """
 
     architecture: str
@@ -247,6 +251,7 @@ class ModelMetadata:
     input_size: int | None = None
     input: InputContract | None = None
     provenance: Mapping[str, Any] = field(default_factory=dict)
+    resolution: Resolution | None = None
 
     def __post_init__(self) -> None:
         put = object.__setattr__
@@ -270,6 +275,11 @@ class ModelMetadata:
         if self.input is not None:
             put(self, "input", InputContract.from_value(self.input))
         put(self, "provenance", _json_object("provenance", self.provenance))
+        if self.resolution is not None:
+            try:
+                put(self, "resolution", Resolution.from_value(self.resolution))
+            except ValueError as error:
+                raise _FieldError(f"'resolution': {error}") from None
         problem = self._tile_problem(self.tile_size, self.halo)
         if problem:
             raise _FieldError(problem)
@@ -319,7 +329,8 @@ class ModelMetadata:
             )
         if data.get("architecture") in EXTERNAL_ARCHITECTURES:
             data = {"arguments": {}, **data}  # an ONNX or TorchScript model is not built from arguments
-        required = [f.name for f in fields(cls) if f.name not in ("size_multiple", "input_size", "input", "provenance")]
+        optional = ("size_multiple", "input_size", "input", "provenance", "resolution")
+        required = [f.name for f in fields(cls) if f.name not in optional]
         missing = [name for name in required if name not in data]
         if missing:
             raise ModelError(f"model metadata {source}: missing field(s) {missing}; add them to the JSON sidecar")
@@ -343,6 +354,7 @@ class ModelMetadata:
             "input_size": self.input_size,
             **({"input": self.input.to_dict()} if self.input is not None else {}),
             "provenance": dict(self.provenance),
+            **({"resolution": self.resolution.to_dict()} if self.resolution is not None else {}),
         }
 
 

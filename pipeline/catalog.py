@@ -12,6 +12,13 @@ A source is one string, recognised in this order:
 - one raster file: a data set of one scene;
 - a folder: its rasters (:data:`RASTER_SUFFIXES`), with ``recursive`` also those of its subfolders.
 
+Whole-slide images are rasters like any other here (a folder of slides is a data set): their suffixes
+(:data:`segpipe.pipeline.read.SLIDE_SUFFIXES`: ``.svs``, ``.ndpi``, ``.mrxs`` ...) are listed with the others, and
+the source that reads each file is still chosen by its content. Two formats are several files: the DICOM files of
+one folder are one slide (the first by name is opened, the scene's id is the folder's name), and the JPEG files a
+Hamamatsu ``.vms`` names are parts of it, not scenes. A scene's id is the file's stem (without ``.ome`` for an
+``.ome.tif``).
+
 STAC items: the asset segmented is the one named by ``asset`` (a key), or the first with ``asset_role``, or, when
 the model's bands are named and the item's assets carry ``eo:bands`` (``bands`` in STAC 1.1) with common names, the
 asset that holds all of them, or one asset per band stacked in the model's band order (a GDAL VRT, written inline,
@@ -35,9 +42,11 @@ from xml.sax.saxutils import escape
 from segpipe.core import objects
 from segpipe.core.errors import ConfigError, InputError
 from segpipe.core.objects import ObjectUrl, is_object_url
+from segpipe.pipeline.read import SLIDE_SUFFIXES
 
-#: File suffixes taken as rasters in folders, prefixes and globs without a suffix of their own.
-RASTER_SUFFIXES = (".tif", ".tiff", ".jp2", ".vrt", ".img", ".png", ".jpg", ".jpeg")
+#: File suffixes taken as rasters in folders, prefixes and globs without a suffix of their own: images GDAL reads,
+#: and whole-slide images (:data:`segpipe.pipeline.read.SLIDE_SUFFIXES`).
+RASTER_SUFFIXES = (".tif", ".tiff", ".jp2", ".vrt", ".img", ".png", ".jpg", ".jpeg", *SLIDE_SUFFIXES)
 STAC_API_PREFIX = "stac-api+"
 
 
@@ -100,7 +109,46 @@ def _unique(refs: Iterable[SceneRef]) -> list[SceneRef]:
 
 def _file_ref(path: str) -> SceneRef:
     name = path.rstrip("/").rsplit("/", 1)[-1]
-    return SceneRef(_safe_id(Path(name).stem), path, path)
+    stem = Path(name).stem
+    if name.lower().endswith(".dcm"):  # one slide of DICOM files (see _whole_slides): named after its folder
+        parent = path.rstrip("/").rsplit("/", 2)
+        stem = parent[-2] if len(parent) > 2 else stem
+    elif name.lower().endswith((".ome.tif", ".ome.tiff")):
+        stem = stem.removesuffix(".ome").removesuffix(".OME")
+    return SceneRef(_safe_id(stem), path, path)
+
+
+def _vms_parts(path: str) -> set[str]:
+    """The files a Hamamatsu ``.vms`` index names (its JPEG parts, map and optimisation files), as paths."""
+    base = Path(path).parent
+    try:
+        lines = Path(path).read_text(encoding="latin-1").splitlines()
+    except OSError:
+        return set()
+    names = [line.split("=", 1)[1].strip() for line in lines if "=" in line and line.split("=", 1)[0].startswith(
+        ("ImageFile", "MapFile", "OptimisationFile")
+    )]  # fmt: skip
+    return {str(base / name) for name in names if name}
+
+
+def _whole_slides(paths: Sequence[str]) -> list[str]:
+    """``paths`` (sorted) with the files that belong to another's slide left out: every DICOM file of a folder
+    but the first, and the parts a ``.vms`` names."""
+    parts: set[str] = set()
+    for path in paths:
+        if path.lower().endswith(".vms") and not is_object_url(path):
+            parts |= _vms_parts(path)
+    kept, dicom_folders = [], set()
+    for path in paths:
+        if path in parts:
+            continue
+        if path.lower().endswith(".dcm"):
+            folder = path.rstrip("/").rsplit("/", 1)[0]
+            if folder in dicom_folders:
+                continue
+            dicom_folders.add(folder)
+        kept.append(path)
+    return kept
 
 
 def scenes_of(
@@ -123,18 +171,18 @@ def scenes_of(
     elif source.lower().endswith(".json"):
         refs = [ref for item in stac_items(source) if (ref := item_ref(item, choice)) is not None]
     elif is_object_url(source):
-        refs = [_file_ref(url) for url in _list_prefix(source, recursive=True)]
+        refs = [_file_ref(url) for url in _whole_slides(_list_prefix(source, recursive=True))]
     elif any(ch in source for ch in "*?["):
-        refs = [_file_ref(p) for p in sorted(glob.glob(source, recursive=True)) if os.path.isfile(p)]
+        found = sorted(p for p in glob.glob(source, recursive=True) if os.path.isfile(p))
+        refs = [_file_ref(p) for p in _whole_slides(found)]
     elif os.path.isfile(source) and not _is_raster_name(source):
         refs = [_file_ref(line) for line in _list_file(source)]
     elif os.path.isfile(source):
         refs = [_file_ref(source)]
     elif os.path.isdir(source):
         pattern = "**/*" if recursive else "*"
-        refs = [
-            _file_ref(str(p)) for p in sorted(Path(source).glob(pattern)) if p.is_file() and _is_raster_name(p.name)
-        ]
+        found = sorted(str(p) for p in Path(source).glob(pattern) if p.is_file() and _is_raster_name(p.name))
+        refs = [_file_ref(p) for p in _whole_slides(found)]
     else:
         raise ConfigError(
             f"input {source!r} is not a folder, a glob, a list file, an object-storage prefix, a STAC document "

@@ -317,24 +317,33 @@ class ProbabilitiesCogSink(CogSink):
     kind: ClassVar[str] = ws.PROBABILITIES
 
 
-#: Registered sinks: kind -> file suffix -> sink class.
-SINKS: dict[str, dict[str, type[CogSink]]] = {
-    ws.MASK: {".tif": CogSink, ".tiff": CogSink},
+def _ome_tiff_sink(path: str, **options: Any) -> Sink:
+    """A whole-slide mask as a pyramidal OME-TIFF (:mod:`segpipe.pipeline.ometiff`, imported when asked for)."""
+    from segpipe.pipeline.ometiff import OmeTiffSink
+
+    return OmeTiffSink(path, **options)
+
+
+#: Registered sinks: kind -> file suffix -> sink class (constructed with the path and the sink's own options).
+#: A module of another output kind registers its own (``polygons`` registers ``vector``).
+SINKS: dict[str, dict[str, Callable[..., Sink]]] = {
+    ws.MASK: {".tif": CogSink, ".tiff": CogSink, ".ome.tif": _ome_tiff_sink, ".ome.tiff": _ome_tiff_sink},
     ws.PROBABILITIES: {".tif": ProbabilitiesCogSink, ".tiff": ProbabilitiesCogSink},
 }
 
 
-def sink_for(kind: str, path: str) -> Sink:
-    """The sink that writes ``kind`` to ``path``, chosen by the path's suffix.
+def sink_for(kind: str, path: str, **options: Any) -> Sink:
+    """The sink that writes ``kind`` to ``path``, chosen by the path's suffix; ``options`` go to its constructor.
 
     Raises:
         ConfigError: no sink writes that suffix.
     """
     by_suffix = SINKS[kind]
-    suffix = Path(path).suffix.lower()
+    name = Path(path).name.lower()  # the longest registered suffix that matches: .ome.tif before .tif
+    suffix = max((s for s in by_suffix if name.endswith(s)), key=len, default=Path(path).suffix.lower())
     if suffix not in by_suffix:
         what = "output" if kind == ws.MASK else f"--{kind}"
-        raise ConfigError(
-            f"{what} {path!r} must end in {' or '.join(by_suffix)} (it is written as a Cloud Optimized GeoTIFF)"
-        )
-    return by_suffix[suffix](path)
+        first = next(iter(by_suffix.values()))
+        written = getattr(first, "written_as", "it is written as a Cloud Optimized GeoTIFF")
+        raise ConfigError(f"{what} {path!r} must end in {' or '.join(by_suffix)} ({written})")
+    return by_suffix[suffix](path, **options)

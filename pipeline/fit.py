@@ -8,6 +8,9 @@
   does not fit the model's input contract (:class:`~segpipe.models.metadata.InputContract`), the contract's
   scaling, or one clear error when the contract says ``refuse``; a percentile stretch is computed here from a
   bounded sample of the scene's valid pixels (:func:`segpipe.pipeline.read.sample_scene`);
+- for a whole-slide image, the pixel size it is read at (``--resolution``, else the model's ``resolution``, else
+  level 0 with a warning; :mod:`segpipe.core.pyramid`) and the tissue detection (``--tissue``), also in the
+  selection;
 - warnings a user should see: bands taken in order because the file does not name them, values stretched, a
   border of zeros that may be nodata without the file saying so.
 
@@ -22,9 +25,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from segpipe.core.bands import BandMatch, match_bands, scene_band_names
-from segpipe.core.errors import ConfigError, ModelError
+from segpipe.core.errors import ConfigError, InputError, ModelError
 from segpipe.core.pixels import PixelMap, Scaling, fits, pixel_map
-from segpipe.pipeline.read import SceneInfo, Selection, sample_scene
+from segpipe.core.pyramid import parse_resolution, plan_read
+from segpipe.pipeline.read import SceneInfo, Selection, open_source, sample_scene
 
 if TYPE_CHECKING:
     from segpipe.models.metadata import ModelMetadata
@@ -44,6 +48,7 @@ class SceneFit:
         pixel_map: What the scaling gives for this scene, applied to every tile before normalisation; None
             without a scaling, or when it was not computed (``compute=False``).
         warnings: One line each.
+        slide: For a whole-slide image, how it is read (level, factor, pixel size, tissue), else None.
     """
 
     scene: SceneInfo
@@ -51,6 +56,7 @@ class SceneFit:
     scaling: str | None
     pixel_map: PixelMap | None
     warnings: tuple[str, ...] = ()
+    slide: dict[str, Any] | None = None
 
     def to_summary(self) -> dict[str, Any]:
         """The ``input`` part of the run summary."""
@@ -61,6 +67,7 @@ class SceneFit:
             "scaling": self.scaling,
             "pixel_map": self.pixel_map.to_dict() if self.pixel_map else None,
             "warnings": list(self.warnings),
+            **({"slide": self.slide} if self.slide is not None else {}),
         }
 
 
@@ -71,6 +78,8 @@ def fit_scene(
     bands: str | None = None,
     nodata: float | None = None,
     scaling: str | None = None,
+    resolution: str | None = None,
+    tissue: str = "none",
     compute: bool = True,
 ) -> SceneFit:
     """Decide how ``file`` (the description of the whole file) feeds the model of ``meta``.
@@ -81,6 +90,8 @@ def fit_scene(
         bands: ``--bands``.
         nodata: ``--nodata``.
         scaling: ``--scaling`` (overrides the model's contract).
+        resolution: ``--resolution`` (slides: overrides the model's ``resolution``; ``native``: level 0).
+        tissue: ``--tissue`` (slides: ``otsu`` or ``none``).
         compute: Compute the pixel map (a percentile stretch reads a sample of the scene); False: only decide
             (what an output key needs: the scaling's text and the scene's fingerprint determine the map).
 
@@ -93,9 +104,22 @@ def fit_scene(
     match = match_bands(
         meta.bands, names, descriptions=file.band_descriptions, asked=bands, where=f"the scene {file.path!r}"
     )
-    selection = Selection(None if match.is_identity(file.count) else match.indexes, nodata)
+    warnings: list[str] = []
+    target, slide = _slide_read(file, meta, resolution, tissue, warnings)
+    selection = Selection(
+        None if match.is_identity(file.count) else match.indexes,
+        nodata,
+        target,
+        tissue if file.pyramid is not None else "none",
+    )
     scene = file.select(selection)
-    warnings = []
+    if slide is not None:
+        slide.update(width=scene.width, height=scene.height)
+        if compute and selection.tissue != "none":  # computed once per process; ingest reuses it
+            with open_source(scene.path, source=scene.source, selection=scene.selection) as src:
+                found = getattr(src, "tissue", None)
+            if found is not None:
+                slide.update(tissue_share=round(found.share, 4), tissue_threshold=found.threshold)
     if match.how == "order" and scene.count > 1:
         warnings.append(
             f"the scene's bands are not named; taken in file order as {', '.join(meta.bands)} (--bands to choose)"
@@ -113,14 +137,14 @@ def fit_scene(
                 "(the product's own scale and offset)"
             )
     if chosen is None or (chosen.kind == "none"):
-        return SceneFit(scene, match, None if chosen is None else str(chosen), None, tuple(warnings))
+        return SceneFit(scene, match, None if chosen is None else str(chosen), None, tuple(warnings), slide)
     if chosen.kind in ("minmax", "percentile") and contract is None:
         raise ConfigError(
             f"--scaling {chosen}: the model states no input range to map onto (no 'input' in its metadata); use "
             "--scaling linear:SCALE,OFFSET"
         )
     if not compute:
-        return SceneFit(scene, match, str(chosen), None, tuple(warnings))
+        return SceneFit(scene, match, str(chosen), None, tuple(warnings), slide)
     value_range = contract.range if contract is not None else (0.0, 1.0)
     sample = None
     if chosen.needs_sample or (nodata is None and scene.nodata is None):
@@ -143,7 +167,7 @@ def fit_scene(
             f"the scene is {scene.dtype} but the model takes {contract.dtype if contract else '?'} values; scaled "
             f"by {chosen} as the model's input contract says ({_describe_map(mapped)}; --scaling to change)",
         )
-    return SceneFit(scene, match, str(chosen), mapped, tuple(warnings))
+    return SceneFit(scene, match, str(chosen), mapped, tuple(warnings), slide)
 
 
 def _describe_map(mapped: PixelMap) -> str:
@@ -154,3 +178,58 @@ def _describe_map(mapped: PixelMap) -> str:
     highs = [(mapped.clip[1] - b) / a for a, b in zip(mapped.scale, mapped.offset, strict=True)]
     spans = ", ".join(f"{lo:.4g}..{hi:.4g}" for lo, hi in zip(lows, highs, strict=True))
     return f"bands {spans} -> {mapped.clip[0]:g}..{mapped.clip[1]:g}"
+
+
+def _slide_read(
+    file: SceneInfo, meta: ModelMetadata, resolution: str | None, tissue: str, warnings: list[str]
+) -> tuple[float | None, dict[str, Any] | None]:
+    """The pixel size (micrometres) a slide is read at, and how it is read (for the summary); (None, None) for a
+    scene that is not a slide. Appends the warnings a user should see.
+
+    Raises:
+        InputError: ``--resolution`` asks for a pixel size the slide cannot give (it states none).
+        ConfigError: ``--resolution`` in metres for a slide.
+    """
+    asked = parse_resolution(resolution) if resolution is not None else None
+    if file.pyramid is None:
+        if asked is not None:
+            warnings.append(f"--resolution {asked} applies to whole-slide images; this scene is read as it is")
+        return None, None
+    pyramid = file.pyramid
+    if asked is not None and asked.unit != "um":
+        raise ConfigError(f"--resolution {asked}: a slide's pixel size is in micrometres; give e.g. 0.5um")
+    model = meta.resolution if meta.resolution is not None and meta.resolution.unit == "um" else None
+    target = asked.value if asked is not None else (model.value if model is not None else None)
+    if resolution is None and model is None:
+        warnings.append(
+            "the model states no resolution for slides (micrometres per pixel); the slide is read at level 0"
+            + (f" ({pyramid.mpp[0]:g} um per pixel)" if pyramid.mpp else "")
+            + "; --resolution to choose"
+        )
+    if target is not None and pyramid.mpp is None:
+        if asked is not None:
+            raise InputError(
+                f"slide {file.path!r} states no pixel size (microns per pixel), so it cannot be read at "
+                f"{asked}; pass --resolution native"
+            )
+        warnings.append(
+            f"the slide states no pixel size (microns per pixel); it is read at level 0, not at the model's {model}"
+        )
+        target = None
+    read = plan_read(pyramid, target)
+    level_mpp = pyramid.mpp[0] * pyramid.downsamples[read.level] if pyramid.mpp else None
+    if target is not None and pyramid.mpp is not None and target < pyramid.mpp[0] * (1 - 0.025):
+        warnings.append(
+            f"the slide's finest pixel size is {pyramid.mpp[0]:g} um; it is enlarged {pyramid.mpp[0] / target:.3g}x "
+            f"to {target:g} um per pixel"
+        )
+    return target, {
+        "levels": len(pyramid.sizes),
+        "level": read.level,
+        "level_mpp": level_mpp,
+        "target_mpp": target,
+        "factor": read.factor,
+        "resampled": read.resampled,
+        "mpp": list(mpp) if (mpp := read.mpp(pyramid)) else None,
+        "tissue": tissue,
+    }

@@ -9,7 +9,9 @@ A key (:class:`OutputKey`) has three parts:
 - ``model``: the SHA-256 of the model file and a digest of its metadata (normalisation, bands, input contract);
 - ``settings``: every setting that changes pixels (tile size, halo, blend, batch size, probabilities, the scaling of
   the scene's values) and segpipe's version; the bands and nodata read (``--bands``, ``--nodata``) are part of the
-  scene's fingerprint.
+  scene's fingerprint, and so are a slide's ``--resolution`` and ``--tissue`` (the selection read);
+- ``settings["vector"]``, only when polygons are written: their format, simplification and minimum area (a run
+  without polygons keeps the key it had before polygons existed).
 
 The run summary holds it (``"key"``), and :func:`decide` compares a scene's current key with the one in its
 summary, giving the reason of the decision: ``new``, ``incomplete`` (outputs without a readable summary),
@@ -53,10 +55,10 @@ class OutputKey:
 
 def output_key(
     *, scene_fingerprint: str, model_checksum: str, tile_size: int, halo: int, blend: str, batch_size: int,
-    probabilities: bool, scaling: str | None = None,
+    probabilities: bool, scaling: str | None = None, vector: dict[str, Any] | None = None,
 ) -> OutputKey:  # fmt: skip
     """The key of an output made with these inputs and settings (``model_checksum``: the model's identity, see
-    :attr:`segpipe.models.checkpoint.LoadedModel.identity`)."""
+    :attr:`segpipe.models.checkpoint.LoadedModel.identity`; ``vector``: how polygons are made, None without)."""
     settings = {
         "tile_size": tile_size,
         "halo": halo,
@@ -66,6 +68,8 @@ def output_key(
         "scaling": scaling,
         "segpipe": segpipe.__version__,
     }
+    if vector is not None:
+        settings["vector"] = dict(vector)
     return OutputKey(scene_fingerprint, model_checksum, settings)
 
 

@@ -24,6 +24,7 @@ from segpipe.pipeline import store as ws
 from segpipe.pipeline.export import Sink, sink_for
 from segpipe.pipeline.fit import SceneFit, fit_scene
 from segpipe.pipeline.incremental import OutputKey, output_key
+from segpipe.pipeline.polygons import VECTOR  # registers the vector sinks
 from segpipe.pipeline.read import SceneInfo, describe_scene
 from segpipe.pipeline.settings import RunOptions, RunSettings
 
@@ -98,6 +99,7 @@ class RunPlan:
             batch_size=self.batch_size,
             probabilities=bool(self.settings.probabilities),
             scaling=self.fit.scaling if self.fit is not None else None,
+            vector=vector_key(self.settings),
         )
 
     @property
@@ -117,12 +119,31 @@ class RunPlan:
 
 
 def summary_path(output: str) -> str:
-    """Where the summary of a run writing ``output`` goes: ``<output stem>.summary.json`` beside it."""
+    """Where the summary of a run writing ``output`` goes: ``<output stem>.summary.json`` beside it (the stem of
+    ``mask.ome.tif`` is ``mask``)."""
     if is_object_url(output):
         parsed = ObjectUrl.parse(output)
-        return str(parsed.parent.child(Path(parsed.name).stem + ".summary.json"))
+        return str(parsed.parent.child(_stem(parsed.name) + ".summary.json"))
     out = Path(output)
-    return str(out.with_name(out.stem + ".summary.json"))
+    return str(out.with_name(_stem(out.name) + ".summary.json"))
+
+
+def _stem(name: str) -> str:
+    stem = Path(name).stem
+    return stem[:-4] if name.lower().endswith((".ome.tif", ".ome.tiff")) else stem
+
+
+def vector_key(settings: RunOptions) -> dict[str, Any] | None:
+    """How the polygons of ``--vector`` are made (format, simplification, minimum area), for the output key; None
+    when none are written."""
+    vector = getattr(settings, "vector", None)
+    if not vector:
+        return None
+    return {
+        "format": Path(vector).suffix.lower().lstrip("."),
+        "simplify": settings.vector_simplify,
+        "min_area": settings.vector_min_area,
+    }
 
 
 def _check_beside(path: str, what: str, output: str) -> None:
@@ -181,6 +202,24 @@ def _check_outputs(settings: RunSettings) -> tuple[Sink, ...]:
         sinks[-1].check(overwrite=settings.overwrite)
         if _same_file(settings.probabilities, settings.output):
             raise ConfigError("--probabilities must be a different file from OUTPUT")
+    if settings.vector:
+        if remote:
+            _check_beside(settings.vector, "--vector", settings.output)
+        else:
+            _check_inside(settings.vector, "--vector", out_dir)
+        sinks.append(
+            sink_for(
+                VECTOR,
+                settings.vector,
+                mask=settings.output,
+                simplify=settings.vector_simplify,
+                min_area=settings.vector_min_area,
+            )
+        )
+        sinks[-1].check(overwrite=settings.overwrite)
+        for other, name in ((settings.output, "OUTPUT"), (settings.probabilities, "--probabilities")):
+            if other and _same_file(settings.vector, other):
+                raise ConfigError(f"--vector must be a different file from {name}")
     if _same_file(settings.input, settings.output):
         raise ConfigError("OUTPUT must not be the INPUT file; choose another output path")
     if settings.work_dir and is_object_url(settings.work_dir):
@@ -236,7 +275,15 @@ def make_plan(settings: RunSettings, *, loaded: LoadedModel | None = None) -> Ru
     file = describe_scene(settings.input)
     loaded = loaded or load_model(settings.model, device="cpu", metadata=settings.model_metadata)
     meta = loaded.metadata
-    fit = fit_scene(file, meta, bands=settings.bands, nodata=settings.nodata, scaling=settings.scaling)
+    fit = fit_scene(
+        file,
+        meta,
+        bands=settings.bands,
+        nodata=settings.nodata,
+        scaling=settings.scaling,
+        resolution=settings.resolution,
+        tissue=settings.tissue,
+    )
     for line in fit.warnings:
         log.warning("%s: %s", settings.input, line)
     scene = fit.scene
@@ -266,7 +313,16 @@ def scene_output_key(settings: RunOptions, file: SceneInfo, loaded: LoadedModel)
         SegpipeError: the scene cannot be fitted to the model, or the tiling is wrong.
     """
     meta = loaded.metadata
-    fit = fit_scene(file, meta, bands=settings.bands, nodata=settings.nodata, scaling=settings.scaling, compute=False)
+    fit = fit_scene(
+        file,
+        meta,
+        bands=settings.bands,
+        nodata=settings.nodata,
+        scaling=settings.scaling,
+        resolution=settings.resolution,
+        tissue=settings.tissue,
+        compute=False,
+    )
     tile_size, halo, batch_size = resolve_tiling(settings, meta)
     return output_key(
         scene_fingerprint=fit.scene.fingerprint,
@@ -277,6 +333,7 @@ def scene_output_key(settings: RunOptions, file: SceneInfo, loaded: LoadedModel)
         batch_size=batch_size,
         probabilities=isinstance(settings, RunSettings) and bool(settings.probabilities),
         scaling=fit.scaling,
+        vector=vector_key(settings),
     )
 
 

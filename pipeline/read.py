@@ -2,16 +2,19 @@
 
 A :class:`SceneSource` describes a scene (:class:`SceneInfo`: size, bands, dtype, georeferencing, nodata,
 fingerprint) and reads windows of it as ``(pixels, valid)``. Sources are registered in :data:`SOURCES`, tried in
-order by content (their ``probe``), not by file extension; the GDAL source (:mod:`segpipe.pipeline.sources.gdal`)
-accepts what GDAL opens and comes last. A new input format is one module in ``pipeline/sources/`` and one line in
-:data:`SOURCES`; the stages do not change.
+order by content (their ``probe``), not by file extension: the whole-slide source
+(:mod:`segpipe.pipeline.sources.slide`, OpenSlide) takes the slides OpenSlide recognises, and the GDAL source
+(:mod:`segpipe.pipeline.sources.gdal`) accepts what GDAL opens and comes last. A new input format is one module
+in ``pipeline/sources/`` and one line in :data:`SOURCES`; the stages do not change.
 
 Validation happens when a source opens, before any work starts, so a bad scene fails in seconds with one clear
 message. Each open source is one handle: threads open their own.
 
-A run may read a :class:`Selection` of the file: some of its bands, in the model's order (``--bands``), and a
-nodata value that replaces the file's (``--nodata``). A source opened with a selection describes and reads only
-that view; the view's fingerprint differs from the file's, so work stores and output keys follow the selection.
+A run may read a :class:`Selection` of the file: some of its bands, in the model's order (``--bands``), a
+nodata value that replaces the file's (``--nodata``) and, for a whole-slide image, the pixel size it is read at
+(``--resolution``) and whether only tissue is valid (``--tissue``). A source opened with a selection describes
+and reads only that view; the view's fingerprint differs from the file's, so work stores and output keys follow
+the selection.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from segpipe.core.errors import InputError
+from segpipe.core.pyramid import Pyramid, plan_read
 from segpipe.core.tiles import Window
 
 log = logging.getLogger(__name__)
@@ -34,15 +38,20 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Selection:
-    """What a run reads of a file: which bands (1-based numbers, in the model's order; None: all, in order) and the
-    value that marks nodata in every band (None: the file's own nodata, mask or alpha)."""
+    """What a run reads of a file: which bands (1-based numbers, in the model's order; None: all, in order), the
+    value that marks nodata in every band (None: the file's own nodata, mask or alpha) and, for a whole-slide image,
+    the pixel size read (``resolution`` micrometres per pixel; None: level 0 as it is, see
+    :mod:`segpipe.core.pyramid`) and the tissue detection that makes background nodata (``tissue``: ``none`` or
+    ``otsu``, see :mod:`segpipe.core.tissue`). Sources of other scenes ignore the last two."""
 
     bands: tuple[int, ...] | None = None
     nodata: float | None = None
+    resolution: float | None = None
+    tissue: str = "none"
 
     @property
     def is_default(self) -> bool:
-        return self.bands is None and self.nodata is None
+        return self.bands is None and self.nodata is None and self.resolution is None and self.tissue == "none"
 
     def invalid(self, pixels: np.ndarray) -> np.ndarray:
         """(h, w) bool: where every band equals :attr:`nodata` (NaN matches NaN)."""
@@ -53,18 +62,27 @@ class Selection:
 
     def to_attrs(self) -> dict[str, Any]:
         nodata = self.nodata
-        return {
+        attrs: dict[str, Any] = {
             "bands": list(self.bands) if self.bands is not None else None,
             "nodata": str(nodata) if nodata is not None and not math.isfinite(nodata) else nodata,
         }
+        if self.resolution is not None:  # only when set: the fingerprints of other selections stay as they were
+            attrs["resolution"] = self.resolution
+        if self.tissue != "none":
+            attrs["tissue"] = self.tissue
+        return attrs
 
     @classmethod
     def from_attrs(cls, attrs: dict[str, Any] | None) -> Selection:
         if not attrs:
             return cls()
         bands, nodata = attrs.get("bands"), attrs.get("nodata")
+        resolution = attrs.get("resolution")
         return cls(
-            tuple(int(b) for b in bands) if bands is not None else None, None if nodata is None else float(nodata)
+            tuple(int(b) for b in bands) if bands is not None else None,
+            None if nodata is None else float(nodata),
+            None if resolution is None else float(resolution),
+            str(attrs.get("tissue", "none")),
         )
 
 
@@ -90,6 +108,9 @@ class SceneInfo:
         scales: Per band, the scale the product records for its values (1.0 where none).
         offsets: Per band, the offset the product records (0.0 where none): physical = value * scale + offset.
         selection: The bands and nodata of the file this describes (see :meth:`select`).
+        pyramid: A whole-slide image's levels and pixel size (None for other scenes); its scene grid is then
+            ``transform[0]`` level-0 pixels per pixel (the transform is in level-0 pixels, without a CRS).
+        mpp: Micrometres per pixel (x, y) of this grid, for a slide that states its pixel size; else None.
     """
 
     path: str
@@ -108,6 +129,8 @@ class SceneInfo:
     scales: tuple[float, ...] = ()
     offsets: tuple[float, ...] = ()
     selection: Selection = field(default_factory=Selection)
+    pyramid: Pyramid | None = None
+    mpp: tuple[float, float] | None = None
 
     @property
     def pixels(self) -> int:
@@ -133,8 +156,20 @@ class SceneInfo:
             return tuple(values[b - 1] if b - 1 < len(values) else fill for b in bands)
 
         digest = hashlib.sha256(f"{self.fingerprint}|{selection.to_attrs()}".encode()).hexdigest()
+        grid: dict[str, Any] = {}
+        if self.pyramid is not None and selection.resolution is not None:
+            if self.pyramid.mpp is None:
+                raise InputError(
+                    f"slide {self.path!r} states no pixel size (microns per pixel), so it cannot be read at "
+                    f"{selection.resolution:g} um per pixel; pass --resolution native"
+                )
+            read = plan_read(self.pyramid, selection.resolution)
+            f = read.factor
+            grid = {"width": read.width, "height": read.height, "transform": (f, 0.0, 0.0, 0.0, f, 0.0)}
+            grid["mpp"] = read.mpp(self.pyramid)
         return replace(
             self,
+            **grid,
             count=len(bands),
             nodata=selection.nodata if selection.nodata is not None else self.nodata,
             band_descriptions=pick(self.band_descriptions, ""),
@@ -151,7 +186,7 @@ class SceneInfo:
             nodata_json: float | str | None = str(nodata)  # JSON has no NaN
         else:
             nodata_json = nodata
-        return {
+        attrs: dict[str, Any] = {
             "path": self.path,
             "width": self.width,
             "height": self.height,
@@ -169,6 +204,9 @@ class SceneInfo:
             "offsets": list(self.offsets),
             "selection": self.selection.to_attrs(),
         }
+        if self.pyramid is not None:  # only for slides: the attributes of other scenes stay as they were
+            attrs.update(pyramid=self.pyramid.to_dict(), mpp=list(self.mpp) if self.mpp else None)
+        return attrs
 
     @classmethod
     def from_attrs(cls, attrs: dict[str, Any]) -> SceneInfo:
@@ -190,6 +228,8 @@ class SceneInfo:
             scales=tuple(float(v) for v in attrs.get("scales", ())),
             offsets=tuple(float(v) for v in attrs.get("offsets", ())),
             selection=Selection.from_attrs(attrs.get("selection")),
+            pyramid=Pyramid.from_dict(attrs["pyramid"]) if attrs.get("pyramid") else None,
+            mpp=(float(attrs["mpp"][0]), float(attrs["mpp"][1])) if attrs.get("mpp") else None,
         )
 
 
@@ -245,8 +285,34 @@ class SourceType(Protocol):
     def __call__(self, path: str, selection: Selection = ...) -> SceneSource: ...
 
 
+#: File suffixes of whole-slide formats that only OpenSlide reads (Aperio, Hamamatsu, Leica, MIRAX, Sakura,
+#: Ventana, DICOM). Sources are chosen by content; these names serve listing data sets and refusing a slide at a
+#: URL (OpenSlide reads local files only). Slides in ``.tif``/``.tiff`` are told from other TIFFs by content.
+SLIDE_SUFFIXES = (".svs", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm")
+
+
+def is_slide_name(path: str) -> bool:
+    """Whether ``path`` names a file of a whole-slide-only format (:data:`SLIDE_SUFFIXES`; a query string aside)."""
+    return path.split("?", 1)[0].lower().endswith(SLIDE_SUFFIXES)
+
+
+def _remote_slide_problem(path: str) -> str | None:
+    """Why a slide at a URL cannot be read, or None for a local path or a scene of another kind."""
+    from segpipe.core.objects import is_object_url
+    from segpipe.core.raster import is_remote
+
+    if (is_remote(path) or is_object_url(path) or path.startswith("/vsi")) and is_slide_name(path):
+        return (
+            f"input {path!r} is a whole-slide image at a URL, but OpenSlide reads local files only; copy the slide "
+            "to local disk, or on a cluster to shared storage mounted at the same path on every node, and give "
+            "that path"
+        )
+    return None
+
+
 #: Registered scene sources, ``name -> "module:Class"``, tried in this order; imported when first used.
 SOURCES: dict[str, str] = {
+    "slide": "segpipe.pipeline.sources.slide:SlideSource",
     "gdal": "segpipe.pipeline.sources.gdal:GdalSource",
 }
 
@@ -265,16 +331,22 @@ def open_source(path: str, *, source: str | None = None, selection: Selection | 
     source whose ``probe`` accepts it.
 
     Raises:
-        InputError: no source reads it, or the scene is not usable (the source's message).
+        InputError: no source reads it, a whole-slide image is at a URL (OpenSlide reads local files only), or the
+            scene is not usable (the source's message).
     """
     chosen = selection or Selection()
+    problem = _remote_slide_problem(path)
+    if problem:  # GDAL would read the TIFF inside some of them, labels and all, or fail with a codec error
+        raise InputError(problem)
     if source is not None:
         return source_type(source)(path, chosen)
     for name in SOURCES:
         kind = source_type(name)
         if kind.probe(path):
             return kind(path, chosen)
-    raise InputError(f"input {path!r} is not a format segpipe reads; give a GeoTIFF, COG, JPEG or PNG")
+    raise InputError(
+        f"input {path!r} is not a format segpipe reads; give a GeoTIFF, COG, JPEG, PNG or a whole-slide image"
+    )
 
 
 def describe_scene(path: str, selection: Selection | None = None) -> SceneInfo:
@@ -286,7 +358,7 @@ def describe_scene(path: str, selection: Selection | None = None) -> SceneInfo:
     """
     with open_source(path, selection=selection) as src:
         info = src.info
-    if not info.georeferenced:
+    if not info.georeferenced and info.pyramid is None:  # a slide's grid is in microns, not a CRS
         log.warning("%s has no georeferencing (no CRS, identity transform): the mask keeps pixel coordinates", path)
     return info
 

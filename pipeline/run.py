@@ -30,6 +30,7 @@ from segpipe.pipeline.ingest import IngestResult, ingest
 from segpipe.pipeline.locks import exclusive_lock
 from segpipe.pipeline.merge import merger_type
 from segpipe.pipeline.plan import RunPlan, make_plan
+from segpipe.pipeline.polygons import VECTOR, VectorResult
 from segpipe.pipeline.session import Session, auto_uses_ray, cluster_paths_problem
 from segpipe.pipeline.settings import RunSettings
 from segpipe.pipeline.summary import build_summary
@@ -123,8 +124,9 @@ def write_sink(sink: Sink, store_url: str, class_names: Sequence[str], colours: 
 
 
 def export_stage(plan: RunPlan, store_url: str, scratch_dir: str, session: Session) -> list[ExportResult]:
-    """Write every sink of the plan, mask first; a failure removes the outputs already written. On a cluster an
-    output on object storage is written by a worker; a local output by this process (its pixels then cross it)."""
+    """Write every sink of the plan, mask first (the polygons of ``--vector`` are read back from it); a failure
+    removes the outputs already written. On a cluster an output on object storage is written by a worker; a local
+    output by this process (its pixels then cross it)."""
     store = ws.WorkStore(store_url)
     results: list[ExportResult] = []
     try:
@@ -144,7 +146,8 @@ def export_stage(plan: RunPlan, store_url: str, scratch_dir: str, session: Sessi
                         progress=bar.update,
                     )
                 )
-            session.driver_bytes += int(store.array(sink.kind).nbytes)
+            # the polygons read the mask back from its COG: its pixels cross this process once more
+            session.driver_bytes += int(store.array(ws.MASK if sink.kind == VECTOR else sink.kind).nbytes)
     except BaseException:
         for done in results:  # a failed run leaves no OUTPUT: not the mask when the probabilities fail
             remove_output(done.path)
@@ -203,7 +206,9 @@ def run_scene(
         if session is None:
             session = stack.enter_context(session_for(plan))
         if session.on_cluster:
-            problem = cluster_paths_problem(settings, session.nodes(), session.driver_ip())
+            problem = cluster_paths_problem(
+                settings, session.nodes(), session.driver_ip(), slide=plan.scene.pyramid is not None
+            )
             if problem:
                 raise ConfigError(problem)
         seconds["session"] = time.perf_counter() - t
@@ -232,6 +237,7 @@ def run_scene(
                 exported[0],
                 store_url,
                 driver_bytes=session.driver_bytes - driver_bytes,
+                vector=next((r for r in exported if isinstance(r, VectorResult)), None),
             )
             write_summary(plan.summary_path, summary)
         except BaseException:

@@ -465,12 +465,17 @@ class Session:
         return out
 
 
-def cluster_paths_problem(settings: Any, nodes: Sequence[dict[str, Any]], driver_ip: str) -> str | None:
+def cluster_paths_problem(
+    settings: Any, nodes: Sequence[dict[str, Any]], driver_ip: str, *, slide: bool = False
+) -> str | None:
     """What of ``settings`` (a :class:`~segpipe.pipeline.settings.RunSettings`) only this machine sees, when the
     cluster has nodes on other machines; None when all is reachable from every node.
 
     The scene, the work store and the model must be URLs (or a packaged model name) on such a cluster; the outputs
-    may stay local, since the driver writes local outputs itself.
+    may stay local, since the driver writes local outputs itself. A whole-slide image (``slide``) is the exception:
+    OpenSlide reads local files only, so its INPUT is a path that must be on shared storage mounted at the same
+    path on every node (a worker that does not see it fails with that message; a slide at a URL is refused when
+    it is opened, :func:`segpipe.pipeline.read.open_source`).
     """
     from segpipe.core.objects import is_object_url
     from segpipe.core.raster import is_remote
@@ -478,7 +483,7 @@ def cluster_paths_problem(settings: Any, nodes: Sequence[dict[str, Any]], driver
     if all(n.get("NodeManagerAddress") == driver_ip for n in nodes):
         return None
     local = []
-    if not (is_remote(settings.input) or is_object_url(settings.input)):
+    if not slide and not (is_remote(settings.input) or is_object_url(settings.input)):
         local.append("INPUT")
     if not settings.work_dir or not is_object_url(settings.work_dir):
         local.append("--work-dir")
@@ -492,6 +497,12 @@ def cluster_paths_problem(settings: Any, nodes: Sequence[dict[str, Any]], driver
     return (
         f"on a Ray cluster of several machines, {', '.join(local)} must be on object storage (s3://, gs://, az://) "
         "that every node reads; the other machines cannot see this machine's files (see docs/cluster.md)"
+        + (
+            "; the whole-slide INPUT stays a path, on shared storage mounted at the same path on every node "
+            "(OpenSlide reads local files only)"
+            if slide
+            else ""
+        )
     )
 
 

@@ -17,6 +17,7 @@ from segpipe.core.bands import parse_bands
 from segpipe.core.errors import ConfigError
 from segpipe.core.options import option
 from segpipe.core.pixels import Scaling
+from segpipe.core.pyramid import parse_resolution
 from segpipe.core.runtime import DEVICES
 from segpipe.pipeline.merge import MERGERS
 
@@ -24,6 +25,9 @@ if TYPE_CHECKING:
     from segpipe.pipeline.catalog import StacSearch
 
 EXECUTORS = ("auto", "ray", "local")
+TISSUE_METHODS = ("otsu", "none")
+#: ``--vector-format`` of a data set: ``auto`` is QuPath's GeoJSON for a slide, GeoPackage for other scenes.
+VECTOR_FORMATS = ("auto", "gpkg", "geojson", "parquet")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -51,6 +55,16 @@ class RunOptions:
         "percentile[:LOW,HIGH] (default: the model's contract, for scenes that do not fit it)",
         metavar="KIND",
     )
+    resolution: str | None = option(
+        None,
+        help="slides: the pixel size to segment at, e.g. 0.5um, or native (level 0); default: the model's",
+        metavar="SIZE",
+    )
+    tissue: str = option(
+        "otsu",
+        help="slides: otsu (default): only tissue is segmented (Otsu on saturation), background is nodata; none",
+        choices=TISSUE_METHODS,
+    )
     tile_size: int | None = option(None, help="tile core size in pixels (default: the model's)", metavar="N")
     halo: int | None = option(
         None, help="context margin around each tile in pixels (default: the model's)", metavar="N"
@@ -73,6 +87,17 @@ class RunOptions:
         30.0, help="seconds to wait for the Ray cluster of --ray-address to answer", metavar="S"
     )
     overwrite: bool = option(False, help="replace existing outputs")
+    vector_simplify: float = option(
+        0.0,
+        help="--vector: simplify each polygon, keeping its topology, with this tolerance in CRS units (level-0 "
+        "pixels for a slide); 0 keeps every pixel corner",
+        metavar="TOL",
+    )
+    vector_min_area: float = option(
+        0.0,
+        help="--vector: drop polygons smaller than this, in CRS units² (level-0 pixels² for a slide)",
+        metavar="AREA",
+    )
     executor: str = option(
         "auto",
         help="auto (default): Ray where it pays (several workers or GPUs, more than a few tiles, a cluster); ray; "
@@ -91,6 +116,10 @@ class RunOptions:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        for name in ("vector_simplify", "vector_min_area"):
+            value = getattr(self, name)
+            if not 0 <= value < float("inf"):
+                raise ConfigError(f"--{name.replace('_', '-')} must be a number >= 0, got {value}")
         if not self.ray_connect_timeout > 0:
             raise ConfigError(f"--ray-connect-timeout must be > 0 seconds, got {self.ray_connect_timeout}")
         for name in ("tile_size", "halo"):
@@ -103,6 +132,10 @@ class RunOptions:
                 raise ConfigError("--scaling refuse is for a model's contract; give none or a mapping")
         if self.bands is not None:
             parse_bands(self.bands)
+        if self.resolution is not None:
+            parse_resolution(self.resolution)  # ConfigError naming what is allowed
+        if self.tissue not in TISSUE_METHODS:
+            raise ConfigError(f"--tissue must be one of {', '.join(TISSUE_METHODS)}, got {self.tissue!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -113,19 +146,35 @@ class RunSettings(RunOptions):
         input: The scene: a path, URL or GDAL path.
         output: The mask to write.
         probabilities: Also write per-class probabilities there.
+        vector: Also write the mask's polygons there (``.gpkg``, ``.geojson``, ``.parquet``).
     """
 
     input: str
     output: str
     probabilities: str | None = None
+    vector: str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.vector and (self.vector_simplify or self.vector_min_area):
+            raise ConfigError(
+                "--vector-simplify and --vector-min-area shape the polygons of --vector PATH; give --vector or leave "
+                "them out"
+            )
 
     @classmethod
     def for_scene(
-        cls, options: RunOptions, *, input: str, output: str, probabilities: str | None = None
+        cls,
+        options: RunOptions,
+        *,
+        input: str,
+        output: str,
+        probabilities: str | None = None,
+        vector: str | None = None,
     ) -> RunSettings:
         """Settings for one scene with the given options."""
         values = {name: getattr(options, name) for name in RunOptions.__dataclass_fields__}
-        return cls(input=input, output=output, probabilities=probabilities, **values)
+        return cls(input=input, output=output, probabilities=probabilities, vector=vector, **values)
 
     @property
     def options(self) -> RunOptions:
@@ -153,8 +202,16 @@ class DatasetOptions:
         None, help="URL the night's report is POSTed to (JSON) when a scene fails", metavar="URL"
     )
     probabilities: bool = option(False, help="also write <scene>.probabilities.tif for every scene")
+    vector_format: str | None = option(
+        None,
+        help="also write every scene's polygons, <scene>.polygons.<format>: auto (QuPath GeoJSON for a slide, "
+        "GeoPackage otherwise), gpkg, geojson or parquet",
+        choices=VECTOR_FORMATS,
+    )
 
     def __post_init__(self) -> None:
+        if self.vector_format is not None and self.vector_format not in VECTOR_FORMATS:
+            raise ConfigError(f"--vector-format must be one of {', '.join(VECTOR_FORMATS)}, got {self.vector_format!r}")
         if self.scenes_at_once < 1:
             raise ConfigError(f"--scenes-at-once must be >= 1, got {self.scenes_at_once}")
         if self.retries < 0:
@@ -169,6 +226,27 @@ class DatasetOptions:
                 values = []
             if len(values) != 4:
                 raise ConfigError(f"--bbox must be four numbers west,south,east,north, got {self.bbox!r}")
+
+    def check_with(self, options: RunOptions) -> None:
+        """Refuse run options that need a data-set option not given (before any scene is looked at).
+
+        Raises:
+            ConfigError: ``--vector-simplify`` or ``--vector-min-area`` without ``--vector-format``.
+        """
+        if self.vector_format is None and (options.vector_simplify or options.vector_min_area):
+            raise ConfigError(
+                "--vector-simplify and --vector-min-area shape the polygons of --vector-format; give --vector-format "
+                f"({', '.join(VECTOR_FORMATS)}) or leave them out"
+            )
+
+    def vector_suffix(self, *, slide: bool) -> str | None:
+        """The suffix of a scene's polygon file (``.gpkg``, ``.geojson``, ``.parquet``), or None without
+        ``--vector-format``; ``auto`` is ``.geojson`` (QuPath's, in level-0 pixels) for a slide, else ``.gpkg``."""
+        if self.vector_format is None:
+            return None
+        if self.vector_format == "auto":
+            return ".geojson" if slide else ".gpkg"
+        return f".{self.vector_format}"
 
     def search(self, source: str) -> StacSearch | None:
         """The STAC API search a ``stac-api+https://...`` source asks for, narrowed by these options."""

@@ -6,6 +6,12 @@ to the source (the STAC item the scene came from, or its file) with ``derived_fr
 model that made it (``processing:software``, ``segpipe:model``, ``segpipe:key``). The Collection
 (``collection.json``) lists every item of the output folder, with their joint extent, and is rewritten atomically
 at the end of each run. Hrefs inside the folder are relative, so the folder can be moved or served as it is.
+
+A whole-slide image has no place on Earth: its Item has ``"geometry": null`` and no ``bbox`` (what STAC allows
+for an item that is not georeferenced), no projection extension, and records the slide's pixel size instead
+(``segpipe:slide``: micrometres per pixel of the mask and of level 0, level-0 pixels per mask pixel, level-0
+size); its mask asset is the pyramidal OME-TIFF (``image/tiff``). The polygons of ``--vector-format`` are an
+asset too (``polygons``: GeoPackage, GeoJSON or GeoParquet).
 """
 
 from __future__ import annotations
@@ -23,6 +29,12 @@ from segpipe.core.objects import ObjectUrl, is_object_url
 
 PROCESSING_EXTENSION = "https://stac-extensions.github.io/processing/v1.2.0/schema.json"
 COLLECTION_FILE = "collection.json"
+#: Media types of the polygon files, by suffix.
+VECTOR_MEDIA_TYPES = {
+    ".gpkg": "application/geopackage+sqlite3",
+    ".geojson": "application/geo+json",
+    ".parquet": "application/vnd.apache.parquet",
+}
 
 
 def _beside(folder: str, name: str) -> str:
@@ -76,6 +88,7 @@ def scene_item(
     colours: Sequence[str],
     source: str,
     source_item: dict[str, Any] | None = None,
+    vector: str | None = None,
 ) -> dict[str, Any]:
     """The STAC Item (a dict) of one scene's outputs.
 
@@ -84,10 +97,11 @@ def scene_item(
         scene: The scene's description (``SceneInfo.to_attrs()``).
         item_id: The item's id (the scene's id in the data set).
         folder: The output folder; asset hrefs are relative to it.
-        mask: The mask COG; ``probabilities`` the probabilities COG, or None.
+        mask: The mask COG (or a slide's OME-TIFF); ``probabilities`` the probabilities COG, or None.
         classes: Class names in class-id order; ``colours`` their ``#RRGGBB``.
         source: Where the scene came from (a STAC item's href, or the file's path or URL).
         source_item: The STAC item it came from, whose geometry and datetime the output keeps.
+        vector: The polygons file, or None.
     """
     import pystac
     from pystac.extensions.classification import Classification, ClassificationExtension
@@ -121,30 +135,30 @@ def scene_item(
         },
     )
     item.stac_extensions.append(PROCESSING_EXTENSION)
-    proj = ProjectionExtension.ext(item, add_if_missing=True)
-    if scene.get("crs_wkt"):
-        from rasterio.crs import CRS
-
-        epsg = CRS.from_wkt(scene["crs_wkt"]).to_epsg()
-        if epsg:
-            proj.code = f"EPSG:{epsg}"
-        else:
-            proj.wkt2 = scene["crs_wkt"]
+    slide = scene.get("pyramid")
+    if slide:  # no CRS, no footprint: the pixel size is what places it
+        factor = abs(float(scene["transform"][0]))
+        item.properties["segpipe:slide"] = {
+            "mpp": scene.get("mpp"),
+            "level0_mpp": slide.get("mpp"),
+            "level0_pixels_per_pixel": factor,
+            "level0_size": slide["sizes"][0],
+        }
     else:
-        proj.code = None
-    proj.shape = [scene["height"], scene["width"]]
-    proj.transform = list(scene["transform"])
-    resolution = abs(float(scene["transform"][0])) or None
+        _projection(ProjectionExtension.ext(item, add_if_missing=True), scene)
+    resolution = None if slide else abs(float(scene["transform"][0])) or None
     for key, href, role, bands in (
         ("mask", mask, "data", 1),
         ("probabilities", probabilities, "data", len(classes)),
     ):
         if not href:
             continue
+        is_ome = href.lower().endswith((".ome.tif", ".ome.tiff"))
         asset = pystac.Asset(
             href=_relative(href, folder),
-            media_type=pystac.MediaType.COG,
-            title="class ids (255: nodata)" if key == "mask" else "per-class probability x 254 (255: nodata)",
+            media_type=pystac.MediaType.TIFF if is_ome else pystac.MediaType.COG,
+            title=("class ids (255: nodata)" if key == "mask" else "per-class probability x 254 (255: nodata)")
+            + (", pyramidal OME-TIFF" if is_ome else ""),
             roles=[role, "segmentation"] if key == "mask" else [role, "probabilities"],
         )
         item.add_asset(key, asset)
@@ -169,6 +183,20 @@ def scene_item(
         if meta is not None:
             file = FileExtension.ext(asset, add_if_missing=True)
             file.checksum, file.size = meta
+    if vector:
+        suffix = Path(vector).suffix.lower()
+        asset = pystac.Asset(
+            href=_relative(vector, folder),
+            media_type=VECTOR_MEDIA_TYPES.get(suffix),
+            title="polygons of the mask"
+            + (" (QuPath annotations, level-0 pixels)" if slide and suffix == ".geojson" else ""),
+            roles=["data", "polygons"],
+        )
+        item.add_asset("polygons", asset)
+        meta = _object_meta(vector)
+        if meta is not None:
+            file = FileExtension.ext(asset, add_if_missing=True)
+            file.checksum, file.size = meta
     item.add_link(pystac.Link(rel="derived_from", target=source, media_type=_source_type(source, source_item)))
     item.add_link(pystac.Link(rel="collection", target=f"./{COLLECTION_FILE}", media_type=pystac.MediaType.JSON))
     data: dict[str, Any] = item.to_dict(include_self_link=False, transform_hrefs=False)
@@ -176,13 +204,33 @@ def scene_item(
     return data
 
 
+def _projection(proj: Any, scene: dict[str, Any]) -> None:
+    """The projection extension's fields of a scene's grid (``proj:code`` null without a CRS)."""
+    if scene.get("crs_wkt"):
+        from rasterio.crs import CRS
+
+        epsg = CRS.from_wkt(scene["crs_wkt"]).to_epsg()
+        if epsg:
+            proj.code = f"EPSG:{epsg}"
+        else:
+            proj.wkt2 = scene["crs_wkt"]
+    else:
+        proj.code = None
+    proj.shape = [scene["height"], scene["width"]]
+    proj.transform = list(scene["transform"])
+
+
 def _class_name(name: str) -> str:
     """A class name as the classification extension's ``name`` field wants it: letters, digits, ``_`` and ``-``."""
     return "".join(ch if ch.isalnum() or ch in "_-" else "_" for ch in name) or "class"
 
 
-def _source_type(source: str, item: dict[str, Any] | None) -> str:
-    return "application/geo+json" if item is not None or source.endswith(".json") else "image/tiff"
+def _source_type(source: str, item: dict[str, Any] | None) -> str | None:
+    if item is not None or source.endswith(".json"):
+        return "application/geo+json"
+    from segpipe.pipeline.read import is_slide_name
+
+    return None if is_slide_name(source) else "image/tiff"  # a vendor's slide format has no registered type
 
 
 def _relative(href: str, folder: str) -> str:

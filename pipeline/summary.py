@@ -12,6 +12,7 @@ from segpipe.pipeline.dispatch import InferResult
 from segpipe.pipeline.export import ExportResult
 from segpipe.pipeline.ingest import IngestResult
 from segpipe.pipeline.plan import RunPlan
+from segpipe.pipeline.polygons import VectorResult
 from segpipe.pipeline.settings import RunOptions
 
 
@@ -38,6 +39,17 @@ def _crs_name(wkt: str | None) -> str | None:
     return f"EPSG:{epsg}" if epsg else crs.to_string()
 
 
+def _vector_summary(vector: VectorResult, names: tuple[str, ...]) -> dict[str, Any]:
+    """Where the polygons went, their format and how many there are, in all and per class."""
+    return {
+        "path": _absolute(vector.path),
+        "format": vector.format,
+        "features": vector.features,
+        "features_per_class": {(names[k] if k < len(names) else str(k)): v for k, v in vector.histogram.items()},
+        "bytes": vector.bytes,
+    }
+
+
 def build_summary(
     plan: RunPlan,
     seconds: dict[str, float],
@@ -47,6 +59,7 @@ def build_summary(
     store_url: str,
     *,
     driver_bytes: int = 0,
+    vector: VectorResult | None = None,
 ) -> dict[str, Any]:
     """Run summary (JSON-friendly): scene, model, options, tiles, seconds per stage, throughput, class histogram.
 
@@ -58,6 +71,7 @@ def build_summary(
         exported: The mask's export result (its class histogram).
         store_url: The work store.
         driver_bytes: Bytes of pixels, results and store data that crossed the driver during the run.
+        vector: The result of ``--vector`` (the polygons), if asked for.
     """
     s, scene = plan.settings, plan.scene
     names = plan.model.classes
@@ -70,6 +84,7 @@ def build_summary(
         "input": s.input,
         "output": _absolute(s.output),
         "probabilities": _absolute(s.probabilities) if s.probabilities else None,
+        "vector": _vector_summary(vector, names) if vector is not None else None,
         "work_store": store_url if s.work_dir else None,
         "settings": values_of(s, RunOptions),
         "key": plan.output_key.to_dict(),
@@ -142,6 +157,9 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.insert(1, f"input: bands {fit['bands']}, nodata {fit['nodata']}, scaling {fit.get('scaling') or 'none'}")
     if summary.get("probabilities"):
         lines.append(f"probabilities: {summary['probabilities']}")
+    if summary.get("vector"):
+        vector = summary["vector"]
+        lines.append(f"polygons: {vector['path']} ({vector['features']} features, {vector['format']})")
     if not summary["model"]["trained"]:
         lines.append("note: the model is untrained (fixed-seed weights); its mask is not meaningful")
     return "\n".join(lines)

@@ -198,13 +198,23 @@ def test_check_identical_records_every_case_and_detects_a_changed_output(
     """The recorded hashes cover every case, and a case whose output differs from its record fails the check."""
     from benchmarks import check_identical as check
 
-    recorded = json.loads(check.RESULTS.read_text())["cases"]
-    assert set(recorded) == {case.name for case in check.CASES}
-    assert all(len(digest) == 64 for case in recorded.values() for digest in case["sha256"].values())
+    references = json.loads(check.RESULTS.read_text())["references"]
+    assert references, "at least one CPU's reference"
+    for reference in references.values():
+        recorded = reference["cases"]
+        assert set(recorded) == {case.name for case in check.CASES}
+        assert all(len(digest) == 64 for case in recorded.values() for digest in case["sha256"].values())
 
     case = check.CASES[0]
     results = tmp_path / "identical.json"
-    results.write_text(json.dumps({"cases": {case.name: {"sha256": {"mask": "0" * 64}}}}))
+    monkeypatch.setattr(check, "cpu_model", lambda: "Test CPU")
+    other = {"references": {"Other CPU": {"cases": {case.name: {"sha256": {"mask": "0" * 64}}}}}}
+    results.write_text(json.dumps(other))
+    monkeypatch.setattr(check, "run_case", lambda case, scratch: {"sha256": {"mask": "0" * 64}, "seconds": 0.0})
+    assert check.main(["--cases", case.name, "--results", str(results), "--scratch", str(tmp_path)]) == 1, (
+        "another CPU's reference is no reference"
+    )
+    results.write_text(json.dumps({"references": {"Test CPU": other["references"]["Other CPU"]}}))
     monkeypatch.setattr(check, "run_case", lambda case, scratch: {"sha256": {"mask": "1" * 64}, "seconds": 0.0})
     assert check.main(["--cases", case.name, "--results", str(results), "--scratch", str(tmp_path)]) == 1
     monkeypatch.setattr(check, "run_case", lambda case, scratch: {"sha256": {"mask": "0" * 64}, "seconds": 0.0})

@@ -18,6 +18,7 @@ from typing import Any, Literal
 from segpipe.core.colours import parse_colour
 from segpipe.core.errors import ConfigError
 from segpipe.core.options import option
+from segpipe.core.pyramid import parse_resolution
 from segpipe.core.runtime import DEVICES
 from segpipe.models.dubai import DUBAI_CLASSES
 
@@ -118,6 +119,12 @@ class TrainConfig:
     halo: int = option(64, help="inference halo written into the checkpoint, in pixels")
     inference_tile_size: int = option(512, help="inference tile size written into the checkpoint, in pixels")
     val_tile_size: int = option(1024, help="validation images larger than this are predicted in tiles, in pixels")
+    resolution: str | None = option(
+        None,
+        help="the pixel size of the training images, e.g. 0.5um (slide regions exported at 0.5 um per pixel), "
+        "written into the checkpoint so slides are read at it (default: none stated)",
+        metavar="SIZE",
+    )
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -178,6 +185,8 @@ class TrainConfig:
             raise ConfigError(f"expected lovasz_weight >= 0 (0: no Lovasz term), got {self.lovasz_weight}")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"expected 0 <= ema_decay < 1 (0: no weight averaging), got {self.ema_decay}")
+        if self.resolution is not None and parse_resolution(self.resolution) is None:
+            raise ConfigError("expected the training images' pixel size as resolution (e.g. 0.5um), got native")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ConfigError(f"expected max_grad_norm > 0 or None, got {self.max_grad_norm}")
         _check_choice("class_weighting", self.class_weighting, CLASS_WEIGHTINGS)

@@ -38,6 +38,7 @@ from tqdm import tqdm
 from segpipe.core.colours import ColourTable
 from segpipe.core.errors import ConfigError, ModelError
 from segpipe.core.metrics import EvaluationResult
+from segpipe.core.pyramid import parse_resolution
 from segpipe.core.runtime import resolve_device, retain_freed_memory
 from segpipe.models.data import TileDataset, band_statistics, class_weights, load_folders, pixel_counts
 from segpipe.models.losses import lovasz_softmax_loss, soft_dice_loss
@@ -267,6 +268,7 @@ def train(config: TrainConfig, *, on_epoch_end: Callable[[EpochRecord], None] | 
             size_multiple=size_multiple,
             input=input_contract(images[0].dtype),
             provenance=provenance,
+            resolution=parse_resolution(config.resolution) if config.resolution else None,
         )
 
     def validate_weights(net: nn.Module) -> EvaluationResult:

@@ -19,6 +19,7 @@ import numpy as np
 import rasterio
 from rasterio._err import CPLE_BaseError  # GDAL errors that rasterio raises without wrapping them
 from rasterio.enums import Resampling
+from rasterio.errors import RasterioError
 from rasterio.windows import Window as RioWindow
 
 from segpipe.core.errors import InputError
@@ -131,6 +132,9 @@ class GdalSource:
         self.selection = selection or Selection()
         try:
             self._info = describe(path, self.dataset).select(self.selection)
+        except (RasterioError, CPLE_BaseError) as exc:  # GDAL opened it but cannot describe it (corrupt GeoTIFF keys)
+            self._stack.close()
+            raise InputError(f"input {path!r} has a header GDAL cannot read ({exc}); re-export the scene") from None
         except BaseException:
             self._stack.close()
             raise

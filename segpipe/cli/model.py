@@ -49,6 +49,12 @@ def add_model(sub: Any) -> None:
     init.add_argument("--tile-size", type=int, help="recommended tile core in pixels (default: from the input size)")
     init.add_argument("--halo", type=int, help="recommended halo in pixels (default: 1/8 of a fixed input, else 32)")
     init.add_argument("--size-multiple", type=int, help="override the probed size multiple")
+    init.add_argument(
+        "--resolution",
+        metavar="SIZE",
+        help="the pixel size the model was trained at, e.g. 0.5um (slides are read at it) or 0.3m (imagery: "
+        "recorded); default: none stated",
+    )
     init.add_argument("--out", help="where to write (default: <stem>.segpipe.json beside MODEL)")
     init.add_argument("--force", action="store_true", help="replace an existing metadata file")
     init.set_defaults(handler=_cmd_init)
@@ -94,6 +100,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
 
     from segpipe.core.bands import parse_bands
     from segpipe.core.pixels import Scaling
+    from segpipe.core.pyramid import parse_resolution
     from segpipe.models.metadata import (
         ClassInfo,
         InputContract,
@@ -145,6 +152,9 @@ def _cmd_init(args: argparse.Namespace) -> int:
         raise ConfigError(f"--input-range LOW,HIGH is needed for {kind.name} imagery")
     scaling = args.scaling or "refuse"
     Scaling.parse(scaling)
+    resolution = parse_resolution(args.resolution) if args.resolution else None
+    if args.resolution and resolution is None:
+        raise ConfigError("--resolution native is for a run; give the pixel size the model was trained at, e.g. 0.5um")
     input_size = signature.input_size
     halo = args.halo if args.halo is not None else (input_size // 8 if input_size else 32)
     tile = args.tile_size or (input_size - 2 * halo if input_size else 512 - 2 * halo)
@@ -165,6 +175,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
         input_size=input_size,
         input=InputContract(kind.name, (low, high), scaling),
         provenance={"source": model.name, "written_by": "segpipe model init"},
+        resolution=resolution,
     )
     write_json_atomically(out, metadata.to_dict())
     print(
@@ -175,5 +186,6 @@ def _cmd_init(args: argparse.Namespace) -> int:
             if input_size
             else f"sizes in multiples of {multiple}"
         )
+        + (f", trained at {resolution}" if resolution is not None else "")
     )
     return EXIT_OK

@@ -20,6 +20,12 @@ def add_run(sub: Any) -> None:
     p.add_argument("output", help="the mask to write, a .tif (Cloud Optimized GeoTIFF)")
     fields = add_arguments(p, RunOptions)
     p.add_argument("--probabilities", metavar="PATH", help="also write per-class probabilities as a COG")
+    p.add_argument(
+        "--vector",
+        metavar="PATH",
+        help="also write the mask's polygons: .gpkg, .parquet (in the scene's CRS) or .geojson (WGS 84; QuPath's, "
+        "in pixels, for a mask without CRS)",
+    )
     p.add_argument("--no-prefect", action="store_true", help="run the stages directly, without the Prefect flow")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     p.set_defaults(handler=_cmd_run, option_fields=fields, starts_services=True)
@@ -30,7 +36,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from segpipe.pipeline.summary import format_summary
 
     settings = RunSettings(
-        input=args.input, output=args.output, probabilities=args.probabilities, **given(args, args.option_fields)
+        input=args.input,
+        output=args.output,
+        probabilities=args.probabilities,
+        vector=args.vector,
+        **given(args, args.option_fields),
     )
     if args.no_prefect:
         from segpipe.pipeline.run import run_scene
@@ -60,7 +70,10 @@ def add_dataset(sub: Any) -> None:
             help="a folder, a glob, a list file, an object-storage prefix (s3://bucket/scenes/), a STAC catalog or "
             "item collection (.json), or a STAC API (stac-api+https://...)",
         )
-        p.add_argument("output_dir", help="folder or prefix for <scene>.mask.tif, its summary and STAC Item")
+        p.add_argument(
+            "output_dir",
+            help="folder or prefix for <scene>.mask.tif (<scene>.mask.ome.tif for a slide), its summary and STAC Item",
+        )
         fields = add_arguments(p, RunOptions)
         dataset_fields = add_arguments(p, DatasetOptions)
         if name == "serve":
@@ -79,6 +92,7 @@ def add_dataset(sub: Any) -> None:
 def _cmd_dataset(args: argparse.Namespace) -> int:
     options = RunOptions(**given(args, args.option_fields))
     dataset = DatasetOptions(**given(args, args.dataset_fields))
+    dataset.check_with(options)  # before a deployment is registered or a server started
     if args.serve:
         from segpipe.flows.deploy import serve_nightly
 

@@ -1,0 +1,680 @@
+"""Polygons of a mask: ``--vector PATH`` (``.gpkg``, ``.geojson``, ``.parquet``), block by block, in bounded memory.
+
+A mask (one uint8 band of class ids, nodata 255) is read in square blocks of ``block`` pixels and each block is
+polygonised with GDAL's polygoniser (:func:`rasterio.features.shapes`, 4-connected, nodata excluded), in pixel
+coordinates. A polygon that touches no inner block edge is final and is yielded at once. A polygon that touches one
+was cut by it; it waits until its block row is done, and is then unioned with the other waiting parts of its class
+(shapely) and split into connected parts again. A part that touches the bottom of the row may go on in the next row
+and waits again; the others are final. Memory is thus bounded by one row of blocks and the polygons that cross its
+lower edge, not by the scene (only a polygon as large as the scene, which is written whole, is held whole). Since
+the parts are unioned exactly (integer pixel coordinates) and every polygon is brought to one canonical form
+(collinear vertices dropped, rings normalised), any block size gives the same polygons
+(``tests/pipeline/test_polygons.py``).
+
+Units: polygonising works in the mask's pixels (x = column, y = row). The polygons are then mapped through the
+mask's affine transform: a georeferenced mask's into CRS units, a slide's mask (no CRS) into level-0 pixels (its
+transform is identity on level 0's grid, a scale when it was read at a coarser level; the run passes the scene's).
+``simplify`` is a tolerance and ``min_area`` and the ``area`` property are areas in those units: metres and m² for a
+projected CRS, level-0 pixels and pixels² for a slide.
+
+Formats: GeoPackage (pyogrio, the CRS as the layer's SRS) and GeoParquet 1.1 (pyarrow and WKB, the CRS as
+PROJJSON; the GDAL that pyogrio's wheel ships lacks the Parquet driver) keep the mask's CRS. GeoJSON is RFC 7946
+for a georeferenced mask: reprojected to WGS 84 longitude/latitude (GDAL's transformer), exteriors
+counter-clockwise, 7 decimals (about 1 cm), as GDAL's ``RFC7946=YES`` writes it; a file in the mask's CRS is what
+GeoPackage and GeoParquet are for. For a mask without a CRS, GeoJSON is QuPath's: every feature an annotation with
+its classification (class name and ``[r, g, b]`` colour) in level-0 pixel coordinates. Every format is written
+batch by batch under a hidden temporary name and renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import rasterio.features
+import shapely
+from affine import Affine
+from rasterio._err import CPLE_BaseError
+from rasterio.windows import Window as RasterioWindow
+
+from segpipe.core import objects
+from segpipe.core.colours import hex_colour, parse_colour
+from segpipe.core.errors import ConfigError, InputError, OutputError, SegpipeError
+from segpipe.core.files import atomic_output
+from segpipe.core.objects import is_object_url
+from segpipe.core.raster import GDAL_CACHE_BYTES, open_raster
+from segpipe.core.tiles import TileGrid, Window
+from segpipe.pipeline import store as ws
+from segpipe.pipeline.export import SINKS, ExportResult, check_local_output, check_object_output
+from segpipe.pipeline.read import SceneInfo
+
+log = logging.getLogger(__name__)
+
+#: The kind of the polygon output (its sinks in :data:`segpipe.pipeline.export.SINKS`).
+VECTOR = "vector"
+#: Pixels per side of one block read and polygonised at a time.
+BLOCK = 2048
+#: File suffix -> format name.
+FORMATS = {".gpkg": "GeoPackage", ".geojson": "GeoJSON", ".parquet": "GeoParquet"}
+#: Features per batch handed to a writer.
+BATCH = 8192
+#: The colour of a class the mask gives none (QuPath needs one).
+GREY = "#808080"
+#: Decimals of RFC 7946 longitudes and latitudes (GDAL's default for RFC7946=YES; 1e-7 degree is about 1 cm).
+WGS84_DECIMALS = 7
+
+Polygoniser = Iterator[tuple[shapely.Polygon, int]]
+
+
+# --- classes and features ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MaskClasses:
+    """Class names and ``#RRGGBB`` colours by class id, as the mask COG records them.
+
+    Attributes:
+        names: Class names in class-id order.
+        colours: ``#RRGGBB`` per class id (may be shorter than ``names``, or empty).
+    """
+
+    names: tuple[str, ...] = ()
+    colours: tuple[str, ...] = ()
+
+    def name(self, class_id: int) -> str:
+        """The class's name; its id as text when the mask names it not."""
+        return self.names[class_id] if class_id < len(self.names) and self.names[class_id] else str(class_id)
+
+    def colour(self, class_id: int) -> str:
+        """The class's ``#RRGGBB`` colour; grey when the mask gives none."""
+        return self.colours[class_id] if class_id < len(self.colours) else GREY
+
+    @classmethod
+    def from_mask(cls, src: Any) -> MaskClasses:
+        """Read them from an open mask (a rasterio dataset): the band's ``CLASS_<id>`` tags (else the dataset's
+        ``CLASS_NAMES``) and its colour table, both as :func:`segpipe.pipeline.export.export_cog` writes them."""
+        band = src.tags(1)
+        ids = sorted(int(k[6:]) for k in band if k.startswith("CLASS_") and k[6:].isdigit())
+        if ids:
+            names = tuple(band.get(f"CLASS_{i}", str(i)) for i in range(ids[-1] + 1))
+        else:
+            names = tuple(n for n in src.tags().get("CLASS_NAMES", "").split(",") if n)
+        try:
+            table = src.colormap(1)
+        except ValueError:  # no colour table
+            return cls(names, ())
+        count = max(len(names), 1 + max((i for i, c in table.items() if c[3] and i != ws.MASK_NODATA), default=-1))
+        return cls(names, tuple(hex_colour(table.get(i, (128, 128, 128))) for i in range(count)))
+
+
+@dataclass(frozen=True)
+class Feature:
+    """One output polygon.
+
+    Attributes:
+        geometry: The polygon, in CRS units (pixels for a mask without a CRS).
+        class_id: Its class id in the mask.
+        area: Its area in CRS units² (pixels²), as written (after any simplification).
+    """
+
+    geometry: shapely.Polygon
+    class_id: int
+    area: float
+
+
+@dataclass(frozen=True)
+class MaskInfo:
+    """What the writers need to know of a mask: its grid and classes.
+
+    Attributes:
+        width: Pixels.
+        height: Pixels.
+        crs_wkt: The CRS as WKT; None for a mask without one (a slide: pixel coordinates).
+        transform: Mask pixel -> CRS units (level-0 pixels for a slide's mask without a CRS).
+        nodata: The value that is never a polygon (255 for segpipe's masks).
+        classes: Names and colours.
+    """
+
+    width: int
+    height: int
+    crs_wkt: str | None
+    transform: Affine
+    nodata: int | None
+    classes: MaskClasses = field(default_factory=MaskClasses)
+
+    @property
+    def georeferenced(self) -> bool:
+        return self.crs_wkt is not None
+
+
+def read_mask_info(path: str) -> MaskInfo:
+    """The grid and classes of the mask at ``path`` (a local path or URL).
+
+    Raises:
+        InputError: it is not a mask (one uint8 band).
+    """
+    with open_raster(path, role="mask", hint="give a mask written by segpipe run") as src:
+        if src.count != 1 or src.dtypes[0] != "uint8":
+            raise InputError(f"{path!r} is not a mask (one uint8 band of class ids); it has {src.count} band(s)")
+        return MaskInfo(
+            width=src.width,
+            height=src.height,
+            crs_wkt=src.crs.to_wkt() if src.crs else None,
+            transform=src.transform,
+            nodata=int(src.nodata) if src.nodata is not None else None,
+            classes=MaskClasses.from_mask(src),
+        )
+
+
+# --- polygonising, in pixels -------------------------------------------------------------------------------
+
+
+def touches_inner_edge(bounds: np.ndarray, window: Window, width: int, height: int) -> np.ndarray:
+    """Whether polygons with ``bounds`` ((N, 4) minx, miny, maxx, maxy in pixels), polygonised inside ``window``,
+    touch one of its edges that is not the scene's edge (and so may go on in the next block); (N,) bool."""
+    minx, miny, maxx, maxy = np.asarray(bounds, dtype=np.float64).reshape(-1, 4).T
+    right, bottom = window.col_off + window.width, window.row_off + window.height
+    return (
+        ((window.col_off > 0) & (minx <= window.col_off))
+        | ((right < width) & (maxx >= right))
+        | ((window.row_off > 0) & (miny <= window.row_off))
+        | ((bottom < height) & (maxy >= bottom))
+    )
+
+
+def canonical(polygons: Any) -> Any:
+    """One form per shape (a polygon or an array of them): collinear vertices dropped (a former block edge leaves
+    one) and the rings normalised (start vertex and orientation), so that equal areas give equal coordinates
+    whatever the block size."""
+    return shapely.normalize(shapely.simplify(polygons, 0.0))
+
+
+def polygonise_block(data: np.ndarray, window: Window, *, nodata: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """The 4-connected polygons of one block of class ids, in scene pixel coordinates, and their class ids (two
+    (N,) arrays); ``nodata`` is never one. The polygons are built in one call from GDAL's rings."""
+    valid = data != nodata if nodata is not None else None
+    if valid is not None and not valid.any():
+        return np.empty(0, dtype=object), np.empty(0, dtype=np.int64)
+    offset = Affine.translation(window.col_off, window.row_off)
+    coords: list[tuple[float, float]] = []
+    ring_ends, polygon_ends, values = [0], [0], []
+    for geometry, value in rasterio.features.shapes(data, mask=valid, connectivity=4, transform=offset):
+        for ring in geometry["coordinates"]:
+            coords.extend(ring)
+            ring_ends.append(len(coords))
+        polygon_ends.append(len(ring_ends) - 1)
+        values.append(int(value))
+    if not values:
+        return np.empty(0, dtype=object), np.empty(0, dtype=np.int64)
+    polygons = shapely.from_ragged_array(
+        shapely.GeometryType.POLYGON,
+        np.asarray(coords, dtype=np.float64),
+        (np.asarray(ring_ends, dtype=np.int64), np.asarray(polygon_ends, dtype=np.int64)),
+    )
+    return polygons, np.asarray(values, dtype=np.int64)
+
+
+def polygonise(
+    read: Callable[[Window], np.ndarray],
+    width: int,
+    height: int,
+    *,
+    block: int = BLOCK,
+    nodata: int | None = ws.MASK_NODATA,
+    progress: Callable[[int], Any] | None = None,
+) -> Polygoniser:
+    """The polygons of a mask, block by block: (polygon in pixel coordinates, class id), in canonical form.
+
+    Polygons cut by block edges are merged (see the module docstring); the result does not depend on ``block``.
+
+    Args:
+        read: Returns the (height, width) class ids of a window of the mask.
+        width: Mask width in pixels.
+        height: Mask height in pixels.
+        block: Pixels per side of one block (>= 1).
+        nodata: The value that is never a polygon (None: every value is a class).
+        progress: Called with the pixels of each block read.
+    """
+    if block < 1:
+        raise ConfigError(f"block must be >= 1 pixel, got {block}")
+    grid = TileGrid(width, height, block, 0)
+    waiting: dict[int, list[shapely.Polygon]] = {}  # class id -> parts cut by an edge of this row (or above)
+    for row in range(grid.rows):
+        for col in range(grid.cols):
+            window = grid.tile(row, col).core
+            polygons, values = polygonise_block(np.ascontiguousarray(read(window)), window, nodata=nodata)
+            cut = touches_inner_edge(shapely.bounds(polygons), window, width, height)
+            for polygon, value in zip(polygons[cut], values[cut].tolist(), strict=True):
+                waiting.setdefault(value, []).append(polygon)
+            yield from zip(canonical(polygons[~cut]), values[~cut].tolist(), strict=True)
+            if progress:
+                progress(window.area)
+        bottom = min((row + 1) * block, height)
+        carried: dict[int, list[shapely.Polygon]] = {}
+        for value in sorted(waiting):
+            parts = waiting[value]
+            merged = shapely.get_parts(shapely.union_all(parts)) if len(parts) > 1 else np.asarray(parts)
+            goes_on = shapely.bounds(merged)[:, 3] >= bottom if bottom < height else np.zeros(len(merged), bool)
+            if goes_on.any():
+                carried[value] = list(merged[goes_on])  # may go on in the next row
+            yield from ((polygon, value) for polygon in canonical(merged[~goes_on]))
+        waiting = carried
+
+
+# --- features, in CRS units --------------------------------------------------------------------------------
+
+
+def to_crs_units(polygons: Any, transform: Affine) -> Any:
+    """Map a polygon (or an array of them) from pixel coordinates (x = column, y = row) to CRS units through the
+    affine ``transform``."""
+    a, b, c, d, e, f = transform[:6]
+    matrix = np.array([[a, d], [b, e]])
+    return shapely.transform(polygons, lambda xy: xy @ matrix + (c, f))
+
+
+def features(
+    polygons: Iterable[tuple[shapely.Polygon, int]],
+    *,
+    transform: Affine | None,
+    simplify: float = 0.0,
+    min_area: float = 0.0,
+) -> Iterator[Feature]:
+    """Features from pixel polygons, a batch at a time.
+
+    Args:
+        polygons: (polygon in pixels, class id), as :func:`polygonise` yields them.
+        transform: Pixel -> CRS transform; None keeps pixel coordinates (a mask without a CRS).
+        simplify: Douglas-Peucker tolerance in CRS units (pixels without a CRS), topology-preserving within each
+            polygon (rings neither cross nor vanish); 0 keeps every vertex. Neighbours are simplified apart, so
+            their shared edges may part by up to ``simplify``.
+        min_area: Polygons smaller than this, in CRS units² (pixels²) before simplification, are dropped.
+    """
+    iterator = iter(polygons)
+    while batch := list(islice(iterator, BATCH)):
+        geometries = np.empty(len(batch), dtype=object)
+        geometries[:] = [g for g, _ in batch]
+        values = [v for _, v in batch]
+        if transform is not None:
+            geometries = to_crs_units(geometries, transform)
+        areas = shapely.area(geometries)
+        keep = areas >= min_area
+        if simplify > 0:
+            geometries[keep] = shapely.simplify(geometries[keep], simplify, preserve_topology=True)
+            areas[keep] = shapely.area(geometries[keep])
+        for index in np.flatnonzero(keep).tolist():
+            yield Feature(geometries[index], values[index], float(areas[index]))
+
+
+def mask_features(
+    path: str,
+    *,
+    block: int = BLOCK,
+    simplify: float = 0.0,
+    min_area: float = 0.0,
+    transform: Affine | None = None,
+    progress: Callable[[int], Any] | None = None,
+) -> Iterator[Feature]:
+    """The features of the mask at ``path``, read block by block (see :func:`polygonise` and :func:`features`).
+
+    Args:
+        transform: Mask pixel -> output coordinates; default the mask's own: into CRS units, or, for a slide's mask
+            without a CRS, into level-0 pixels (identity when the mask is on level 0's grid, or has no transform).
+    """
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES), open_raster(path, role="mask") as src:
+        nodata = int(src.nodata) if src.nodata is not None else None
+
+        def read(window: Window) -> np.ndarray:
+            return src.read(1, window=RasterioWindow(window.col_off, window.row_off, window.width, window.height))
+
+        polygons = polygonise(read, src.width, src.height, block=block, nodata=nodata, progress=progress)
+        transform = transform if transform is not None else src.transform
+        mapping = None if transform.is_identity else transform
+        yield from features(polygons, transform=mapping, simplify=simplify, min_area=min_area)
+
+
+# --- writers -----------------------------------------------------------------------------------------------
+
+
+def _batches(items: Iterable[Feature]) -> Iterator[list[Feature]]:
+    iterator = iter(items)
+    while batch := list(islice(iterator, BATCH)):
+        yield batch
+
+
+def _columns(batch: Sequence[Feature], classes: MaskClasses) -> dict[str, np.ndarray]:
+    return {
+        "class_id": np.array([f.class_id for f in batch], dtype=np.int32),
+        "class_name": np.array([classes.name(f.class_id) for f in batch], dtype=object),
+        "colour": np.array([classes.colour(f.class_id) for f in batch], dtype=object),
+        "area": np.array([f.area for f in batch], dtype=np.float64),
+    }
+
+
+def write_gpkg(path: Path, items: Iterable[Feature], info: MaskInfo, *, layer: str) -> Counter[int]:
+    """GeoPackage, one layer of polygons in the mask's CRS; fields class_id, class_name, colour, area."""
+    from pyogrio.raw import write as ogr_write
+
+    def write(*args: Any, **kwargs: Any) -> None:
+        with warnings.catch_warnings():
+            # the hidden temporary name does not end in .gpkg; a slide's mask has no CRS (pixel coordinates)
+            warnings.filterwarnings("ignore", "The filename extension should be", RuntimeWarning)
+            warnings.filterwarnings("ignore", ".*non conformant file extension", RuntimeWarning)
+            warnings.filterwarnings("ignore", "'crs' was not provided", UserWarning)
+            ogr_write(*args, **kwargs)
+
+    counts: Counter[int] = Counter()
+    first = True
+    for batch in _batches(items):
+        columns = _columns(batch, info.classes)
+        geometry = shapely.to_wkb(np.array([f.geometry for f in batch], dtype=object))
+        write(
+            str(path),
+            geometry,
+            list(columns.values()),
+            list(columns),
+            layer=layer,
+            driver="GPKG",
+            geometry_type="Polygon",
+            crs=info.crs_wkt,
+            append=not first,
+        )
+        first = False
+        counts.update(f.class_id for f in batch)
+    if first:  # no polygon: an empty layer with the same fields
+        empty = _columns([], info.classes)
+        write(
+            str(path),
+            np.array([], dtype=object),
+            list(empty.values()),
+            list(empty),
+            layer=layer,
+            driver="GPKG",
+            geometry_type="Polygon",
+            crs=info.crs_wkt,
+        )
+    return counts
+
+
+def geoparquet_metadata(crs_wkt: str | None) -> dict[str, Any]:
+    """The ``geo`` metadata of a GeoParquet 1.1 file of WKB polygons in ``crs_wkt`` (PROJJSON; null: unknown, as
+    for a mask without a CRS, whose coordinates are pixels)."""
+    from rasterio.crs import CRS
+
+    crs = CRS.from_wkt(crs_wkt).to_dict(projjson=True) if crs_wkt else None
+    column = {"encoding": "WKB", "geometry_types": ["Polygon"], "crs": crs, "edges": "planar"}
+    return {"version": "1.1.0", "primary_column": "geometry", "columns": {"geometry": column}}
+
+
+def write_parquet(path: Path, items: Iterable[Feature], info: MaskInfo) -> Counter[int]:
+    """GeoParquet 1.1 (WKB geometry column, CRS as PROJJSON), one row group per batch."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema(
+        [
+            ("class_id", pa.int32()),
+            ("class_name", pa.string()),
+            ("colour", pa.string()),
+            ("area", pa.float64()),
+            ("geometry", pa.binary()),
+        ],
+        metadata={"geo": json.dumps(geoparquet_metadata(info.crs_wkt))},
+    )
+    counts: Counter[int] = Counter()
+    with pq.ParquetWriter(str(path), schema, compression="zstd") as writer:
+        for batch in _batches(items):
+            columns: dict[str, Any] = dict(_columns(batch, info.classes))
+            columns["geometry"] = shapely.to_wkb(np.array([f.geometry for f in batch], dtype=object))
+            writer.write_table(pa.Table.from_pydict(columns, schema=schema))
+            counts.update(f.class_id for f in batch)
+    return counts
+
+
+def _wgs84(batch: Sequence[Feature], crs_wkt: str) -> list[shapely.Polygon]:
+    """The polygons of ``batch`` in WGS 84 longitude/latitude, exteriors counter-clockwise, 7 decimals."""
+    from rasterio.crs import CRS
+    from rasterio.warp import transform_geom
+
+    mapped = transform_geom(CRS.from_wkt(crs_wkt), "EPSG:4326", [shapely.geometry.mapping(f.geometry) for f in batch])
+    polygons = [shapely.geometry.shape(m) for m in mapped]
+    rounded = shapely.transform(np.array(polygons, dtype=object), lambda xy: np.round(xy, WGS84_DECIMALS))
+    return [shapely.geometry.polygon.orient(p, 1.0) if p.geom_type == "Polygon" else p for p in rounded]
+
+
+def qupath_feature(geometry: dict[str, Any], name: str, colour: str, area: float, class_id: int) -> dict[str, Any]:
+    """One QuPath annotation (GeoJSON Feature): classification name and ``[r, g, b]`` colour, area in pixels²."""
+    return {
+        "type": "Feature",
+        "geometry": geometry,
+        "properties": {
+            "objectType": "annotation",
+            "classification": {"name": name, "color": list(parse_colour(colour))},
+            "measurements": {"Area px^2": area, "class id": class_id},
+        },
+    }
+
+
+def write_geojson(path: Path, items: Iterable[Feature], info: MaskInfo) -> Counter[int]:
+    """GeoJSON, streamed feature by feature: RFC 7946 (WGS 84) for a georeferenced mask, QuPath's annotations in
+    pixel coordinates for a mask without a CRS (see the module docstring)."""
+    counts: Counter[int] = Counter()
+    classes = info.classes
+    with open(path, "w", encoding="utf-8") as out:
+        out.write('{"type": "FeatureCollection", "features": [')
+        separator = "\n"
+        for batch in _batches(items):
+            if info.crs_wkt is not None:
+                geometries = _wgs84(batch, info.crs_wkt)
+                rows = (
+                    {
+                        "type": "Feature",
+                        "geometry": json.loads(shapely.to_geojson(g)),
+                        "properties": {
+                            "class_id": f.class_id,
+                            "class_name": classes.name(f.class_id),
+                            "colour": classes.colour(f.class_id),
+                            "area": f.area,
+                        },
+                    }
+                    for f, g in zip(batch, geometries, strict=True)
+                )
+            else:
+                rows = (
+                    qupath_feature(
+                        json.loads(shapely.to_geojson(f.geometry)),
+                        classes.name(f.class_id),
+                        classes.colour(f.class_id),
+                        f.area,
+                        f.class_id,
+                    )
+                    for f in batch
+                )
+            for row in rows:
+                out.write(separator + json.dumps(row, separators=(",", ":")))
+                separator = ",\n"
+            counts.update(f.class_id for f in batch)
+        out.write("\n]}\n")
+    return counts
+
+
+def write_features(path: Path, items: Iterable[Feature], info: MaskInfo, *, suffix: str, layer: str) -> Counter[int]:
+    """Write ``items`` to ``path`` in the format of ``suffix``; returns the features per class id."""
+    if suffix == ".gpkg":
+        return write_gpkg(path, items, info, layer=layer)
+    if suffix == ".parquet":
+        return write_parquet(path, items, info)
+    if suffix == ".geojson":
+        return write_geojson(path, items, info)
+    raise ConfigError(f"--vector must end in {', '.join(FORMATS)}, got {suffix!r}")
+
+
+def _library_write_errors() -> tuple[type[Exception], ...]:
+    """The write errors of pyogrio and pyarrow, which do not subclass OSError."""
+    from pyogrio import errors
+
+    found: list[type[Exception]] = [
+        errors.DataSourceError,
+        errors.DataLayerError,
+        errors.FieldError,
+        errors.FeatureError,
+        errors.GeometryError,
+        errors.CRSError,
+    ]
+    try:
+        import pyarrow
+    except ImportError:  # the parquet extra is not installed: the sink refused .parquet before the run
+        return tuple(found)
+    return (*found, pyarrow.ArrowException)
+
+
+@dataclass(frozen=True)
+class VectorResult(ExportResult):
+    """An :class:`~segpipe.pipeline.export.ExportResult` whose ``histogram`` counts features per class id.
+
+    Attributes:
+        features: Features written.
+        format: ``GeoPackage``, ``GeoJSON`` or ``GeoParquet``.
+    """
+
+    features: int = 0
+    format: str = ""
+
+
+def write_vector(
+    mask: str,
+    output: str | Path,
+    *,
+    block: int = BLOCK,
+    simplify: float = 0.0,
+    min_area: float = 0.0,
+    classes: MaskClasses | None = None,
+    transform: Affine | None = None,
+    progress: Callable[[int], Any] | None = None,
+) -> VectorResult:
+    """Polygonise the mask at ``mask`` into the local file ``output`` (its suffix names the format), atomically.
+
+    Args:
+        mask: The mask COG (a local path or URL).
+        output: The vector file: ``.gpkg``, ``.geojson`` or ``.parquet``.
+        block: Pixels per side of one block read.
+        simplify: Tolerance in CRS units (pixels without a CRS); 0: none.
+        min_area: Smallest polygon kept, in CRS units² (pixels²).
+        classes: Names and colours; default: the mask's own (its tags and colour table).
+        transform: Mask pixel -> output coordinates; default the mask's own (see :func:`mask_features`).
+        progress: Called with pixels read.
+
+    Raises:
+        ConfigError: an unknown suffix.
+        OutputError: the file cannot be written; nothing is left at ``output``.
+    """
+    start = time.perf_counter()
+    suffix = Path(output).suffix.lower()
+    if suffix not in FORMATS:
+        raise ConfigError(f"--vector {str(output)!r} must end in {', '.join(FORMATS)} ({', '.join(FORMATS.values())})")
+    info = read_mask_info(mask)
+    if classes is not None:
+        info = dataclasses.replace(info, classes=classes)
+    items = mask_features(
+        mask, block=block, simplify=simplify, min_area=min_area, transform=transform, progress=progress
+    )
+    try:
+        with atomic_output(output) as tmp:
+            counts = write_features(tmp, items, info, suffix=suffix, layer=Path(output).stem)
+    except SegpipeError:
+        raise
+    except (OSError, CPLE_BaseError, *_library_write_errors()) as exc:
+        raise OutputError(f"could not write {output}: {exc}; check free space and permissions") from None
+    total = sum(counts.values())
+    log.info("%s: %d polygons (%s)", output, total, FORMATS[suffix])
+    return VectorResult(
+        path=str(output),
+        seconds=time.perf_counter() - start,
+        histogram=dict(sorted(counts.items())),
+        bytes=Path(output).stat().st_size,
+        features=total,
+        format=FORMATS[suffix],
+    )
+
+
+# --- the sink ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VectorSink:
+    """The mask's polygons (``--vector``), written after the mask COG and read back from it block by block.
+
+    ``path`` is a local path or an object-storage URL; for a URL the file is written in the local scratch folder and
+    uploaded as one object when complete.
+    """
+
+    path: str
+    #: The mask COG it polygonises (the run's OUTPUT).
+    mask: str = ""
+    simplify: float = 0.0
+    min_area: float = 0.0
+    block: int = BLOCK
+    what: str = "--vector"
+    kind: ClassVar[str] = VECTOR
+    #: For :func:`segpipe.pipeline.export.sink_for`'s message on a wrong suffix.
+    written_as: ClassVar[str] = "GeoPackage, GeoJSON or GeoParquet, by the suffix"
+
+    def check(self, *, overwrite: bool) -> None:
+        if Path(self.path).suffix.lower() == ".parquet":
+            try:
+                import pyarrow.parquet  # noqa: F401
+            except ImportError:
+                raise ConfigError(
+                    f"--vector {self.path!r}: GeoParquet needs pyarrow; pip install 'segpipe[parquet]', or give a "
+                    ".gpkg path"
+                ) from None
+        if is_object_url(self.path):
+            check_object_output(self.path, self.what, overwrite=overwrite)
+        else:
+            check_local_output(self.path, self.what, overwrite=overwrite)
+
+    def write(
+        self,
+        store: ws.WorkStore,
+        *,
+        class_names: Sequence[str],
+        colours: Sequence[str],
+        scratch_dir: Path,
+        workers: int,
+        progress: Callable[[int], Any] | None = None,
+    ) -> ExportResult:
+        if not self.mask:
+            raise ConfigError("the vector output needs the mask it polygonises (VectorSink.mask)")
+        remote = is_object_url(self.path)
+        local = Path(scratch_dir) / f"{VECTOR}{Path(self.path).suffix.lower()}" if remote else Path(self.path)
+        scene = SceneInfo.from_attrs(store.attrs["scene"])
+        result = write_vector(
+            self.mask,
+            local,
+            block=self.block,
+            simplify=self.simplify,
+            min_area=self.min_area,
+            classes=MaskClasses(tuple(class_names), tuple(colours)),
+            # a slide's mask may be on a coarser grid than level 0 and, as an OME-TIFF, know nothing of it
+            transform=None if scene.crs_wkt else Affine(*scene.transform),
+            progress=progress,
+        )
+        if not remote:
+            return result
+        try:
+            objects.upload_file(local, self.path)
+        finally:
+            local.unlink(missing_ok=True)
+        return dataclasses.replace(result, path=self.path)
+
+
+SINKS[VECTOR] = dict.fromkeys(FORMATS, VectorSink)
