@@ -259,6 +259,29 @@ def check_local_output(path: str, what: str, *, overwrite: bool) -> None:
         raise OutputError(f"{what} {path!r} already exists; pass --overwrite to replace it")
 
 
+def check_output(path: str, what: str, *, overwrite: bool) -> None:
+    """Refuse ``path`` (named ``what`` in messages) before any work when it exists and ``overwrite`` is off, or
+    when it cannot be written: a local path or an object-storage URL."""
+    if is_object_url(path):
+        check_object_output(path, what, overwrite=overwrite)
+    else:
+        check_local_output(path, what, overwrite=overwrite)
+
+
+def build_and_deliver(path: str, scratch: Path, build: Callable[[Path], ExportResult]) -> ExportResult:
+    """``build(target)`` writes a complete output file at ``target``: ``path`` itself when it is local (the
+    builder writes atomically), else ``scratch`` in the local scratch folder, uploaded as one object only when
+    complete and removed afterwards, so a failed build or upload leaves nothing at ``path``."""
+    if not is_object_url(path):
+        return build(Path(path))
+    try:
+        result = build(scratch)
+        objects.upload_file(scratch, path)
+    finally:
+        scratch.unlink(missing_ok=True)
+    return dataclasses.replace(result, path=path)
+
+
 @dataclass(frozen=True)
 class CogSink:
     """The work store's ``mask`` (or ``probabilities``) as a Cloud Optimized GeoTIFF; see :func:`export_cog`.
@@ -273,10 +296,7 @@ class CogSink:
     kind: ClassVar[str] = ws.MASK
 
     def check(self, *, overwrite: bool) -> None:
-        if is_object_url(self.path):
-            check_object_output(self.path, self.what, overwrite=overwrite)
-        else:
-            check_local_output(self.path, self.what, overwrite=overwrite)
+        check_output(self.path, self.what, overwrite=overwrite)
 
     def write(
         self,
@@ -288,25 +308,20 @@ class CogSink:
         workers: int,
         progress: Callable[[int], Any] | None = None,
     ) -> ExportResult:
-        remote = is_object_url(self.path)
-        local = Path(scratch_dir) / f"{self.kind}.tif" if remote else Path(self.path)
-        result = export_cog(
-            store,
-            self.kind,
-            local,
-            scratch_dir=scratch_dir,
-            class_names=class_names,
-            colours=colours,
-            workers=workers,
-            progress=progress,
+        return build_and_deliver(
+            self.path,
+            Path(scratch_dir) / f"{self.kind}.tif",
+            lambda target: export_cog(
+                store,
+                self.kind,
+                target,
+                scratch_dir=scratch_dir,
+                class_names=class_names,
+                colours=colours,
+                workers=workers,
+                progress=progress,
+            ),
         )
-        if not remote:
-            return result
-        try:
-            objects.upload_file(local, self.path)
-        finally:
-            local.unlink(missing_ok=True)
-        return dataclasses.replace(result, path=self.path)
 
 
 @dataclass(frozen=True)

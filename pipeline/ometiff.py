@@ -17,7 +17,6 @@ into a scratch zarr group); the file is written under a temporary name and renam
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 import time
@@ -29,13 +28,11 @@ from typing import Any, ClassVar
 import numpy as np
 import zarr
 
-from segpipe.core import objects
 from segpipe.core.colours import rgba
 from segpipe.core.errors import OutputError
 from segpipe.core.files import atomic_output
-from segpipe.core.objects import is_object_url
 from segpipe.pipeline import store as ws
-from segpipe.pipeline.export import ExportResult, check_local_output, check_object_output
+from segpipe.pipeline.export import ExportResult, build_and_deliver, check_output
 from segpipe.pipeline.read import SceneInfo
 
 TILE = 512
@@ -199,10 +196,7 @@ class OmeTiffSink:
     kind: ClassVar[str] = ws.MASK
 
     def check(self, *, overwrite: bool) -> None:
-        if is_object_url(self.path):
-            check_object_output(self.path, self.what, overwrite=overwrite)
-        else:
-            check_local_output(self.path, self.what, overwrite=overwrite)
+        check_output(self.path, self.what, overwrite=overwrite)
 
     def write(
         self,
@@ -214,21 +208,16 @@ class OmeTiffSink:
         workers: int,
         progress: Callable[[int], Any] | None = None,
     ) -> ExportResult:
-        remote = is_object_url(self.path)
-        local = Path(scratch_dir) / "mask.ome.tif" if remote else Path(self.path)
-        result = export_ome_tiff(
-            store,
-            local,
-            scratch_dir=scratch_dir,
-            class_names=class_names,
-            colours=colours,
-            workers=workers,
-            progress=progress,
+        return build_and_deliver(
+            self.path,
+            Path(scratch_dir) / "mask.ome.tif",
+            lambda target: export_ome_tiff(
+                store,
+                target,
+                scratch_dir=scratch_dir,
+                class_names=class_names,
+                colours=colours,
+                workers=workers,
+                progress=progress,
+            ),
         )
-        if not remote:
-            return result
-        try:
-            objects.upload_file(local, self.path)
-        finally:
-            local.unlink(missing_ok=True)
-        return dataclasses.replace(result, path=self.path)

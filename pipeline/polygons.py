@@ -47,15 +47,13 @@ from affine import Affine
 from rasterio._err import CPLE_BaseError
 from rasterio.windows import Window as RasterioWindow
 
-from segpipe.core import objects
 from segpipe.core.colours import hex_colour, parse_colour
 from segpipe.core.errors import ConfigError, InputError, OutputError, SegpipeError
 from segpipe.core.files import atomic_output
-from segpipe.core.objects import is_object_url
 from segpipe.core.raster import GDAL_CACHE_BYTES, open_raster
 from segpipe.core.tiles import TileGrid, Window
 from segpipe.pipeline import store as ws
-from segpipe.pipeline.export import SINKS, ExportResult, check_local_output, check_object_output
+from segpipe.pipeline.export import SINKS, ExportResult, build_and_deliver, check_output
 from segpipe.pipeline.read import SceneInfo
 
 log = logging.getLogger(__name__)
@@ -637,10 +635,7 @@ class VectorSink:
                     f"--vector {self.path!r}: GeoParquet needs pyarrow; pip install 'segpipe[parquet]', or give a "
                     ".gpkg path"
                 ) from None
-        if is_object_url(self.path):
-            check_object_output(self.path, self.what, overwrite=overwrite)
-        else:
-            check_local_output(self.path, self.what, overwrite=overwrite)
+        check_output(self.path, self.what, overwrite=overwrite)
 
     def write(
         self,
@@ -654,27 +649,23 @@ class VectorSink:
     ) -> ExportResult:
         if not self.mask:
             raise ConfigError("the vector output needs the mask it polygonises (VectorSink.mask)")
-        remote = is_object_url(self.path)
-        local = Path(scratch_dir) / f"{VECTOR}{Path(self.path).suffix.lower()}" if remote else Path(self.path)
+        mask = self.mask
         scene = SceneInfo.from_attrs(store.attrs["scene"])
-        result = write_vector(
-            self.mask,
-            local,
-            block=self.block,
-            simplify=self.simplify,
-            min_area=self.min_area,
-            classes=MaskClasses(tuple(class_names), tuple(colours)),
-            # a slide's mask may be on a coarser grid than level 0 and, as an OME-TIFF, know nothing of it
-            transform=None if scene.crs_wkt else Affine(*scene.transform),
-            progress=progress,
+        return build_and_deliver(
+            self.path,
+            Path(scratch_dir) / f"{VECTOR}{Path(self.path).suffix.lower()}",
+            lambda target: write_vector(
+                mask,
+                target,
+                block=self.block,
+                simplify=self.simplify,
+                min_area=self.min_area,
+                classes=MaskClasses(tuple(class_names), tuple(colours)),
+                # a slide's mask may be on a coarser grid than level 0 and, as an OME-TIFF, know nothing of it
+                transform=None if scene.crs_wkt else Affine(*scene.transform),
+                progress=progress,
+            ),
         )
-        if not remote:
-            return result
-        try:
-            objects.upload_file(local, self.path)
-        finally:
-            local.unlink(missing_ok=True)
-        return dataclasses.replace(result, path=self.path)
 
 
 SINKS[VECTOR] = dict.fromkeys(FORMATS, VectorSink)
