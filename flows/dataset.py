@@ -109,7 +109,7 @@ def plan_night(
     decided = []
     for ref in refs:
         try:
-            file = describe_scene(ref.href)
+            file = describe_scene(ref.href, mpp=options.mpp)
             settings = _scene_settings(ref, output_dir, options, dataset, slide=file.pyramid is not None)
             current = scene_output_key(settings, file, loaded)
         except SegpipeError as exc:

@@ -9,8 +9,8 @@
   scaling, or one clear error when the contract says ``refuse``; a percentile stretch is computed here from a
   bounded sample of the scene's valid pixels (:func:`segpipe.pipeline.read.sample_scene`);
 - for a whole-slide image, the pixel size it is read at (``--resolution``, else the model's ``resolution``, else
-  level 0 with a warning; :mod:`segpipe.core.pyramid`) and the tissue detection (``--tissue``), also in the
-  selection;
+  level 0 with a warning; :mod:`segpipe.core.pyramid`), the tissue detection (``--tissue``) and the level-0 pixel
+  size that replaces the file's (``--mpp``), also in the selection;
 - warnings a user should see: bands taken in order because the file does not name them, values stretched, a
   border of zeros that may be nodata without the file saying so.
 
@@ -21,7 +21,7 @@ that fixes it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from segpipe.core.bands import BandMatch, match_bands, scene_band_names
@@ -80,6 +80,7 @@ def fit_scene(
     scaling: str | None = None,
     resolution: str | None = None,
     tissue: str = "none",
+    mpp: float | None = None,
     compute: bool = True,
 ) -> SceneFit:
     """Decide how ``file`` (the description of the whole file) feeds the model of ``meta``.
@@ -92,6 +93,8 @@ def fit_scene(
         scaling: ``--scaling`` (overrides the model's contract).
         resolution: ``--resolution`` (slides: overrides the model's ``resolution``; ``native``: level 0).
         tissue: ``--tissue`` (slides: ``otsu`` or ``none``).
+        mpp: ``--mpp``: level 0's pixel size in micrometres, replacing the file's (``file`` must then be described
+            with it: ``describe_scene(path, mpp=mpp)``).
         compute: Compute the pixel map (a percentile stretch reads a sample of the scene); False: only decide
             (what an output key needs: the scaling's text and the scene's fingerprint determine the map).
 
@@ -105,12 +108,13 @@ def fit_scene(
         meta.bands, names, descriptions=file.band_descriptions, asked=bands, where=f"the scene {file.path!r}"
     )
     warnings: list[str] = []
-    target, slide = _slide_read(file, meta, resolution, tissue, warnings)
+    target, slide = _slide_read(file, meta, resolution, tissue, mpp, warnings)
     selection = Selection(
         None if match.is_identity(file.count) else match.indexes,
         nodata,
         target,
         tissue if file.pyramid is not None else "none",
+        mpp,  # refused by select() for a scene that is not a slide
     )
     scene = file.select(selection)
     if slide is not None:
@@ -181,10 +185,11 @@ def _describe_map(mapped: PixelMap) -> str:
 
 
 def _slide_read(
-    file: SceneInfo, meta: ModelMetadata, resolution: str | None, tissue: str, warnings: list[str]
+    file: SceneInfo, meta: ModelMetadata, resolution: str | None, tissue: str, mpp: float | None, warnings: list[str]
 ) -> tuple[float | None, dict[str, Any] | None]:
     """The pixel size (micrometres) a slide is read at, and how it is read (for the summary); (None, None) for a
-    scene that is not a slide. Appends the warnings a user should see.
+    scene that is not a slide. ``mpp`` (``--mpp``) replaces level 0's pixel size. Appends the warnings a user
+    should see.
 
     Raises:
         InputError: ``--resolution`` asks for a pixel size the slide cannot give (it states none).
@@ -196,6 +201,11 @@ def _slide_read(
             warnings.append(f"--resolution {asked} applies to whole-slide images; this scene is read as it is")
         return None, None
     pyramid = file.pyramid
+    stated = pyramid.mpp
+    if mpp is not None:
+        pyramid = replace(pyramid, mpp=(mpp, mpp))
+        if stated is not None and abs(stated[0] / mpp - 1) > 1e-6:
+            warnings.append(f"the slide states {stated[0]:g} um per pixel; --mpp {mpp:g} replaces it")
     if asked is not None and asked.unit != "um":
         raise ConfigError(f"--resolution {asked}: a slide's pixel size is in micrometres; give e.g. 0.5um")
     model = meta.resolution if meta.resolution is not None and meta.resolution.unit == "um" else None
@@ -210,7 +220,7 @@ def _slide_read(
         if asked is not None:
             raise InputError(
                 f"slide {file.path!r} states no pixel size (microns per pixel), so it cannot be read at "
-                f"{asked}; pass --resolution native"
+                f"{asked}; pass --resolution native, or state it with --mpp"
             )
         warnings.append(
             f"the slide states no pixel size (microns per pixel); it is read at level 0, not at the model's {model}"
@@ -230,6 +240,7 @@ def _slide_read(
         "target_mpp": target,
         "factor": read.factor,
         "resampled": read.resampled,
-        "mpp": list(mpp) if (mpp := read.mpp(pyramid)) else None,
+        "mpp": list(grid_mpp) if (grid_mpp := read.mpp(pyramid)) else None,
         "tissue": tissue,
+        **({"mpp_option": mpp, "stated_mpp": list(stated) if stated else None} if mpp is not None else {}),
     }

@@ -272,7 +272,7 @@ def make_plan(settings: RunSettings, *, loaded: LoadedModel | None = None) -> Ru
         _check_local_workers(settings.workers, settings.device)
     sinks = _check_outputs(settings)
 
-    file = describe_scene(settings.input)
+    file = describe_scene(settings.input, mpp=settings.mpp)
     loaded = loaded or load_model(settings.model, device="cpu", metadata=settings.model_metadata)
     meta = loaded.metadata
     fit = fit_scene(
@@ -283,6 +283,7 @@ def make_plan(settings: RunSettings, *, loaded: LoadedModel | None = None) -> Ru
         scaling=settings.scaling,
         resolution=settings.resolution,
         tissue=settings.tissue,
+        mpp=settings.mpp,
     )
     for line in fit.warnings:
         log.warning("%s: %s", settings.input, line)
@@ -321,6 +322,7 @@ def scene_output_key(settings: RunOptions, file: SceneInfo, loaded: LoadedModel)
         scaling=settings.scaling,
         resolution=settings.resolution,
         tissue=settings.tissue,
+        mpp=settings.mpp,
         compute=False,
     )
     tile_size, halo, batch_size = resolve_tiling(settings, meta)

@@ -12,9 +12,13 @@ message. Each open source is one handle: threads open their own.
 
 A run may read a :class:`Selection` of the file: some of its bands, in the model's order (``--bands``), a
 nodata value that replaces the file's (``--nodata``) and, for a whole-slide image, the pixel size it is read at
-(``--resolution``) and whether only tissue is valid (``--tissue``). A source opened with a selection describes
-and reads only that view; the view's fingerprint differs from the file's, so work stores and output keys follow
-the selection.
+(``--resolution``), whether only tissue is valid (``--tissue``) and the level-0 pixel size that replaces what the
+file states (``--mpp``). A source opened with a selection describes and reads only that view; the view's
+fingerprint differs from the file's, so work stores and output keys follow the selection.
+
+``--mpp`` also chooses the source: a selection with :attr:`Selection.mpp` is opened by the whole-slide source
+whatever the probes say (:func:`open_source`), which reads a plain, not georeferenced RGB image (TIFF, PNG, JPEG)
+as a one-level slide and refuses a georeferenced scene; without it, sources are chosen by content as above.
 """
 
 from __future__ import annotations
@@ -41,17 +45,26 @@ class Selection:
     """What a run reads of a file: which bands (1-based numbers, in the model's order; None: all, in order), the
     value that marks nodata in every band (None: the file's own nodata, mask or alpha) and, for a whole-slide image,
     the pixel size read (``resolution`` micrometres per pixel; None: level 0 as it is, see
-    :mod:`segpipe.core.pyramid`) and the tissue detection that makes background nodata (``tissue``: ``none`` or
-    ``otsu``, see :mod:`segpipe.core.tissue`). Sources of other scenes ignore the last two."""
+    :mod:`segpipe.core.pyramid`), the tissue detection that makes background nodata (``tissue``: ``none`` or
+    ``otsu``, see :mod:`segpipe.core.tissue`) and the level-0 pixel size that replaces the file's (``mpp``
+    micrometres, ``--mpp``; None: what the file states). Sources of other scenes ignore ``resolution`` and
+    ``tissue``, and refuse ``mpp``."""
 
     bands: tuple[int, ...] | None = None
     nodata: float | None = None
     resolution: float | None = None
     tissue: str = "none"
+    mpp: float | None = None
 
     @property
     def is_default(self) -> bool:
-        return self.bands is None and self.nodata is None and self.resolution is None and self.tissue == "none"
+        return (
+            self.bands is None
+            and self.nodata is None
+            and self.resolution is None
+            and self.tissue == "none"
+            and self.mpp is None
+        )
 
     def invalid(self, pixels: np.ndarray) -> np.ndarray:
         """(h, w) bool: where every band equals :attr:`nodata` (NaN matches NaN)."""
@@ -70,6 +83,8 @@ class Selection:
             attrs["resolution"] = self.resolution
         if self.tissue != "none":
             attrs["tissue"] = self.tissue
+        if self.mpp is not None:  # as resolution: other selections keep their fingerprints
+            attrs["mpp"] = self.mpp
         return attrs
 
     @classmethod
@@ -77,12 +92,13 @@ class Selection:
         if not attrs:
             return cls()
         bands, nodata = attrs.get("bands"), attrs.get("nodata")
-        resolution = attrs.get("resolution")
+        resolution, mpp = attrs.get("resolution"), attrs.get("mpp")
         return cls(
             tuple(int(b) for b in bands) if bands is not None else None,
             None if nodata is None else float(nodata),
             None if resolution is None else float(resolution),
             str(attrs.get("tissue", "none")),
+            None if mpp is None else float(mpp),
         )
 
 
@@ -157,16 +173,25 @@ class SceneInfo:
 
         digest = hashlib.sha256(f"{self.fingerprint}|{selection.to_attrs()}".encode()).hexdigest()
         grid: dict[str, Any] = {}
-        if self.pyramid is not None and selection.resolution is not None:
-            if self.pyramid.mpp is None:
+        pyramid = self.pyramid
+        if selection.mpp is not None:
+            if pyramid is None:
+                raise InputError(
+                    f"input {self.path!r} is read by the {self.source} source, not as a microscopy image; --mpp "
+                    "applies to whole-slide and plain microscopy images: leave it out for this scene"
+                )
+            pyramid = replace(pyramid, mpp=(selection.mpp, selection.mpp))  # --mpp: level 0's pixel size
+            grid = {"pyramid": pyramid, "mpp": pyramid.mpp}
+        if pyramid is not None and selection.resolution is not None:
+            if pyramid.mpp is None:
                 raise InputError(
                     f"slide {self.path!r} states no pixel size (microns per pixel), so it cannot be read at "
-                    f"{selection.resolution:g} um per pixel; pass --resolution native"
+                    f"{selection.resolution:g} um per pixel; pass --resolution native, or state it with --mpp"
                 )
-            read = plan_read(self.pyramid, selection.resolution)
+            read = plan_read(pyramid, selection.resolution)
             f = read.factor
-            grid = {"width": read.width, "height": read.height, "transform": (f, 0.0, 0.0, 0.0, f, 0.0)}
-            grid["mpp"] = read.mpp(self.pyramid)
+            grid.update(width=read.width, height=read.height, transform=(f, 0.0, 0.0, 0.0, f, 0.0))
+            grid["mpp"] = read.mpp(pyramid)
         return replace(
             self,
             **grid,
@@ -327,8 +352,10 @@ def source_type(name: str) -> SourceType:
 
 
 def open_source(path: str, *, source: str | None = None, selection: Selection | None = None) -> SceneSource:
-    """Open ``path`` (its ``selection``, default all bands) with the named source, or with the first registered
-    source whose ``probe`` accepts it.
+    """Open ``path`` (its ``selection``, default all bands) with the named source; else, for a selection with
+    ``mpp`` (``--mpp``), with the whole-slide source (it reads a plain RGB image as a one-level slide, and says why
+    when it cannot: a georeferenced scene, another kind of image); else with the first registered source whose
+    ``probe`` accepts it.
 
     Raises:
         InputError: no source reads it, a whole-slide image is at a URL (OpenSlide reads local files only), or the
@@ -340,6 +367,8 @@ def open_source(path: str, *, source: str | None = None, selection: Selection | 
         raise InputError(problem)
     if source is not None:
         return source_type(source)(path, chosen)
+    if chosen.mpp is not None:  # a microscopy image, whatever it states: never a plain picture for GDAL
+        return source_type("slide")(path, chosen)
     for name in SOURCES:
         kind = source_type(name)
         if kind.probe(path):
@@ -349,15 +378,26 @@ def open_source(path: str, *, source: str | None = None, selection: Selection | 
     )
 
 
-def describe_scene(path: str, selection: Selection | None = None) -> SceneInfo:
+def describe_scene(path: str, selection: Selection | None = None, *, mpp: float | None = None) -> SceneInfo:
     """Open, validate and describe a scene (its ``selection``) without reading its pixels; a scene without
     georeferencing works, with one warning.
+
+    Args:
+        path: The scene.
+        selection: What is read of it (None: the whole file).
+        mpp: ``--mpp``: open it as a microscopy image of this level-0 pixel size (micrometres), with the
+            whole-slide source (see :func:`open_source`). Without ``selection`` the description is still of the
+            file as it states itself; the run's selection applies the pixel size
+            (:func:`segpipe.pipeline.fit.fit_scene`).
 
     Raises:
         InputError: with a message saying what is wrong with the scene and what to do.
     """
-    with open_source(path, selection=selection) as src:
+    chosen = selection if mpp is None else replace(selection or Selection(), mpp=mpp)
+    with open_source(path, selection=chosen) as src:
         info = src.info
+        if selection is None and mpp is not None:
+            info = src.file  # type: ignore[attr-defined]  # the whole-slide source's description of the file
     if not info.georeferenced and info.pyramid is None:  # a slide's grid is in microns, not a CRS
         log.warning("%s has no georeferencing (no CRS, identity transform): the mask keeps pixel coordinates", path)
     return info

@@ -17,7 +17,7 @@ from segpipe.core.bands import parse_bands
 from segpipe.core.errors import ConfigError
 from segpipe.core.options import option
 from segpipe.core.pixels import Scaling
-from segpipe.core.pyramid import parse_resolution
+from segpipe.core.pyramid import MAX_SLIDE_MPP, parse_resolution
 from segpipe.core.runtime import DEVICES
 from segpipe.pipeline.merge import MERGERS
 
@@ -64,6 +64,12 @@ class RunOptions:
         "otsu",
         help="slides: otsu (default): only tissue is segmented (Otsu on saturation), background is nodata; none",
         choices=TISSUE_METHODS,
+    )
+    mpp: float | None = option(
+        None,
+        help="the scene's level-0 pixel size in micrometres, for a microscopy image that does not state it or "
+        "states it wrongly (a plain RGB TIFF, PNG or JPEG is then read as a slide)",
+        metavar="UM",
     )
     tile_size: int | None = option(None, help="tile core size in pixels (default: the model's)", metavar="N")
     halo: int | None = option(
@@ -134,6 +140,10 @@ class RunOptions:
             parse_bands(self.bands)
         if self.resolution is not None:
             parse_resolution(self.resolution)  # ConfigError naming what is allowed
+        if self.mpp is not None and not 0 < self.mpp <= MAX_SLIDE_MPP:  # NaN too
+            raise ConfigError(
+                f"--mpp must be a pixel size in micrometres, > 0 and <= {MAX_SLIDE_MPP:g}, got {self.mpp}"
+            )
         if self.tissue not in TISSUE_METHODS:
             raise ConfigError(f"--tissue must be one of {', '.join(TISSUE_METHODS)}, got {self.tissue!r}")
 

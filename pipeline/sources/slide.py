@@ -21,6 +21,19 @@ level as it is, or a level resampled by the exact factor), its transform in leve
 ``Selection.tissue == "otsu"`` only tissue is valid (:mod:`segpipe.core.tissue`): the saturation of a thumbnail of
 about :data:`TISSUE_MPP` micrometres per pixel (read block by block, bounded memory) is thresholded once per
 process and slide; background tiles are then skipped and written as nodata, as nodata tiles of any scene are.
+
+``--mpp`` (``Selection.mpp``): the level-0 pixel size is the user's, whatever the file states (a slide that states
+none or a wrong one), and :func:`segpipe.pipeline.read.open_source` brings every image here, not only what
+:meth:`SlideSource.probe` accepts. A vendor slide, or a tiled TIFF that is 8-bit RGB, is read by OpenSlide as above
+(without a pixel size of its own, or with its own replaced). A plain 8-bit RGB image that is not georeferenced
+(a strip TIFF, PNG or JPEG that GDAL gives no CRS and an identity transform) is read as a one-level slide through
+``openslide.ImageSlide``, openslide-python's wrapper of a PIL image (what ``openslide.open_slide`` falls back to;
+its ``read_region`` pads beyond the edge with transparent pixels as OpenSlide does, and it states no properties).
+PIL decodes such an image whole, in every reader that opens it (one per ingest region of 2048 pixels), so it suits
+images of tens of megapixels; PIL's decompression-bomb limit applies (``PIL.Image.MAX_IMAGE_PIXELS``, 89,478,485
+pixels: PIL warns above it and refuses above twice it, which is refused here with one line). Larger images should
+be tiled pyramidal TIFFs (``vips tiffsave in.tif out.tif --tile --pyramid``), which OpenSlide reads region by
+region. A georeferenced scene, an image that is not 8-bit RGB, or a file at a URL is refused with one line.
 """
 
 from __future__ import annotations
@@ -39,16 +52,13 @@ from PIL import Image
 
 from segpipe.core.errors import InputError
 from segpipe.core.objects import is_object_url
-from segpipe.core.pyramid import Pyramid, SlideRead, grid_size, plan_read
+from segpipe.core.pyramid import MAX_SLIDE_MPP, Pyramid, SlideRead, grid_size, plan_read
 from segpipe.core.raster import identity
 from segpipe.core.tiles import Window
 from segpipe.core.tissue import saturation, tissue_mask
 from segpipe.pipeline.read import SceneInfo, Selection
 
 log = logging.getLogger(__name__)
-
-#: A generic TIFF whose pixels are larger than this (micrometres) is not a microscope's (72 dpi is 353 um).
-MAX_SLIDE_MPP = 50.0
 
 #: GeoTIFF tags: ModelPixelScale, ModelTiepoint, ModelTransformation, GeoKeyDirectory.
 GEOTIFF_TAGS = (33550, 33922, 34264, 34735)
@@ -96,7 +106,77 @@ def _generic_tiff_is_slide(path: str) -> bool:
         return False
 
 
-def _mpp(slide: openslide.OpenSlide) -> tuple[float, float] | None:
+def _georeferenced(path: str) -> bool:
+    """Whether GDAL gives ``path`` a CRS or a transform other than the identity (as the GDAL source decides)."""
+    import warnings
+
+    import rasterio
+    from rasterio.errors import NotGeoreferencedWarning, RasterioError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            with rasterio.open(path) as src:
+                return src.crs is not None or not src.transform.is_identity
+    except RasterioError:
+        return False  # not a raster GDAL reads: no georeferencing either
+
+
+def _tiff_is_rgb(path: str) -> bool:
+    """Whether the first page of a TIFF is 8-bit RGB (or RGBA)."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages.first
+            return bool(page.dtype == np.uint8 and page.samplesperpixel in (3, 4))
+    except (OSError, ValueError, tifffile.TiffFileError):
+        return False
+
+
+def _open_slide(path: str, mpp: float | None) -> openslide.AbstractSlide:
+    """The reader of ``path``: OpenSlide; with ``mpp`` (``--mpp``) also a plain image through PIL (see the module
+    docstring).
+
+    Raises:
+        InputError: OpenSlide cannot open it; with ``mpp``: a file at a URL, a georeferenced scene, an image that
+            is not 8-bit RGB or that PIL refuses.
+    """
+    if mpp is None:
+        try:
+            return openslide.OpenSlide(path)
+        except (openslide.OpenSlideError, OSError) as exc:
+            raise InputError(f"slide {path!r} cannot be opened by OpenSlide ({exc}); is it complete?") from None
+    try:
+        vendor = openslide.OpenSlide.detect_format(path)
+    except (openslide.OpenSlideError, OSError, ValueError):
+        vendor = None
+    if vendor in (None, "generic-tiff") and _georeferenced(path):
+        raise InputError(
+            f"input {path!r} is georeferenced (it has a CRS or a geotransform); --mpp states the pixel size of a "
+            "microscopy image: leave it out for this scene"
+        )
+    if vendor is not None:
+        if vendor == "generic-tiff" and not _tiff_is_rgb(path):
+            raise InputError(f"input {path!r} is not an 8-bit RGB image; --mpp reads 8-bit RGB microscopy images")
+        return _open_slide(path, None)
+    try:
+        with Image.open(path) as image:
+            mode, kind = image.mode, image.format
+    except Image.DecompressionBombError:
+        raise InputError(
+            f"input {path!r} is larger than PIL's limit of {2 * (Image.MAX_IMAGE_PIXELS or 0)} pixels for a plain "
+            "image, which it decodes whole; convert it to a tiled pyramidal TIFF (vips tiffsave IN OUT.tif --tile "
+            "--pyramid), which is read region by region"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise InputError(f"input {path!r} is neither a slide OpenSlide reads nor an image PIL reads ({exc})") from None
+    if mode not in ("RGB", "RGBA") or (kind == "TIFF" and not _tiff_is_rgb(path)):  # PIL reads 16-bit RGB as 8
+        raise InputError(f"input {path!r} is not an 8-bit RGB image ({kind} {mode}); --mpp reads 8-bit RGB images")
+    return openslide.ImageSlide(path)
+
+
+def _mpp(slide: openslide.AbstractSlide) -> tuple[float, float] | None:
     props = slide.properties
     try:
         mpp = (float(props[openslide.PROPERTY_NAME_MPP_X]), float(props[openslide.PROPERTY_NAME_MPP_Y]))
@@ -106,7 +186,7 @@ def _mpp(slide: openslide.OpenSlide) -> tuple[float, float] | None:
 
 
 def read_box(
-    slide: openslide.OpenSlide,
+    slide: openslide.AbstractSlide,
     pyramid: Pyramid,
     level: int,
     box: tuple[float, float, float, float],
@@ -152,24 +232,25 @@ class TissueMap:
 
 
 _tissue_lock = threading.Lock()
-_tissue_cache: dict[tuple[str, str], TissueMap] = {}
+_tissue_cache: dict[tuple[str, str, float | None], TissueMap] = {}
 
 
-def tissue_map(path: str, fingerprint: str) -> TissueMap:
-    """The tissue mask of the slide at ``path``, computed once per process (keyed by its fingerprint)."""
-    key = (path, fingerprint)
+def tissue_map(path: str, fingerprint: str, mpp: float | None = None) -> TissueMap:
+    """The tissue mask of the slide at ``path`` (its level-0 pixel size ``mpp`` when ``--mpp`` states it),
+    computed once per process (keyed by its fingerprint)."""
+    key = (path, fingerprint, mpp)
     with _tissue_lock:
         if key not in _tissue_cache:
             if len(_tissue_cache) >= 8:
                 _tissue_cache.pop(next(iter(_tissue_cache)))
-            _tissue_cache[key] = _compute_tissue(path)
+            _tissue_cache[key] = _compute_tissue(path, mpp)
         return _tissue_cache[key]
 
 
-def _compute_tissue(path: str) -> TissueMap:
-    slide = openslide.OpenSlide(path)
+def _compute_tissue(path: str, mpp_asked: float | None) -> TissueMap:
+    slide = _open_slide(path, mpp_asked)
     try:
-        pyramid = _pyramid(slide)
+        pyramid = _pyramid(slide, mpp_asked)
         mpp = pyramid.mpp
         side = max(pyramid.width, pyramid.height)
         factor = min(TISSUE_MPP / mpp[0] if mpp else 32.0, side / TISSUE_MIN_SIDE)
@@ -193,11 +274,12 @@ def _compute_tissue(path: str) -> TissueMap:
     return TissueMap(mask, factor, threshold, share)
 
 
-def _pyramid(slide: openslide.OpenSlide) -> Pyramid:
+def _pyramid(slide: openslide.AbstractSlide, mpp: float | None = None) -> Pyramid:
+    """The slide's levels, with level 0's pixel size ``mpp`` (``--mpp``) or else the one the slide states."""
     return Pyramid(
         tuple((int(w), int(h)) for w, h in slide.level_dimensions),
         tuple(float(d) for d in slide.level_downsamples),
-        _mpp(slide),
+        (mpp, mpp) if mpp is not None else _mpp(slide),
     )
 
 
@@ -206,7 +288,8 @@ class SlideSource:
 
     Args:
         path: A local path (OpenSlide reads local files only).
-        selection: Bands, nodata, pixel size and tissue detection (see :class:`~segpipe.pipeline.read.Selection`).
+        selection: Bands, nodata, pixel size, tissue detection and ``--mpp`` (see
+            :class:`~segpipe.pipeline.read.Selection`); with ``mpp``, a plain RGB image is read too.
 
     Raises:
         InputError: OpenSlide cannot open the slide, or the selection asks for what it cannot give.
@@ -228,6 +311,11 @@ class SlideSource:
         return vendor != "generic-tiff" or _generic_tiff_is_slide(path)
 
     def __init__(self, path: str, selection: Selection | None = None) -> None:
+        self.selection = selection or Selection()
+        if self.selection.mpp is not None and (is_object_url(path) or "://" in path or path.startswith("/vsi")):
+            raise InputError(
+                f"input {path!r} is at a URL; --mpp reads microscopy images, and those only from local files"
+            )
         if not Path(path).exists():  # a Ray worker on a node that does not mount the driver's slide
             import socket
 
@@ -235,23 +323,19 @@ class SlideSource:
                 f"slide {path!r} is not on {socket.gethostname()}; OpenSlide reads local files only: on a cluster "
                 "of several machines, put the slide on shared storage mounted at the same path on every node"
             )
+        self.slide = _open_slide(path, self.selection.mpp)
         try:
-            self.slide = openslide.OpenSlide(path)
-        except (openslide.OpenSlideError, OSError) as exc:
-            raise InputError(f"slide {path!r} cannot be opened by OpenSlide ({exc}); is it complete?") from None
-        try:
-            self.selection = selection or Selection()
-            self.pyramid = _pyramid(self.slide)
             self.vendor = str(self.slide.properties.get(openslide.PROPERTY_NAME_VENDOR, ""))
-            self._file = self._describe(path)
+            self._file = self._describe(path, _pyramid(self.slide))  # the file as it states itself
             self._info = self._file.select(self.selection)
+            assert self._info.pyramid is not None
+            self.pyramid = self._info.pyramid  # with --mpp: its pixel size
             self.plan: SlideRead = plan_read(self.pyramid, self.selection.resolution if self.pyramid.mpp else None)
         except BaseException:
             self.slide.close()
             raise
 
-    def _describe(self, path: str) -> SceneInfo:
-        pyramid = self.pyramid
+    def _describe(self, path: str, pyramid: Pyramid) -> SceneInfo:
         header = {
             "sizes": pyramid.sizes,
             "downsamples": pyramid.downsamples,
@@ -286,11 +370,16 @@ class SlideSource:
         return self._info
 
     @property
+    def file(self) -> SceneInfo:
+        """The description of the whole file as it states itself (no selection, no ``--mpp``)."""
+        return self._file
+
+    @property
     def tissue(self) -> TissueMap | None:
         """The slide's tissue mask when the selection asks for one."""
         if self.selection.tissue != "otsu":
             return None
-        return tissue_map(self._info.path, self._file.fingerprint)
+        return tissue_map(self._info.path, self._file.fingerprint, self.selection.mpp)
 
     def read(self, window: Window, *, out_shape: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Pixels (bands, h, w) uint8 and validity (h, w) uint8 of ``window`` of the scene grid, or of the same

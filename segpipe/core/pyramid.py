@@ -30,6 +30,10 @@ SNAP = 0.025
 #: Units of a resolution: micrometres (slides) and metres (satellite and aerial imagery).
 UNITS = ("um", "m")
 
+#: The largest level-0 pixel size (micrometres) of a microscopy image: a generic TIFF whose pixels are larger is not
+#: a microscope's (72 dpi is 353 um), and ``--mpp`` accepts no more.
+MAX_SLIDE_MPP = 50.0
+
 _RESOLUTION = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(um|µm|μm|m)\s*$")
 
 
