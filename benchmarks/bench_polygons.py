@@ -13,11 +13,12 @@
    export writes a mask. Cached with a sidecar. Two series: ``as-segmented``, and ``water-as-nodata``, the same
    masks with the class ``water`` made nodata (255). Why the second: in the source mask one water region (48 % of
    its pixels, 187 holes) touches all four edges, so in every mirror tiling it is a single polygon across the whole
-   mask, which the polygoniser must hold whole (it crosses the lower edge of every row of blocks) and union with
-   each row's parts; any class that covers a scene in one connected piece (a background class) does the same.
-   Without water no polygon spans the mask, and memory is bounded by a row of blocks and the polygons crossing it.
+   mask, whose pieces the polygoniser must hold until the last row (it crosses the lower edge of every row of
+   blocks) and union at the end; any class that covers a scene in one connected piece (a background class) does the
+   same. Without water no polygon spans the mask, and memory is bounded by a row of blocks and the polygons crossing
+   it.
 3. **Polygonising**: :func:`segpipe.pipeline.polygons.write_vector` (what ``--vector`` runs after the mask is
-   written: GDAL's polygoniser block by block, cut polygons unioned per row of blocks, features written to a
+   written: GDAL's polygoniser block by block, cut polygons grouped and each unioned once, features written to a
    GeoPackage in batches) in a fresh process per mask. Time of the call, features written, the file's size, and
    memory: the process's peak RSS (VmHWM) and its RSS before the call (the imports: numpy, rasterio, shapely,
    pyogrio), and the peak RSS and PSS of the process sampled every 0.2 s from outside

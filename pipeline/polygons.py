@@ -3,13 +3,14 @@
 A mask (one uint8 band of class ids, nodata 255) is read in square blocks of ``block`` pixels and each block is
 polygonised with GDAL's polygoniser (:func:`rasterio.features.shapes`, 4-connected, nodata excluded), in pixel
 coordinates. A polygon that touches no inner block edge is final and is yielded at once. A polygon that touches one
-was cut by it; it waits until its block row is done, and is then unioned with the other waiting parts of its class
-(shapely) and split into connected parts again. A part that touches the bottom of the row may go on in the next row
-and waits again; the others are final. Memory is thus bounded by one row of blocks and the polygons that cross its
-lower edge, not by the scene (only a polygon as large as the scene, which is written whole, is held whole). Since
-the parts are unioned exactly (integer pixel coordinates) and every polygon is brought to one canonical form
-(collinear vertices dropped, rings normalised), any block size gives the same polygons
-(``tests/pipeline/test_polygons.py``).
+was cut by it: a piece. Pieces are gathered into groups, not unioned: when a row of blocks is done, its pieces join
+the groups they touch (same class; from the row above, only the pieces on its lower edge can), and a group that no
+longer reaches the lower edge of the row is complete: its pieces are unioned once (:func:`shapely.union_all`) and
+split into polygons (see :func:`merge_row`). Memory is thus bounded by one row of blocks and the pieces of the
+polygons that cross its lower edge, not by the scene (only a polygon as large as the scene, which is written whole,
+is held whole, as pieces), and each polygon is unioned once, so time grows with the pixels. Since the pieces are
+unioned exactly (integer pixel coordinates) and every polygon is brought to one canonical form (collinear vertices
+dropped, rings normalised), any block size gives the same polygons (``tests/pipeline/test_polygons.py``).
 
 Units: polygonising works in the mask's pixels (x = column, y = row). The polygons are then mapped through the
 mask's affine transform: a georeferenced mask's into CRS units, a slide's mask (no CRS) into level-0 pixels (its
@@ -222,6 +223,74 @@ def polygonise_block(data: np.ndarray, window: Window, *, nodata: int | None) ->
     return polygons, np.asarray(values, dtype=np.int64)
 
 
+@dataclass
+class Group:
+    """Pieces of one class (pixel polygons cut by block edges) known to be connected: the parts of one polygon (or
+    of a few that touch only at a corner, which the union splits again).
+
+    Attributes:
+        pieces: Every piece so far, in pixel coordinates.
+        frontier: Those on the lower edge of the last row of blocks merged: only they can touch the next row.
+    """
+
+    pieces: list[shapely.Polygon]
+    frontier: list[shapely.Polygon] = field(default_factory=list)
+
+    def polygons(self) -> Any:
+        """The polygons of a complete group: its pieces unioned once and split into connected parts, canonical.
+
+        For a polygon as large as the mask this is the peak of memory: GEOS's working memory for the union and for
+        :func:`canonical`'s simplification, each a few hundred bytes per vertex (about 250 MiB each for 735 000)."""
+        merged = shapely.union_all(self.pieces) if len(self.pieces) > 1 else self.pieces[0]
+        return canonical(shapely.get_parts(merged))
+
+
+def merge_row(
+    groups: list[Group], pieces: list[shapely.Polygon], bottom: int | None
+) -> tuple[list[Group], list[Group]]:
+    """Join one row of blocks' pieces of a class to that class's open groups: (groups still open, complete ones).
+
+    Pieces that intersect (share an edge across a block boundary, or a corner) are connected, and so are a piece and
+    a group whose frontier it intersects: union-find over these pairs (an STRtree finds them) merges lists, no
+    geometry is unioned. A group is open while one of its pieces reaches ``bottom``, the row's lower edge in pixels
+    (None: the mask's, where nothing goes on); else it is complete and unioned once by :meth:`Group.polygons`. Why
+    groups and not a union per row: a polygon spanning the mask would be unioned again with every row, time
+    quadratic in its size; here each polygon is unioned once, from its pieces. Memory: the open groups' pieces.
+    """
+    parent = list(range(len(groups) + len(pieces)))  # nodes: the groups, then the pieces
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    if pieces:
+        tree = shapely.STRtree(pieces)
+        left, right = tree.query(pieces, predicate="intersects")
+        pairs = list(zip((left + len(groups)).tolist(), (right + len(groups)).tolist(), strict=True))
+        owners = [g for g, group in enumerate(groups) for _ in group.frontier]
+        if owners:
+            edge, found = tree.query([p for group in groups for p in group.frontier], predicate="intersects")
+            pairs += zip([owners[i] for i in edge.tolist()], (found + len(groups)).tolist(), strict=True)
+        for a, b in pairs:
+            parent[find(a)] = find(b)
+    reaches = shapely.bounds(pieces)[:, 3] >= bottom if pieces and bottom is not None else np.zeros(len(pieces), bool)
+    merged: dict[int, Group] = {}
+    for g in sorted(range(len(groups)), key=lambda g: -len(groups[g].pieces)):  # the largest list is extended
+        if (root := find(g)) in merged:
+            merged[root].pieces.extend(groups[g].pieces)
+        else:
+            merged[root] = Group(groups[g].pieces)
+    for i, piece in enumerate(pieces):
+        into = merged.setdefault(find(len(groups) + i), Group([]))
+        into.pieces.append(piece)
+        if reaches[i]:
+            into.frontier.append(piece)
+    still_open = [group for group in merged.values() if group.frontier]
+    return still_open, [group for group in merged.values() if not group.frontier]
+
+
 def polygonise(
     read: Callable[[Window], np.ndarray],
     width: int,
@@ -246,27 +315,29 @@ def polygonise(
     if block < 1:
         raise ConfigError(f"block must be >= 1 pixel, got {block}")
     grid = TileGrid(width, height, block, 0)
-    waiting: dict[int, list[shapely.Polygon]] = {}  # class id -> parts cut by an edge of this row (or above)
+    groups: dict[int, list[Group]] = {}  # class id -> open groups (pieces reaching the lower edge of the last row)
     for row in range(grid.rows):
+        pieces: dict[int, list[shapely.Polygon]] = {}  # class id -> this row's polygons cut by a block edge
         for col in range(grid.cols):
             window = grid.tile(row, col).core
             polygons, values = polygonise_block(np.ascontiguousarray(read(window)), window, nodata=nodata)
             cut = touches_inner_edge(shapely.bounds(polygons), window, width, height)
             for polygon, value in zip(polygons[cut], values[cut].tolist(), strict=True):
-                waiting.setdefault(value, []).append(polygon)
+                pieces.setdefault(value, []).append(polygon)
             yield from zip(canonical(polygons[~cut]), values[~cut].tolist(), strict=True)
             if progress:
                 progress(window.area)
         bottom = min((row + 1) * block, height)
-        carried: dict[int, list[shapely.Polygon]] = {}
-        for value in sorted(waiting):
-            parts = waiting[value]
-            merged = shapely.get_parts(shapely.union_all(parts)) if len(parts) > 1 else np.asarray(parts)
-            goes_on = shapely.bounds(merged)[:, 3] >= bottom if bottom < height else np.zeros(len(merged), bool)
-            if goes_on.any():
-                carried[value] = list(merged[goes_on])  # may go on in the next row
-            yield from ((polygon, value) for polygon in canonical(merged[~goes_on]))
-        waiting = carried
+        carried: dict[int, list[Group]] = {}
+        for value in sorted(groups.keys() | pieces.keys()):
+            still_open, complete = merge_row(
+                groups.get(value, []), pieces.get(value, []), bottom if bottom < height else None
+            )
+            if still_open:
+                carried[value] = still_open
+            for group in complete:
+                yield from ((polygon, value) for polygon in group.polygons())
+        groups = carried
 
 
 # --- features, in CRS units --------------------------------------------------------------------------------
