@@ -110,15 +110,16 @@ def _georeferenced(path: str) -> bool:
     """Whether GDAL gives ``path`` a CRS or a transform other than the identity (as the GDAL source decides)."""
     import warnings
 
-    import rasterio
-    from rasterio.errors import NotGeoreferencedWarning, RasterioError
+    from rasterio.errors import NotGeoreferencedWarning
+
+    from segpipe.core.raster import open_raster
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            with rasterio.open(path) as src:
+            with open_raster(path) as src:
                 return src.crs is not None or not src.transform.is_identity
-    except RasterioError:
+    except InputError:
         return False  # not a raster GDAL reads: no georeferencing either
 
 

@@ -130,7 +130,8 @@ def objects_in(bucket: str) -> list[dict[str, object]]:
     return [o for page in obstore.list(objects.store_for(bucket)) for o in page]
 
 
-def _wait_for_tiles(store_url: str, count: int, timeout: float = 120) -> None:
+def _wait_for_tiles(store_url: str, count: int, timeout: float = 300) -> None:
+    """Wait for ``count`` finished tiles (generous: on a loaded 2-core machine the first tiles took over 120 s)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
