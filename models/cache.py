@@ -67,7 +67,7 @@ def fetch_model(url: str, *, checksum: str | None = None) -> Path:
     if checksum is not None:
         cached = cache_root() / "models" / checksum / name
         if cached.is_file() and sha256_file(cached) == checksum:
-            write_atomically(cached.with_name(cached.stem + suffix), sidecar)
+            write_atomically(cached.with_name(cached.stem + suffix), sidecar, shared=True)
             return cached
     try:
         data = read_bytes(url)
@@ -80,6 +80,7 @@ def fetch_model(url: str, *, checksum: str | None = None) -> Path:
             "changed during the run: run again"
         )
     path = cache_root() / "models" / digest / name
-    write_atomically(path.with_name(path.stem + suffix), sidecar)
-    write_atomically(path, data)
+    # every segmenter on a machine may fill the same cache entry at once, with the same bytes
+    write_atomically(path.with_name(path.stem + suffix), sidecar, shared=True)
+    write_atomically(path, data, shared=True)
     return path

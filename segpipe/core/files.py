@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -45,11 +46,21 @@ def _fsync(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_output(output: str | Path) -> Iterator[Path]:
+def atomic_output(output: str | Path, *, shared: bool = False) -> Iterator[Path]:
     """Yield the temporary path of ``output``; when the block succeeds, flush it to disk and rename it to
-    ``output``; when it fails (any exception, KeyboardInterrupt included), remove it."""
-    tmp = partial_path(output)
-    tmp.unlink(missing_ok=True)
+    ``output``; when it fails (any exception, KeyboardInterrupt included), remove it.
+
+    ``shared``: several processes may write the same ``output`` at once with the same bytes (a model cache that
+    every segmenter on a machine fills): each writes its own ``.NAME.<random>.segpipe-partial``, so none removes or
+    renames another's, and the last rename wins with identical content. Otherwise the one hidden name of
+    :func:`partial_path`, whose leftover from a killed writer the next writer removes.
+    """
+    if shared:
+        out = Path(output)
+        tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:12]}{PARTIAL_SUFFIX}")
+    else:
+        tmp = partial_path(output)
+        tmp.unlink(missing_ok=True)
     try:
         yield tmp
         _fsync(tmp)
@@ -59,8 +70,9 @@ def atomic_output(output: str | Path) -> Iterator[Path]:
         raise
 
 
-def write_atomically(path: str | Path, data: bytes | str) -> Path:
-    """Write ``data`` (text as UTF-8) to ``path`` atomically, creating its parent folders.
+def write_atomically(path: str | Path, data: bytes | str, *, shared: bool = False) -> Path:
+    """Write ``data`` (text as UTF-8) to ``path`` atomically, creating its parent folders (``shared``: see
+    :func:`atomic_output`).
 
     Raises:
         OutputError: the file cannot be written (disk full, permissions), saying so in one line.
@@ -68,7 +80,7 @@ def write_atomically(path: str | Path, data: bytes | str) -> Path:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_output(path) as tmp:
+        with atomic_output(path, shared=shared) as tmp:
             tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
     except OSError as exc:
         raise OutputError(f"could not write {path}: {exc}; check free space and permissions") from None
