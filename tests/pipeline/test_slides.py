@@ -249,6 +249,33 @@ def test_run_skips_background_tiles_and_writes_an_aligned_pyramidal_ome_tiff(
         assert float(reopened.properties[openslide.PROPERTY_NAME_MPP_X]) == pytest.approx(0.5)
 
 
+def write_ome_pyramid(path: Path, *, mpp: float = MPP) -> Path:
+    """An OME-TIFF pyramid as tifffile and Bio-Formats write it: OME-XML with the pixel size, level 1 in a SubIFD."""
+    image = _image()
+    options = {"tile": (128, 128), "photometric": "rgb", "compression": "zlib", "resolutionunit": "CENTIMETER"}
+    with tifffile.TiffWriter(path, ome=True) as tif:
+        metadata = {"axes": "YXS", "PhysicalSizeX": mpp, "PhysicalSizeY": mpp}
+        tif.write(image, subifds=1, resolution=(1e4 / mpp,) * 2, metadata=metadata, **options)  # type: ignore[arg-type]
+        tif.write(image[::2, ::2], subfiletype=1, resolution=(1e4 / (2 * mpp),) * 2, **options)  # type: ignore[arg-type]
+    return path
+
+
+def test_a_generated_ome_tiff_pyramid_runs_by_microns_per_pixel(rgb_checkpoint: Path, tmp_path: Path) -> None:
+    """OpenSlide reads an OME-TIFF's SubIFD pyramid as one level: read at 0.5 um it is level 0 resampled by 2."""
+    source = write_ome_pyramid(tmp_path / "pyramid.ome.tif")
+    output = tmp_path / "mask.ome.tif"
+    summary = _run(source, output, rgb_checkpoint, resolution="0.5um")
+    assert summary["fit"]["slide"]["mpp"] == [0.5, 0.5] and summary["tiles"]["skipped_nodata"] > 0
+    with tifffile.TiffFile(output) as tif:
+        assert tif.series[0].shape == (HEIGHT // 2, WIDTH // 2)
+        physical = dict(re.findall(r'PhysicalSize([XY])="([^"]+)"', tif.ome_metadata or ""))
+        assert float(physical["X"]) == pytest.approx(0.5)
+        mask = tif.series[0].asarray()
+    rows, cols = TISSUE
+    assert (mask[rows.start // 2 : rows.stop // 2, cols.start // 2 : cols.stop // 2] != 255).all()
+    assert (mask[200:, :] == 255).all()
+
+
 def test_tissue_none_computes_every_tile(slide: Path, rgb_checkpoint: Path, tmp_path: Path) -> None:
     summary = _run(slide, tmp_path / "all.ome.tif", rgb_checkpoint, tissue="none")
     assert summary["tiles"]["skipped_nodata"] == 0
