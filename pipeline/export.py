@@ -310,10 +310,9 @@ class CogSink:
     ) -> ExportResult:
         return build_and_deliver(
             self.path,
-            Path(scratch_dir) / f"{self.kind}.tif",
-            lambda target: export_cog(
+            Path(scratch_dir) / f"{self.kind}{self.scratch_suffix}",
+            lambda target: self.build(
                 store,
-                self.kind,
                 target,
                 scratch_dir=scratch_dir,
                 class_names=class_names,
@@ -321,6 +320,32 @@ class CogSink:
                 workers=workers,
                 progress=progress,
             ),
+        )
+
+    #: The suffix of the file built in the scratch folder for an object-storage URL.
+    scratch_suffix: ClassVar[str] = ".tif"
+
+    def build(
+        self,
+        store: ws.WorkStore,
+        target: Path,
+        *,
+        scratch_dir: Path,
+        class_names: Sequence[str],
+        colours: Sequence[str],
+        workers: int,
+        progress: Callable[[int], Any] | None,
+    ) -> ExportResult:
+        """Write the complete file at ``target`` (a local path); subclasses write other formats."""
+        return export_cog(
+            store,
+            self.kind,
+            target,
+            scratch_dir=scratch_dir,
+            class_names=class_names,
+            colours=colours,
+            workers=workers,
+            progress=progress,
         )
 
 

@@ -32,7 +32,7 @@ from segpipe.core.colours import rgba
 from segpipe.core.errors import OutputError
 from segpipe.core.files import atomic_output
 from segpipe.pipeline import store as ws
-from segpipe.pipeline.export import ExportResult, build_and_deliver, check_output
+from segpipe.pipeline.export import CogSink, ExportResult
 from segpipe.pipeline.read import SceneInfo
 
 TILE = 512
@@ -187,37 +187,30 @@ def export_ome_tiff(
 
 
 @dataclass(frozen=True)
-class OmeTiffSink:
+class OmeTiffSink(CogSink):
     """The work store's ``mask`` as a pyramidal OME-TIFF; see the module docstring. ``path`` is a local path or
-    an object-storage URL (built in the local scratch folder and uploaded as one object when complete)."""
+    an object-storage URL (built in the local scratch folder and uploaded as one object when complete, as every
+    :class:`~segpipe.pipeline.export.CogSink` is)."""
 
-    path: str
-    what: str = "output"
-    kind: ClassVar[str] = ws.MASK
+    scratch_suffix: ClassVar[str] = ".ome.tif"
 
-    def check(self, *, overwrite: bool) -> None:
-        check_output(self.path, self.what, overwrite=overwrite)
-
-    def write(
+    def build(
         self,
         store: ws.WorkStore,
+        target: Path,
         *,
+        scratch_dir: Path,
         class_names: Sequence[str],
         colours: Sequence[str],
-        scratch_dir: Path,
         workers: int,
-        progress: Callable[[int], Any] | None = None,
+        progress: Callable[[int], Any] | None,
     ) -> ExportResult:
-        return build_and_deliver(
-            self.path,
-            Path(scratch_dir) / "mask.ome.tif",
-            lambda target: export_ome_tiff(
-                store,
-                target,
-                scratch_dir=scratch_dir,
-                class_names=class_names,
-                colours=colours,
-                workers=workers,
-                progress=progress,
-            ),
+        return export_ome_tiff(
+            store,
+            target,
+            scratch_dir=scratch_dir,
+            class_names=class_names,
+            colours=colours,
+            workers=workers,
+            progress=progress,
         )

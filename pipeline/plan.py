@@ -275,16 +275,7 @@ def make_plan(settings: RunSettings, *, loaded: LoadedModel | None = None) -> Ru
     file = describe_scene(settings.input, mpp=settings.mpp)
     loaded = loaded or load_model(settings.model, device="cpu", metadata=settings.model_metadata)
     meta = loaded.metadata
-    fit = fit_scene(
-        file,
-        meta,
-        bands=settings.bands,
-        nodata=settings.nodata,
-        scaling=settings.scaling,
-        resolution=settings.resolution,
-        tissue=settings.tissue,
-        mpp=settings.mpp,
-    )
+    fit = _fit(settings, file, meta)
     for line in fit.warnings:
         log.warning("%s: %s", settings.input, line)
     scene = fit.scene
@@ -306,15 +297,9 @@ def make_plan(settings: RunSettings, *, loaded: LoadedModel | None = None) -> Ru
     return RunPlan(settings, scene, summary, tile_size, halo, batch_size, grid, sinks, fit)
 
 
-def scene_output_key(settings: RunOptions, file: SceneInfo, loaded: LoadedModel) -> OutputKey:
-    """The key the outputs of ``file`` would be made with under ``settings`` (what :attr:`RunPlan.output_key`
-    gives once planned), without reading the scene's pixels: a data set decides from it what to segment.
-
-    Raises:
-        SegpipeError: the scene cannot be fitted to the model, or the tiling is wrong.
-    """
-    meta = loaded.metadata
-    fit = fit_scene(
+def _fit(settings: RunOptions, file: SceneInfo, meta: ModelMetadata, *, compute: bool = True) -> SceneFit:
+    """:func:`fit_scene` with the run options that choose what is read of the scene and how it is scaled."""
+    return fit_scene(
         file,
         meta,
         bands=settings.bands,
@@ -323,8 +308,19 @@ def scene_output_key(settings: RunOptions, file: SceneInfo, loaded: LoadedModel)
         resolution=settings.resolution,
         tissue=settings.tissue,
         mpp=settings.mpp,
-        compute=False,
+        compute=compute,
     )
+
+
+def scene_output_key(settings: RunOptions, file: SceneInfo, loaded: LoadedModel) -> OutputKey:
+    """The key the outputs of ``file`` would be made with under ``settings`` (what :attr:`RunPlan.output_key`
+    gives once planned), without reading the scene's pixels: a data set decides from it what to segment.
+
+    Raises:
+        SegpipeError: the scene cannot be fitted to the model, or the tiling is wrong.
+    """
+    meta = loaded.metadata
+    fit = _fit(settings, file, meta, compute=False)
     tile_size, halo, batch_size = resolve_tiling(settings, meta)
     return output_key(
         scene_fingerprint=fit.scene.fingerprint,
