@@ -6,7 +6,7 @@ import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from segpipe.core.errors import ModelError
 from segpipe.models.networks import ChannelAttentionKind, SelfAttentionKind, UNet
@@ -44,10 +44,33 @@ def unet(in_channels: int, num_classes: int, base_channels: int = 16, depth: int
     return UNet(in_channels, num_classes, base_channels=base_channels, depth=depth, downsample=downsample)
 
 
+class Pointwise(nn.Module):
+    """A 1x1 convolution from bands to classes: the null model of benchmarks (no spatial context, receptive field
+    radius 0, about ``bands x classes`` multiply-adds per pixel), so a run with it measures segpipe's own cost.
+
+    Input (B, in_channels, H, W) float32, output logits (B, num_classes, H, W); any H and W.
+    """
+
+    size_multiple = 1
+
+    def __init__(self, in_channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, num_classes, kernel_size=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x)
+
+
+def pointwise(in_channels: int, num_classes: int) -> Pointwise:
+    """The null model: one 1x1 convolution (see :class:`Pointwise`)."""
+    return Pointwise(in_channels, num_classes)
+
+
 #: Registry of architectures: the ``architecture`` field of checkpoint metadata names one of these.
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "attention_unet": attention_unet,
     "unet": unet,
+    "pointwise": pointwise,
 }
 
 
