@@ -89,6 +89,26 @@ class Merger:
         self._array(ws.DONE)[tile.row, tile.col] = 1
 
 
+def class_ids(scores: torch.Tensor) -> torch.Tensor:
+    """``argmax`` over the classes of (B, classes, H, W) scores as (B, H, W) uint8, on the scores' device.
+
+    Equal to ``torch.argmax(scores, dim=1)`` (the first of equal maxima; NaN counts as the largest), which on CPU
+    reduces across a strided axis and is slow (113 ms for 6 x 1024 x 1024 on 2 EPYC cores): a running maximum over
+    the classes takes 20 ms. NaN scores (a broken model) take torch's own argmax, so the ids match it everywhere.
+    """
+    import torch
+
+    if scores.device.type != "cpu" or scores.shape[1] > 255 or bool(torch.isnan(scores).any()):
+        return torch.argmax(scores, dim=1).to(torch.uint8)
+    best = scores[:, 0].clone()
+    ids = torch.zeros(best.shape, dtype=torch.uint8)
+    for c in range(1, scores.shape[1]):
+        higher = scores[:, c] > best  # strictly: the first of equal maxima wins, as in torch.argmax
+        best = torch.where(higher, scores[:, c], best)
+        ids.masked_fill_(higher, c)
+    return ids
+
+
 class CropMerger(Merger):
     """Keep each tile's core: class ids (argmax in float32, nodata -> 255) and scaled probabilities, written
     straight into ``mask`` and ``probabilities``."""
@@ -106,7 +126,7 @@ class CropMerger(Merger):
 
         t, h = self.grid.tile_size, self.grid.halo
         core = scores[:, :, h : h + t, h : h + t]
-        classes = torch.argmax(core, dim=1).to(torch.uint8).cpu().numpy()
+        classes = class_ids(core).cpu().numpy()
         scaled = torch.round(core * ws.PROBABILITY_SCALE).to(torch.uint8).cpu().numpy() if self.probabilities else None
         mask = self._array(ws.MASK)
         for k, tile in enumerate(tiles):

@@ -208,8 +208,10 @@ def normalise(
     """
     m = np.asarray(mean, dtype=np.float32).reshape(-1, 1, 1)
     s = np.asarray(std, dtype=np.float32).reshape(-1, 1, 1)
-    x = (pixels.astype(np.float32) - m) / s
-    if valid is not None:
+    x = pixels.astype(np.float32)  # a new array: the subtraction and division below work in place
+    np.subtract(x, m, out=x)
+    np.divide(x, s, out=x)
+    if valid is not None and not valid.all():  # times 1 is the identity; times 0 keeps the sign (-0.0) as before
         x *= valid[None].astype(np.float32)
     return x
 
