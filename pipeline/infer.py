@@ -1,12 +1,13 @@
 """Infer stage, worker side: a :class:`TileSegmenter` holds one model and turns tile indices into predictions.
 
-A segmenter reads each tile's input (core + halo, mirror-padded at the scene edge) from the work store,
-scales it as the run decided (the scene's pixel map, :mod:`segpipe.pipeline.fit`), normalises it as the model's
+A segmenter reads each tile's input (core + halo, mirror-padded at the scene edge) from the scene itself, window
+by window, or from the work store's copy of it (:mod:`segpipe.pipeline.tile_reader`), scales it as the run decided (the scene's pixel map, :mod:`segpipe.pipeline.fit`), normalises it as the model's
 metadata says, runs batches, and hands the scores to the run's merger
 (:mod:`segpipe.pipeline.merge`), which writes them back into the store.
 
-Only tile indices go in and small stats come out. Reads of the next batch and writes of the previous one run
-on background threads while the model computes. A batch is a fixed group of tiles, so a re-run recomputes
+Only tile indices go in and small stats come out. The tiles of the next :data:`PREFETCH_BATCHES` batches are read,
+decoded and normalised on reader threads (one tile per task, :func:`reader_threads`) and the previous batch is
+written on a writer thread while the model computes; on a GPU the batch goes through a reused pinned buffer. A batch is a fixed group of tiles, so a re-run recomputes
 exactly the same batches and produces identical bytes; a group whose tiles are all marked done is skipped.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,10 +26,11 @@ import numpy as np
 
 from segpipe.core.pixels import PixelMap, normalise
 from segpipe.core.runtime import retain_freed_memory
-from segpipe.core.tiles import Tile, TileGrid, read_tile_input
+from segpipe.core.tiles import Tile, TileGrid
 from segpipe.pipeline import store as ws
 from segpipe.pipeline.merge import merger_type
 from segpipe.pipeline.session import ModelSpec
+from segpipe.pipeline.tile_reader import TileReader, tile_reader
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +88,16 @@ class InferOptions:
     pixel_map: PixelMap | None = None
 
 
+#: Batches whose tiles are being read while the model computes (two: one ready, one being decoded).
+PREFETCH_BATCHES = 2
+
+
+def reader_threads(spec: ModelSpec) -> int:
+    """Threads reading and decoding tiles for one segmenter: its torch threads (the cores it holds; a GPU
+    segmenter holds the CPUs of its share of the node), at least 2 and at most 8."""
+    return max(2, min(8, spec.threads))
+
+
 def _node_id() -> str:
     """The Ray node this runs on, or ``local`` outside Ray (Ray is not imported just to ask)."""
     ray = sys.modules.get("ray")
@@ -115,45 +128,67 @@ class TileSegmenter:
         self.loaded = load_model(spec.model, device=spec.device, checksum=spec.checksum, metadata=spec.metadata)
         self.model = self.loaded.module
         if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # every batch has the same shape: pick the fastest kernels once
             # torch's stubs for Module.to omit the memory_format keyword that it accepts
             self.model = self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         meta = self.loaded.metadata
         self.mean, self.std = meta.mean, meta.std
         self.job: InferJob | None = None
-        self.io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tile-io")
+        self.reader: TileReader | None = None
+        self._pinned: Any = None
+        # tiles are read and decoded on their own threads (GDAL, zarr and numpy release the GIL), results written on one
+        self.readers = ThreadPoolExecutor(max_workers=reader_threads(spec), thread_name_prefix="tile-read")
+        self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tile-write")
 
     def _open(self, job: InferJob) -> None:
-        """Open ``job``'s work store and merger (kept until a call for another job)."""
+        """Open ``job``'s work store, tile reader and merger (kept until a call for another job)."""
         if job == self.job:
             return
+        if self.reader is not None:
+            self.reader.close()
         self.store = ws.WorkStore(job.store_url, mode="r+")
-        self.image = self.store.array(ws.IMAGE)
-        self.valid = self.store.array(ws.VALID)
+        self.reader = tile_reader(self.store)
         self.done = self.store.array(ws.DONE)
         scene = self.store.attrs["scene"]
         self.grid = TileGrid(scene["width"], scene["height"], job.tile_size, job.halo)
         self.merger = merger_type(job.blend)(self.store, self.grid, probabilities=job.probabilities)
         self.job = job
 
-    def _read_batch(self, indices: Sequence[int]) -> tuple[list[Tile], np.ndarray, np.ndarray]:
-        tiles = [self.grid.tile_at(i) for i in indices]
-        inputs, valids = [], []
-        pixel_map = self.job.pixel_map if self.job is not None else None
-        for tile in tiles:
-            pixels, ok = read_tile_input(self.image, self.valid, tile)
-            if pixel_map is not None:
-                pixels = pixel_map.apply(pixels)
-            inputs.append(normalise(pixels, self.mean, self.std, ok))
-            valids.append(ok)
-        return tiles, np.stack(inputs), np.stack(valids)
+    def _read_tile(self, index: int) -> tuple[Tile, np.ndarray, np.ndarray]:
+        """One tile's normalised input (bands, S, S) float32 and validity (S, S), on a reader thread."""
+        assert self.reader is not None and self.job is not None
+        tile = self.grid.tile_at(index)
+        pixels, ok = self.reader.read(tile)
+        if self.job.pixel_map is not None:
+            pixels = self.job.pixel_map.apply(pixels)
+        return tile, normalise(pixels, self.mean, self.std, ok), ok
+
+    def _submit_reads(self, group: Sequence[int]) -> list[Future[tuple[Tile, np.ndarray, np.ndarray]]]:
+        return [self.readers.submit(self._read_tile, i) for i in group]
+
+    @staticmethod
+    def _gather(reads: Sequence[Future[tuple[Tile, np.ndarray, np.ndarray]]]) -> tuple[list[Tile], np.ndarray, np.ndarray]:
+        done = [f.result() for f in reads]
+        return [d[0] for d in done], np.stack([d[1] for d in done]), np.stack([d[2] for d in done])
+
+    def _to_device(self, batch: np.ndarray) -> Any:
+        """A batch (B, bands, S, S) as a tensor on the model's device: on a GPU through a pinned host buffer kept
+        between batches (page-locked copies run asynchronously), channels-last."""
+        torch = self.torch
+        x = torch.from_numpy(batch)
+        if self.device.type != "cuda":
+            return x
+        if self._pinned is None or self._pinned.shape != x.shape:
+            self._pinned = torch.empty(x.shape, dtype=x.dtype).pin_memory()
+        self._pinned.copy_(x)  # the previous batch's copy has finished: process() synchronises after each batch
+        return self._pinned.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
 
     def _forward(self, batch: np.ndarray) -> Any:
         """The merger's scores (B, classes, S, S) of a normalised batch (B, bands, S, S), as a float32 tensor on
         the model's device."""
         torch = self.torch
-        x = torch.from_numpy(batch)
+        x = self._to_device(batch)
         if self.device.type == "cuda":
-            x = x.pin_memory().to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
             with torch.inference_mode(), torch.autocast("cuda", dtype=dtype):
                 logits = self.model(x)
@@ -180,14 +215,14 @@ class TileSegmenter:
         stats["node"] = _node_id()
         if not todo:
             return {**stats, "seconds": time.perf_counter() - start}
-        pending_read: Future[tuple[list[Tile], np.ndarray, np.ndarray]] = self.io.submit(self._read_batch, todo[0])
+        reads = deque(self._submit_reads(g) for g in todo[:PREFETCH_BATCHES])
         pending_write: Future[None] | None = None
         for k in range(len(todo)):
             t0 = time.perf_counter()
-            tiles, batch, valids = pending_read.result()
+            tiles, batch, valids = self._gather(reads.popleft())
             t1 = time.perf_counter()
-            if k + 1 < len(todo):
-                pending_read = self.io.submit(self._read_batch, todo[k + 1])
+            if k + PREFETCH_BATCHES < len(todo):
+                reads.append(self._submit_reads(todo[k + PREFETCH_BATCHES]))
             scores = self._forward(batch)
             if self.device.type == "cuda":
                 self.torch.cuda.synchronize()
@@ -195,7 +230,7 @@ class TileSegmenter:
             if pending_write is not None:
                 pending_write.result()
             t3 = time.perf_counter()
-            pending_write = self.io.submit(self.merger.aggregate, tiles, scores, valids)
+            pending_write = self.writer.submit(self.merger.aggregate, tiles, scores, valids)
             stats["wait_read_s"] += t1 - t0
             stats["compute_s"] += t2 - t1
             stats["wait_write_s"] += t3 - t2

@@ -24,6 +24,8 @@ from segpipe.pipeline import store as ws
 from segpipe.pipeline.export import Sink, sink_for
 from segpipe.pipeline.fit import SceneFit, fit_scene
 from segpipe.pipeline.incremental import OutputKey, output_key
+from segpipe.pipeline.ingest import reads_in_place
+from segpipe.pipeline.merge import merger_type
 from segpipe.pipeline.polygons import VECTOR  # registers the vector sinks
 from segpipe.pipeline.read import SceneInfo, describe_scene
 from segpipe.pipeline.settings import RunOptions, RunSettings
@@ -66,6 +68,8 @@ class RunPlan:
         grid: The tile grid over the scene.
         sinks: The outputs, mask first.
         fit: How the scene feeds the model (bands, nodata, scaling; :mod:`segpipe.pipeline.fit`).
+        in_place: The segmenters read tiles from the scene itself, not from a copy in the work store (``--ingest``;
+            the results are the same either way, so no key holds it).
     """
 
     settings: RunSettings
@@ -77,6 +81,7 @@ class RunPlan:
     grid: TileGrid
     sinks: tuple[Sink, ...] = ()
     fit: SceneFit | None = None
+    in_place: bool = False
 
     @property
     def pixel_map(self) -> PixelMap | None:
@@ -294,7 +299,9 @@ def make_plan(settings: RunSettings, *, loaded: LoadedModel | None = None) -> Ru
         metadata=settings.model_metadata,
     )
     grid = TileGrid(scene.width, scene.height, tile_size, halo)
-    return RunPlan(settings, scene, summary, tile_size, halo, batch_size, grid, sinks, fit)
+    in_place = reads_in_place(scene, grid.input_size) if settings.ingest == "auto" else settings.ingest == "never"
+    in_place = in_place and not merger_type(settings.blend).tile_probabilities
+    return RunPlan(settings, scene, summary, tile_size, halo, batch_size, grid, sinks, fit, in_place)
 
 
 def _fit(settings: RunOptions, file: SceneInfo, meta: ModelMetadata, *, compute: bool = True) -> SceneFit:

@@ -103,6 +103,24 @@ class Selection:
 
 
 @dataclass(frozen=True)
+class Layout:
+    """How a file stores its pixels, for choosing how tiles are read (:func:`segpipe.pipeline.ingest.reads_in_place`).
+    Known to the source that opened the file; not recorded in the work store, summaries or keys (it never changes
+    what is computed).
+
+    Attributes:
+        driver: The GDAL driver (``GTiff``, ``COG``, ``JPEG`` ...).
+        block: (rows, cols) of one block (tile or strip) GDAL decodes for any read touching it.
+        all_valid: Every pixel is data: GDAL's masks say so for every band (no nodata, mask band or alpha) and the
+            dtype is an integer (no NaN); so the valid pixels of a window are its area, without reading it.
+    """
+
+    driver: str
+    block: tuple[int, int]
+    all_valid: bool
+
+
+@dataclass(frozen=True)
 class SceneInfo:
     """What the pipeline needs to know of a scene; small and JSON-serialisable via :meth:`to_attrs`.
 
@@ -127,6 +145,7 @@ class SceneInfo:
         pyramid: A whole-slide image's levels and pixel size (None for other scenes); its scene grid is then
             ``transform[0]`` level-0 pixels per pixel (the transform is in level-0 pixels, without a CRS).
         mpp: Micrometres per pixel (x, y) of this grid, for a slide that states its pixel size; else None.
+        layout: How the file stores its pixels (None: not known, as after :meth:`from_attrs`); see :class:`Layout`.
     """
 
     path: str
@@ -147,6 +166,7 @@ class SceneInfo:
     selection: Selection = field(default_factory=Selection)
     pyramid: Pyramid | None = None
     mpp: tuple[float, float] | None = None
+    layout: Layout | None = field(default=None, compare=False)
 
     @property
     def pixels(self) -> int:
@@ -192,6 +212,8 @@ class SceneInfo:
             f = read.factor
             grid.update(width=read.width, height=read.height, transform=(f, 0.0, 0.0, 0.0, f, 0.0))
             grid["mpp"] = read.mpp(pyramid)
+        if self.layout is not None and selection.nodata is not None:  # validity now depends on the values
+            grid["layout"] = replace(self.layout, all_valid=False)
         return replace(
             self,
             **grid,

@@ -26,7 +26,7 @@ from segpipe.pipeline import store as ws
 from segpipe.pipeline.dispatch import InferResult, run_inference
 from segpipe.pipeline.export import ExportResult, Sink, remove_output
 from segpipe.pipeline.infer import InferOptions
-from segpipe.pipeline.ingest import IngestResult, ingest
+from segpipe.pipeline.ingest import IngestResult, index_scene, ingest
 from segpipe.pipeline.locks import exclusive_lock
 from segpipe.pipeline.merge import merger_type
 from segpipe.pipeline.plan import RunPlan, make_plan
@@ -52,9 +52,11 @@ def _bar(total: int, desc: str, unit: str) -> tqdm:
 
 
 def ingest_stage(plan: RunPlan, store_url: str, session: Session) -> IngestResult:
+    """Copy the scene into the work store, or, for a scene the segmenters read in place (:attr:`RunPlan.in_place`),
+    record it and its valid pixels per tile."""
     store = ws.WorkStore(store_url)
     with _bar(plan.scene.pixels, "ingest", "px") as bar:
-        return ingest(
+        return (index_scene if plan.in_place else ingest)(
             plan.scene,
             store,
             chunk_size=plan.tile_size,

@@ -25,6 +25,9 @@ if TYPE_CHECKING:
     from segpipe.pipeline.catalog import StacSearch
 
 EXECUTORS = ("auto", "ray", "local")
+#: ``--ingest``: whether a scene is copied into the work store before inference (see
+#: :func:`segpipe.pipeline.ingest.reads_in_place`).
+INGEST_CHOICES = ("auto", "always", "never")
 TISSUE_METHODS = ("otsu", "none")
 #: ``--vector-format`` of a data set: ``auto`` is QuPath's GeoJSON for a slide, GeoPackage for other scenes.
 VECTOR_FORMATS = ("auto", "gpkg", "geojson", "parquet")
@@ -104,6 +107,13 @@ class RunOptions:
         help="--vector: drop polygons smaller than this, in CRS units² (level-0 pixels² for a slide)",
         metavar="AREA",
     )
+    ingest: str = option(
+        "auto",
+        help="auto (default): the segmenters read a tiled GeoTIFF or COG (local or remote) window by window, other "
+        "scenes are copied into the work store first; always: copy every scene; never: read every scene in place "
+        "(crop blend only)",
+        choices=INGEST_CHOICES,
+    )
     executor: str = option(
         "auto",
         help="auto (default): Ray where it pays (several workers or GPUs, more than a few tiles, a cluster); ray; "
@@ -116,6 +126,13 @@ class RunOptions:
             raise ConfigError(f"--blend must be one of {', '.join(MERGERS)}, got {self.blend!r}")
         if self.device not in DEVICES:
             raise ConfigError(f"--device must be {', '.join(DEVICES[:-1])} or {DEVICES[-1]}, got {self.device!r}")
+        if self.ingest not in INGEST_CHOICES:
+            raise ConfigError(f"--ingest must be one of {', '.join(INGEST_CHOICES)}, got {self.ingest!r}")
+        if self.ingest == "never" and MERGERS[self.blend].tile_probabilities:
+            raise ConfigError(
+                f"--ingest never reads tiles in place, and --blend {self.blend} needs the work store's copy of the "
+                "scene to blend; use --blend crop, or --ingest auto"
+            )
         if self.executor not in EXECUTORS:
             raise ConfigError(f"executor must be one of {', '.join(EXECUTORS)}, got {self.executor!r}")
         for name in ("batch_size", "workers"):

@@ -180,6 +180,17 @@ class WorkStore:
             overwrite=True,
         )
 
+    def create_index_array(self, grid: TileGrid) -> None:
+        """Create ``valid_pixels`` alone for a scene read in place, removing an earlier copy's ``image`` and
+        ``valid`` (they would describe another version of the scene, or none that is used)."""
+        for name in (IMAGE, VALID):
+            if name in self.group:
+                del self.group[name]
+        self.group.create_array(
+            VALID_PIXELS, shape=(grid.rows, grid.cols), chunks=(grid.rows, grid.cols), dtype="int64", fill_value=0,
+            overwrite=True,
+        )
+
     def prepare_run(
         self, key: str, grid: TileGrid, classes: int, *, probabilities: bool, tile_probabilities: bool
     ) -> bool:

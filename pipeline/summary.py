@@ -127,6 +127,7 @@ def build_summary(
             )
         },
         "ingest_reused": ingested.reused,
+        "scene_copied": ingested.copied,
         "driver_bytes": driver_bytes,
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
         "megapixels_per_second": round(scene.pixels / 1e6 / total, 3) if total > 0 else None,

@@ -18,14 +18,14 @@ from typing import Any
 import numpy as np
 import rasterio
 from rasterio._err import CPLE_BaseError  # GDAL errors that rasterio raises without wrapping them
-from rasterio.enums import Resampling
+from rasterio.enums import MaskFlags, Resampling
 from rasterio.errors import RasterioError
 from rasterio.windows import Window as RioWindow
 
 from segpipe.core.errors import InputError
 from segpipe.core.raster import identity, open_raster, remote_env
 from segpipe.core.tiles import Window
-from segpipe.pipeline.read import SceneInfo, Selection
+from segpipe.pipeline.read import Layout, SceneInfo, Selection
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +104,12 @@ def describe(path: str, src: rasterio.DatasetReader) -> SceneInfo:
         colour_interpretations=tuple(c.name.lower() for c in src.colorinterp),
         scales=tuple(float(v) for v in src.scales),
         offsets=tuple(float(v) for v in src.offsets),
+        layout=Layout(
+            driver=str(src.driver),
+            block=(int(src.block_shapes[0][0]), int(src.block_shapes[0][1])),
+            all_valid=np.issubdtype(np.dtype(dtype), np.integer)
+            and all(flags == [MaskFlags.all_valid] for flags in src.mask_flag_enums),
+        ),
     )
 
 

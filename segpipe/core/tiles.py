@@ -281,9 +281,14 @@ def read_tile_input(image: Any, valid: Any, tile: Tile) -> tuple[np.ndarray, np.
         ``(pixels, valid)``: pixels (bands, S, S) in the array's dtype and a (S, S) validity mask, where
         S = tile_size + 2 * halo.
     """
-    r, p = tile.read, tile.pad
-    data = np.asarray(image[:, r.row_slice, r.col_slice])
-    ok = np.asarray(valid[r.row_slice, r.col_slice])
+    r = tile.read
+    return pad_tile_input(np.asarray(image[:, r.row_slice, r.col_slice]), np.asarray(valid[r.row_slice, r.col_slice]), tile)
+
+
+def pad_tile_input(data: np.ndarray, ok: np.ndarray, tile: Tile) -> tuple[np.ndarray, np.ndarray]:
+    """A tile's model input from the pixels (bands, h, w) and validity (h, w) of its read window
+    (:attr:`Tile.read`), mirror-padded (numpy's ``reflect``) to (bands, S, S) and (S, S) where it leaves the scene."""
+    p = tile.pad
     if p.top or p.bottom or p.left or p.right:
         data = np.pad(data, ((0, 0), (p.top, p.bottom), (p.left, p.right)), mode="reflect")
         ok = np.pad(ok, ((p.top, p.bottom), (p.left, p.right)), mode="reflect")
