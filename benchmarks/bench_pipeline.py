@@ -517,7 +517,46 @@ def worker_loop(setup: Setup, config: dict[str, Any]) -> dict[str, Any]:
     return {"windows": len(windows)}
 
 
-WORKERS = {"limit": worker_limit, "reference": worker_reference, "monai": worker_monai, "loop": worker_loop}
+def worker_floor(setup: Setup, config: dict[str, Any]) -> dict[str, Any]:
+    """The I/O floor: read the scene once, window by window (2048 px, aligned to its blocks), one per-pixel op
+    (band 1 > band 2), write a tiled GeoTIFF (512 px, ZSTD 1, as segpipe's scratch file), then the COG with
+    overviews (DEFLATE, MODE), GDAL threads = cores. What any pipeline must pay to turn the scene into a mask."""
+    import rasterio
+    import rasterio.shutil
+    from rasterio.windows import Window
+
+    n = str(cores())
+    scratch = Path(config["output"]).with_suffix(".scratch.tif")
+    t0 = time.perf_counter()
+    with rasterio.open(setup.scene) as src:
+        profile = {**_mask_profile(src, 512), "compress": "ZSTD", "zstd_level": 1, "num_threads": n}
+        with rasterio.open(scratch, "w", **profile) as dst:
+            for r in range(0, src.height, 2048):
+                for c in range(0, src.width, 2048):
+                    w = Window(c, r, min(2048, src.width - c), min(2048, src.height - r))
+                    data = src.read((1, 2), window=w)
+                    dst.write((data[0] > data[1]).astype(np.uint8)[None], window=w)
+    t1 = time.perf_counter()
+    rasterio.shutil.copy(
+        scratch,
+        config["output"],
+        driver="COG",
+        COMPRESS="DEFLATE",
+        BLOCKSIZE="512",
+        OVERVIEW_RESAMPLING="MODE",
+        NUM_THREADS=n,
+    )
+    scratch.unlink()
+    return {"stages": {"windows": t1 - t0, "cog": time.perf_counter() - t1}, "threads": int(n)}
+
+
+WORKERS = {
+    "limit": worker_limit,
+    "reference": worker_reference,
+    "monai": worker_monai,
+    "loop": worker_loop,
+    "floor": worker_floor,
+}
 
 
 def worker_main(argv: Sequence[str]) -> int:
@@ -621,10 +660,14 @@ def _fmt(value: Any, digits: int = 2) -> str:
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """A markdown table of result rows (keys: megapixels, method, seconds, mp_per_s, ratio_to_limit,
     peak_rss_gib, disagreement, notes); missing values print as '–'."""
-    head = "| scene MP | method | wall s | MP/s | x limit | peak RSS GiB | peak PSS GiB | disagreement % | notes |"
-    lines = [head, "|---:|---|---:|---:|---:|---:|---:|---:|---|"]
+    head = (
+        "| scene MP | method | wall s | MP/s | x limit | x I/O floor | overhead s/MP | peak RSS GiB | peak PSS GiB "
+        "| disagreement % | notes |"
+    )
+    lines = [head, "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         dis = r.get("disagreement")
+        extra = r.get("overhead") or {}
         lines.append(
             "| "
             + " | ".join(
@@ -634,6 +677,8 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
                     _fmt(r.get("seconds"), 1),
                     _fmt(r.get("mp_per_s"), 3),
                     _fmt(r.get("ratio_to_limit"), 2),
+                    _fmt(r.get("ratio_to_floor"), 2),
+                    _fmt(extra.get("overhead_s_per_mp"), 3),
                     _fmt(r.get("peak_rss_gib"), 2),
                     _fmt(r.get("peak_pss_gib"), 2),
                     _fmt(100 * dis if dis is not None else None, 2),
@@ -723,7 +768,8 @@ def _row(
     return row
 
 
-def bench_size(bench: Bench, nominal: float, *, first: bool) -> None:
+def _prepare(bench: Bench, nominal: float, model: str) -> tuple[Path, Setup]:
+    """The mirror-tiled scene of ``nominal`` megapixels (built or reused) and segpipe's settings for it."""
     args = bench.args
     side = scene_side(nominal)
     t = time.perf_counter()
@@ -732,8 +778,7 @@ def bench_size(bench: Bench, nominal: float, *, first: bool) -> None:
         f"scene {scene} ({side}x{side}, {side * side / 1e6:.1f} MP): mirror-tiled from {args.source}, "
         + ("reused from the cache" if reused else f"built in {time.perf_counter() - t:.1f} s")
     )
-    device = "cuda" if _cuda() else "cpu"
-    setup = plan_setup(scene, args.model, device, args.plain_allocator)
+    setup = plan_setup(scene, model, "cuda" if _cuda() else "cpu", args.plain_allocator)
     bench.scenes.append(
         {
             "nominal_mp": nominal,
@@ -743,148 +788,231 @@ def bench_size(bench: Bench, nominal: float, *, first: bool) -> None:
             "megapixels": setup.pixels / 1e6,
             "built_from": f"mirror tiling of {args.source} (real imagery)",
             "reused_from_cache": reused,
+            "model": model,
             "tile_size": setup.tile_size,
             "halo": setup.halo,
             "batch_size": setup.batch_size,
         }
     )
-    rows: list[dict[str, Any]] = []
+    return scene, setup
 
-    # model-only limit
+
+def _limit_row(bench: Bench, setup: Setup, nominal: float) -> dict[str, Any]:
+    """The model-only limit: the model's forward passes on in-memory tensors, extrapolated to the scene."""
+    args = bench.args
     measured, res = bench.worker(
         "limit", setup, batches=args.limit_batches, min_seconds=args.limit_seconds, bf16=args.limit_bf16
     )
     limit = float(res["seconds"])
-    rows.append(
-        _row(
-            setup,
-            nominal,
-            "model-only limit",
-            limit,
-            limit,
-            peak_rss_gib=measured.peak_bytes / GIB,
-            peak_pss_gib=measured.peak_pss_bytes / GIB,
-            notes=f"extrapolated from {res['extrapolated_from_batches']} batches of {setup.batch_size}x"
-            f"{setup.input_size}² ({res['median_batch_seconds']:.2f} s each), {res['threads']} threads"
-            + (", segpipe's malloc thresholds" if res.get("retain_freed_memory") else ", default malloc"),
-            detail=res,
-        )
-    )
     bench.log(f"model-only limit: {limit:.1f} s ({setup.pixels / 1e6 / limit:.3f} MP/s)")
+    return _row(
+        setup,
+        nominal,
+        "model-only limit",
+        limit,
+        limit,
+        peak_rss_gib=measured.peak_bytes / GIB,
+        peak_pss_gib=measured.peak_pss_bytes / GIB,
+        notes=f"extrapolated from {res['extrapolated_from_batches']} batches of {setup.batch_size}x"
+        f"{setup.input_size}² ({res['median_batch_seconds']:.2f} s each), {res['threads']} threads"
+        + (", segpipe's malloc thresholds" if res.get("retain_freed_memory") else ", default malloc"),
+        detail=res,
+    )
 
-    # reference crop
+
+def _floor_row(bench: Bench, setup: Setup, nominal: float, limit: float | None) -> dict[str, Any]:
+    """The I/O floor (:func:`worker_floor`)."""
+    out = bench.scratch / "outputs" / f"floor-{setup.width}.tif"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    measured, res = bench.worker("floor", setup, output=str(out))
+    ok, detail = same_grid(setup.scene, out)
+    bench.check(f"I/O floor output grid equals input grid at {nominal} MP", ok, detail)
+    out.unlink(missing_ok=True)
+    st = res["stages"]
+    bench.log(f"I/O floor: {measured.seconds:.1f} s (windows {st['windows']:.1f} s, COG {st['cog']:.1f} s)")
+    return _row(
+        setup,
+        nominal,
+        "I/O floor",
+        measured.seconds,
+        limit,
+        peak_rss_gib=measured.peak_bytes / GIB,
+        peak_pss_gib=measured.peak_pss_bytes / GIB,
+        notes=f"read 2048 px windows, band1 > band2, tiled GeoTIFF {st['windows']:.1f} s + COG with overviews "
+        f"{st['cog']:.1f} s, GDAL threads {res['threads']}",
+        detail=res,
+    )
+
+
+def overhead(summary: dict[str, Any]) -> dict[str, Any]:
+    """segpipe's own cost in inference: the infer stage's seconds minus the segmenters' compute, in total, per
+    megapixel and per computed tile."""
+    infer = float(summary["seconds"]["infer"])
+    compute = float(summary.get("segmenter_seconds", {}).get("compute", 0.0))
+    mp = summary["scene"]["width"] * summary["scene"]["height"] / 1e6
+    tiles = max(1, int(summary["tiles"]["computed"]))
+    return {
+        "infer_s": infer,
+        "compute_s": compute,
+        "overhead_s": infer - compute,
+        "overhead_s_per_mp": (infer - compute) / mp,
+        "overhead_s_per_tile": (infer - compute) / tiles,
+    }
+
+
+def _segpipe_run(
+    bench: Bench,
+    setup: Setup,
+    nominal: float,
+    limit: float | None,
+    method: str,
+    extra: list[str],
+    reference: tuple[tuple[int, int, int], np.ndarray] | None,
+) -> dict[str, Any] | None:
+    """One ``segpipe run`` of the scene as a measured subprocess; its row (None when it failed)."""
+    args = bench.args
+    side = setup.width
+    out = bench.scratch / "outputs" / f"segpipe-{side}-{method.replace(' ', '_')}.tif"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [*segpipe_command(), "run", setup.scene, str(out), "--json", "--overwrite", "--model", args.model, *extra]
+    bench.log(f"{method}: {' '.join(cmd)}")
+    m = run_measured(cmd)
+    if m.returncode != 0:
+        bench.check(f"{method} exit status at {nominal} MP", False, m.stderr.strip()[-500:])
+        return None
+    summary = json.loads(m.stdout)
+    ok, detail = same_grid(setup.scene, out)
+    bench.check(f"{method} output grid equals input grid at {nominal} MP", ok, detail)
+    stats = output_stats(out, *reference) if reference else output_stats(out, crop_window(side, side), None)
+    bench.check(
+        f"{method} output has no nodata pixels at {nominal} MP",
+        stats["nodata_pixels"] == 0,
+        f"{stats['nodata_pixels']} nodata pixels",
+    )
+    sec, tiles = summary["seconds"], summary["tiles"]
+    stages = ", ".join(f"{k} {v:.1f}" for k, v in sec.items() if k not in ("total",))
+    row = _row(
+        setup,
+        nominal,
+        method,
+        m.seconds,
+        limit,
+        peak_rss_gib=m.peak_bytes / GIB,
+        peak_pss_gib=m.peak_pss_bytes / GIB,
+        peak_processes=m.peak_processes,
+        disagreement=stats.get("disagreement") if reference else None,
+        notes=f"{tiles['tile_size']}+{tiles['halo']} px {tiles['blend']}, batch {tiles['batch_size']}, "
+        f"{summary['workers']} worker(s), scene {'copied' if summary.get('scene_copied', True) else 'read in place'}"
+        f"; in-process {sec['total']:.1f} s: {stages}",
+        overhead=overhead(summary),
+        fixed_s=m.seconds - sec["total"],
+        mask_sha256=sha256_file(out),
+        summary=summary,
+        command=cmd,
+    )
+    bench.log(f"{method}: {m.seconds:.1f} s, peak {m.peak_bytes / GIB:.2f} GiB ({m.peak_processes} processes)")
+    if not args.keep_outputs:
+        out.unlink(missing_ok=True)
+        out.with_name(out.stem + ".summary.json").unlink(missing_ok=True)
+    return row
+
+
+def _same_mask(bench: Bench, rows: list[dict[str, Any]], a: str, b: str, nominal: float) -> None:
+    """Check that two segpipe rows wrote byte-identical masks."""
+    found = {r["method"]: r.get("mask_sha256") for r in rows if r["method"] in (a, b)}
+    if len(found) == 2:
+        bench.check(f"{a} and {b} masks byte-identical at {nominal} MP", found[a] == found[b], str(found))
+
+
+def bench_null(bench: Bench, nominal: float) -> None:
+    """The pipeline's own cost: the I/O floor against segpipe with the null model (scene read in place, and
+    copied into the work store first), in-process and with Ray."""
+    _, setup = _prepare(bench, nominal, "null")
+    rows = [_floor_row(bench, setup, nominal, None)]
+    for method, extra in (
+        ("segpipe null model", ["--model", "null", "--no-prefect"]),
+        ("segpipe null model, --ingest always", ["--model", "null", "--no-prefect", "--ingest", "always"]),
+        ("segpipe null model, in-process", ["--model", "null", "--no-prefect", "--executor", "local"]),
+    ):
+        row = _segpipe_run(bench, setup, nominal, None, method, extra, None)
+        if row is not None:
+            row["ratio_to_floor"] = rows[0]["seconds"] / row["seconds"]
+            rows.append(row)
+    _same_mask(bench, rows, "segpipe null model", "segpipe null model, --ingest always", nominal)
+    bench.rows.extend(rows)
+    print(format_table(rows), flush=True)
+
+
+def bench_size(bench: Bench, nominal: float, *, first: bool) -> None:
+    """Every method on one scene with the bench's model: the model-only limit, segpipe (with Prefect, without,
+    with the scene copied), the peers, and the I/O floor."""
+    args = bench.args
+    scene, setup = _prepare(bench, nominal, args.model)
+    rows = [_limit_row(bench, setup, nominal)]
+    limit = float(rows[0]["seconds"])
     crop = crop_window(setup.width, setup.height)
-    reference_path = bench.scratch / "work" / f"reference-{side}.npy"
+    reference_path = bench.scratch / "work" / f"reference-{setup.width}.npy"
     _, res = bench.worker(
         "reference", setup, crop=list(crop), margin=args.reference_margin, reference=str(reference_path)
     )
     reference = np.load(reference_path)
     bench.log(f"reference: crop {crop} + {args.reference_margin} px context, {res['seconds']:.1f} s")
+    runs: list[tuple[str, list[str]]] = [("segpipe", [])]
+    if args.no_prefect == "all" or (first and args.no_prefect == "first"):
+        runs += [("segpipe --no-prefect", ["--no-prefect"]), ("segpipe --ingest always", ["--ingest", "always"])]
+    runs += [(f"segpipe {n}", extra.split()) for n, _, extra in (v.partition("=") for v in args.variant)]
+    runs += [(f"segpipe --workers {n}", ["--workers", str(n)]) for n in (args.workers_sweep if first else [])]
+    for method, extra in runs:
+        row = _segpipe_run(bench, setup, nominal, limit, method, extra, (crop, reference))
+        if row is not None:
+            rows.append(row)
+    _same_mask(bench, rows, "segpipe", "segpipe --ingest always", nominal)
+    if not args.skip_peers:
+        _peer_rows(bench, rows, setup, nominal, limit, crop, reference, scene)
+    rows.append(_floor_row(bench, setup, nominal, limit))
+    for row in rows[1:-1]:
+        if row.get("seconds"):
+            row["ratio_to_floor"] = rows[-1]["seconds"] / row["seconds"]
+    bench.rows.extend(rows)
+    print(format_table(rows), flush=True)
+
+
+def _peer_rows(
+    bench: Bench,
+    rows: list[dict[str, Any]],
+    setup: Setup,
+    nominal: float,
+    limit: float,
+    crop: tuple[int, int, int],
+    reference: np.ndarray,
+    scene: Path,
+) -> None:
+    """MONAI's sliding window (skipped when the scene would not fit in memory) and the plain window loop."""
+    import psutil
 
     outputs = bench.scratch / "outputs"
-    outputs.mkdir(parents=True, exist_ok=True)
-
-    def segpipe(method: str, extra: list[str]) -> None:
-        out = outputs / f"segpipe-{side}-{method.replace(' ', '_')}.tif"
-        cmd = [*segpipe_command(), "run", str(scene), str(out), "--json", "--overwrite", "--model", args.model, *extra]
-        bench.log(f"{method}: {' '.join(cmd)}")
-        m = run_measured(cmd)
-        if m.returncode != 0:
-            bench.check(f"{method} exit status at {nominal} MP", False, m.stderr.strip()[-500:])
-            return
-        summary = json.loads(m.stdout)
-        ok, detail = same_grid(scene, out)
-        bench.check(f"{method} output grid equals input grid at {nominal} MP", ok, detail)
-        stats = output_stats(out, crop, reference)
-        bench.check(
-            f"{method} output has no nodata pixels at {nominal} MP",
-            stats["nodata_pixels"] == 0,
-            f"{stats['nodata_pixels']} nodata pixels",
-        )
-        sec = summary["seconds"]
-        stages = ", ".join(f"{k} {v:.1f}" for k, v in sec.items() if k not in ("total",))
-        tiles = summary["tiles"]
+    need = monai_memory_bytes(setup.pixels, setup.bands, 6)
+    available = psutil.virtual_memory().available
+    if need > 0.8 * available:
         rows.append(
             _row(
                 setup,
                 nominal,
-                method,
-                m.seconds,
-                limit,
-                peak_rss_gib=m.peak_bytes / GIB,
-                peak_pss_gib=m.peak_pss_bytes / GIB,
-                peak_processes=m.peak_processes,
-                disagreement=stats.get("disagreement"),
-                notes=f"{tiles['tile_size']}+{tiles['halo']} px {tiles['blend']}, batch {tiles['batch_size']}, "
-                f"{summary['workers']} worker(s); in-process {sec['total']:.1f} s: {stages}",
-                summary=summary,
-                command=cmd,
-            )
-        )
-        bench.log(f"{method}: {m.seconds:.1f} s, peak {m.peak_bytes / GIB:.2f} GiB ({m.peak_processes} processes)")
-        if not args.keep_outputs:
-            out.unlink(missing_ok=True)
-            out.with_name(out.stem + ".summary.json").unlink(missing_ok=True)
-
-    segpipe("segpipe", [])
-    if args.no_prefect == "all" or (first and args.no_prefect == "first"):
-        segpipe("segpipe --no-prefect", ["--no-prefect"])
-    for spec in args.variant:
-        name, _, extra = spec.partition("=")
-        segpipe(f"segpipe {name}", extra.split())
-    if first:
-        for n in args.workers_sweep:
-            segpipe(f"segpipe --workers {n}", ["--workers", str(n)])
-
-    if not args.skip_peers:
-        import psutil
-
-        need = monai_memory_bytes(setup.pixels, setup.bands, 6)
-        available = psutil.virtual_memory().available
-        if need > 0.8 * available:
-            rows.append(
-                _row(
-                    setup,
-                    nominal,
-                    "MONAI sliding window",
-                    float("nan"),
-                    limit,
-                    notes=f"skipped: needs about {need / GIB:.1f} GiB, {available / GIB:.1f} GiB available",
-                )
-            )
-            rows[-1]["seconds"] = rows[-1]["mp_per_s"] = rows[-1]["ratio_to_limit"] = None
-            bench.log(rows[-1]["notes"])
-        else:
-            peer(
-                bench,
-                rows,
-                setup,
-                nominal,
-                limit,
-                crop,
-                reference,
-                "monai",
                 "MONAI sliding window",
-                "gaussian, overlap 0.25, whole scene in RAM, GeoTIFF out",
-                outputs,
-                scene,
+                float("nan"),
+                limit,
+                notes=f"skipped: needs about {need / GIB:.1f} GiB, {available / GIB:.1f} GiB available",
             )
-        peer(
-            bench,
-            rows,
-            setup,
-            nominal,
-            limit,
-            crop,
-            reference,
-            "loop",
-            "rasterio window loop",
-            f"{setup.input_size}² windows, no overlap, batch {setup.batch_size}, GeoTIFF out",
-            outputs,
-            scene,
         )
-    bench.rows.extend(rows)
-    print(format_table(rows), flush=True)
+        rows[-1]["seconds"] = rows[-1]["mp_per_s"] = rows[-1]["ratio_to_limit"] = None
+        bench.log(rows[-1]["notes"])
+    else:
+        notes = "gaussian, overlap 0.25, whole scene in RAM, GeoTIFF out"
+        peer(
+            bench, rows, setup, nominal, limit, crop, reference, "monai", "MONAI sliding window", notes, outputs, scene
+        )
+    notes = f"{setup.input_size}² windows, no overlap, batch {setup.batch_size}, GeoTIFF out"
+    peer(bench, rows, setup, nominal, limit, crop, reference, "loop", "rasterio window loop", notes, outputs, scene)
 
 
 def peer(
@@ -946,6 +1074,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--sizes", type=_float_list, default=[16.0, 64.0, 256.0], help="nominal megapixels (default 16,64,256)"
     )
     p.add_argument("--gigapixel", action="store_true", help="also run a 1-gigapixel scene (32768 x 32768)")
+    p.add_argument(
+        "--null-sizes",
+        type=_float_list,
+        default=[],
+        help="nominal megapixels at which to time the I/O floor against segpipe with the null model (e.g. 64,256)",
+    )
     p.add_argument("--model", default="default", help="model name or checkpoint (default: the shipped model)")
     p.add_argument(
         "--out", type=Path, default=DEFAULT_OUT, help=f"JSON results (default {DEFAULT_OUT.relative_to(REPO)})"
@@ -1004,6 +1138,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     for k, nominal in enumerate(sizes):
         bench_size(bench, nominal, first=k == 0)
+    for nominal in args.null_sizes:
+        bench_null(bench, nominal)
     result = {
         "benchmark": "segpipe end to end vs model-only limit vs peers",
         "started": started,

@@ -1,14 +1,15 @@
 """Infer stage, worker side: a :class:`TileSegmenter` holds one model and turns tile indices into predictions.
 
 A segmenter reads each tile's input (core + halo, mirror-padded at the scene edge) from the scene itself, window
-by window, or from the work store's copy of it (:mod:`segpipe.pipeline.tile_reader`), scales it as the run decided (the scene's pixel map, :mod:`segpipe.pipeline.fit`), normalises it as the model's
-metadata says, runs batches, and hands the scores to the run's merger
-(:mod:`segpipe.pipeline.merge`), which writes them back into the store.
+by window, or from the work store's copy of it (:mod:`segpipe.pipeline.tile_reader`), scales it as the run decided
+(the scene's pixel map, :mod:`segpipe.pipeline.fit`), normalises it as the model's metadata says, runs batches, and
+hands the scores to the run's merger (:mod:`segpipe.pipeline.merge`), which writes them back into the store.
 
 Only tile indices go in and small stats come out. The tiles of the next :data:`PREFETCH_BATCHES` batches are read,
 decoded and normalised on reader threads (one tile per task, :func:`reader_threads`) and the previous batch is
-written on a writer thread while the model computes; on a GPU the batch goes through a reused pinned buffer. A batch is a fixed group of tiles, so a re-run recomputes
-exactly the same batches and produces identical bytes; a group whose tiles are all marked done is skipped.
+written on a writer thread while the model computes; on a GPU the batch goes through a reused pinned buffer. A
+batch is a fixed group of tiles, so a re-run recomputes exactly the same batches and produces identical bytes; a
+group whose tiles are all marked done is skipped.
 """
 
 from __future__ import annotations
@@ -167,7 +168,9 @@ class TileSegmenter:
         return [self.readers.submit(self._read_tile, i) for i in group]
 
     @staticmethod
-    def _gather(reads: Sequence[Future[tuple[Tile, np.ndarray, np.ndarray]]]) -> tuple[list[Tile], np.ndarray, np.ndarray]:
+    def _gather(
+        reads: Sequence[Future[tuple[Tile, np.ndarray, np.ndarray]]],
+    ) -> tuple[list[Tile], np.ndarray, np.ndarray]:
         done = [f.result() for f in reads]
         return [d[0] for d in done], np.stack([d[1] for d in done]), np.stack([d[2] for d in done])
 
@@ -239,6 +242,23 @@ class TileSegmenter:
         if pending_write is not None:
             pending_write.result()
         return {**stats, "seconds": time.perf_counter() - start}
+
+    def placement(self) -> dict[str, Any]:
+        """What this segmenter holds: its device (and the GPU's name), Ray's GPU ids for it, the
+        ``CUDA_VISIBLE_DEVICES`` Ray set, its node and its torch threads."""
+        import os
+
+        ray = sys.modules.get("ray")
+        ids = [str(g) for g in ray.get_gpu_ids()] if ray is not None and ray.is_initialized() else []
+        cuda = self.device.type == "cuda"
+        return {
+            "device": str(self.device),
+            "name": self.torch.cuda.get_device_name(self.device) if cuda else "cpu",
+            "gpu_ids": ids,
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "node": _node_id(),
+            "threads": self.torch.get_num_threads(),
+        }
 
     def ping(self) -> str:
         """Readiness probe: ``device@host`` once the model is loaded."""

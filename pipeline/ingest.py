@@ -111,8 +111,14 @@ def reads_in_place(scene: SceneInfo, input_size: int) -> bool:
     return decoded <= MAX_OVERREAD * needed
 
 
-def _reused(store: ws.WorkStore, expected: dict[str, Any], needs: str, scene: SceneInfo, start: float,
-            progress: Callable[[int], Any] | None) -> IngestResult | None:
+def _reused(
+    store: ws.WorkStore,
+    expected: dict[str, Any],
+    needs: str,
+    scene: SceneInfo,
+    start: float,
+    progress: Callable[[int], Any] | None,
+) -> IngestResult | None:
     """The result of a complete earlier ingest or index of the same scene, or None."""
     if store.attrs.get("ingest") != expected or needs not in store:
         return None
@@ -140,7 +146,10 @@ def index_scene(
     """
     start = time.perf_counter()
     expected: dict[str, Any] = {
-        "fingerprint": scene.fingerprint, "chunk_size": chunk_size, "complete": True, "copy": False
+        "fingerprint": scene.fingerprint,
+        "chunk_size": chunk_size,
+        "complete": True,
+        "copy": False,
     }
     found = _reused(store, expected, ws.VALID_PIXELS, scene, start, progress)
     if found is not None:

@@ -180,6 +180,7 @@ def run_scene(
     wrap: Callable[[Stage], Stage] = _identity,
     session: Session | None = None,
     started: float | None = None,
+    plan_seconds: float = 0.0,
 ) -> dict[str, Any]:
     """Segment one scene: GeoTIFF/COG (or any GDAL raster) in, georeferenced COG mask out.
 
@@ -191,10 +192,11 @@ def run_scene(
             pays, see :func:`segpipe.pipeline.session.auto_uses_ray`), closed at the end.
         started: ``time.time()`` when the caller started (the summary's ``wall`` seconds count from it); default:
             when this process started.
+        plan_seconds: Seconds the caller spent making ``plan`` (the summary's ``validate`` and part of ``total``).
     Returns:
         The run summary (also written next to the output as ``<name>.summary.json``).
     """
-    started_run = time.perf_counter()
+    started_run = time.perf_counter() - (plan_seconds if plan is not None else 0.0)
     plan = plan if plan is not None else make_plan(settings)
     seconds: dict[str, float] = {"validate": time.perf_counter() - started_run}
     with contextlib.ExitStack() as stack:

@@ -187,7 +187,11 @@ class WorkStore:
             if name in self.group:
                 del self.group[name]
         self.group.create_array(
-            VALID_PIXELS, shape=(grid.rows, grid.cols), chunks=(grid.rows, grid.cols), dtype="int64", fill_value=0,
+            VALID_PIXELS,
+            shape=(grid.rows, grid.cols),
+            chunks=(grid.rows, grid.cols),
+            dtype="int64",
+            fill_value=0,
             overwrite=True,
         )
 

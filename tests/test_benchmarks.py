@@ -69,17 +69,30 @@ def test_rss_sampler_sees_descendants() -> None:
 def test_format_table_and_crop() -> None:
     rows = [
         {"megapixels": 16.78, "method": "segpipe", "seconds": 100.0, "mp_per_s": 0.1678,
-         "ratio_to_limit": 0.61, "peak_rss_gib": 2.5, "peak_pss_gib": 1.25, "disagreement": 0.0012, "notes": "x"},
+         "ratio_to_limit": 0.61, "ratio_to_floor": 0.5, "overhead": {"overhead_s_per_mp": 0.0123},
+         "peak_rss_gib": 2.5, "peak_pss_gib": 1.25, "disagreement": 0.0012, "notes": "x"},
         {"megapixels": 16.78, "method": "MONAI sliding window", "seconds": None, "notes": "skipped"},
     ]  # fmt: skip
     table = bench.format_table(rows).splitlines()
-    assert table[0].startswith("| scene MP | method | wall s | MP/s | x limit | peak RSS GiB")
+    assert table[0].startswith("| scene MP | method | wall s | MP/s | x limit | x I/O floor | overhead s/MP | peak RSS")
     assert len(table) == 4
-    assert table[2] == "| 16.8 | segpipe | 100.0 | 0.168 | 0.61 | 2.50 | 1.25 | 0.12 | x |"
+    assert table[2] == "| 16.8 | segpipe | 100.0 | 0.168 | 0.61 | 0.50 | 0.012 | 2.50 | 1.25 | 0.12 | x |"
     assert "–" in table[3] and "skipped" in table[3]
     assert bench.crop_window(4096, 4096) == (1024, 1024, 2048)
     row, col, side = bench.crop_window(1000, 700)
     assert side == 688 and row >= 0 and row + side <= 700 and col + side <= 1000
+
+
+def test_overhead_is_infer_minus_compute_per_megapixel_and_tile() -> None:
+    summary = {
+        "seconds": {"infer": 10.0},
+        "segmenter_seconds": {"compute": 6.0},
+        "scene": {"width": 2000, "height": 1000},
+        "tiles": {"computed": 8},
+    }
+    assert bench.overhead(summary) == {
+        "infer_s": 10.0, "compute_s": 6.0, "overhead_s": 4.0, "overhead_s_per_mp": 2.0, "overhead_s_per_tile": 0.5
+    }
 
 
 def test_seam_study_finds_crop_exact_when_the_halo_covers_the_receptive_field(

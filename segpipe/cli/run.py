@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import time
 from typing import Any
 
 from segpipe.cli import EXIT_OK, STARTED, on_sigterm
@@ -45,8 +46,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.no_prefect:
         from segpipe.pipeline.run import run_scene
 
+        t = time.perf_counter()
         plan = make_plan(settings)  # fail fast, before Ray starts; the model is loaded once, here
-        summary = run_scene(settings, plan=plan, started=STARTED)
+        summary = run_scene(settings, plan=plan, started=STARTED, plan_seconds=time.perf_counter() - t)
     else:
         with temporary_server() as server:  # comes up while the run validates and loads its model
             plan = make_plan(settings)

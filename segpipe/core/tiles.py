@@ -282,7 +282,8 @@ def read_tile_input(image: Any, valid: Any, tile: Tile) -> tuple[np.ndarray, np.
         S = tile_size + 2 * halo.
     """
     r = tile.read
-    return pad_tile_input(np.asarray(image[:, r.row_slice, r.col_slice]), np.asarray(valid[r.row_slice, r.col_slice]), tile)
+    data, ok = np.asarray(image[:, r.row_slice, r.col_slice]), np.asarray(valid[r.row_slice, r.col_slice])
+    return pad_tile_input(data, ok, tile)
 
 
 def pad_tile_input(data: np.ndarray, ok: np.ndarray, tile: Tile) -> tuple[np.ndarray, np.ndarray]:
