@@ -84,7 +84,7 @@ def test_default_model() -> None:
 
 
 def test_unknown_names_and_paths(tmp_path: Path) -> None:
-    with pytest.raises(ModelError, match=r"no packaged model named 'nosuch' \(available: default\)"):
+    with pytest.raises(ModelError, match=r"no packaged model named 'nosuch' \(available: default, null\)"):
         load_model("nosuch")
     with pytest.raises(ModelError, match="does not exist; check the path"):
         load_model(tmp_path / "absent.safetensors")
@@ -95,6 +95,19 @@ def test_unknown_names_and_paths(tmp_path: Path) -> None:
         load_model(tmp_path / "m.h5")
     with pytest.raises(ConfigError, match="'gpu' is not a torch device"):
         load_model("default", device="gpu")
+
+
+def test_packaged_null_model_has_the_shipped_models_contract_and_rebuilds_identically(tmp_path: Path) -> None:
+    from segpipe.core.files import sha256_file
+    from segpipe.models.make_null import make_null, null_model_path
+
+    null, shipped = load_model("null"), load_model("default")
+    assert null.metadata.architecture == "pointwise"
+    for field in ("bands", "classes", "mean", "std", "tile_size", "halo", "input"):
+        assert getattr(null.metadata, field) == getattr(shipped.metadata, field), field
+    assert sum(p.numel() for p in null.module.parameters()) == 3 * 6 + 6  # one 1x1 convolution
+    rebuilt = make_null(tmp_path / "null.safetensors")
+    assert sha256_file(rebuilt) == sha256_file(null_model_path())
 
 
 def test_missing_sidecar(tmp_path: Path) -> None:
