@@ -106,6 +106,9 @@ def test_packaged_null_model_has_the_shipped_models_contract_and_rebuilds_identi
     for field in ("bands", "classes", "mean", "std", "tile_size", "halo", "input"):
         assert getattr(null.metadata, field) == getattr(shipped.metadata, field), field
     assert sum(p.numel() for p in null.module.parameters()) == 3 * 6 + 6  # one 1x1 convolution
+    x = torch.randn(2, 3, 24, 40)
+    with torch.inference_mode():
+        assert torch.allclose(null.module(x), null.module.conv(x), atol=1e-5)  # its matrix product is that conv
     rebuilt = make_null(tmp_path / "null.safetensors")
     assert sha256_file(rebuilt) == sha256_file(null_model_path())
 
