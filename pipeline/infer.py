@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from segpipe.core.errors import SegpipeError
 from segpipe.core.pixels import PixelMap, normalise
 from segpipe.core.runtime import retain_freed_memory
 from segpipe.core.tiles import Tile, TileGrid
@@ -126,7 +127,16 @@ class TileSegmenter:
             retain_freed_memory()
         self.torch = torch
         self.device = torch.device(spec.device)
-        self.loaded = load_model(spec.model, device=spec.device, checksum=spec.checksum, metadata=spec.metadata)
+        self.job: InferJob | None = None
+        self.reader: TileReader | None = None
+        #: A model that cannot be loaded: raised by ping and process (a Ray actor whose constructor raises dies,
+        #: and its error would reach the driver as a death, not as the model's message).
+        self.failed: SegpipeError | None = None
+        try:
+            self.loaded = load_model(spec.model, device=spec.device, checksum=spec.checksum, metadata=spec.metadata)
+        except SegpipeError as exc:
+            self.failed = exc
+            return
         self.model = self.loaded.module
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # every batch has the same shape: pick the fastest kernels once
@@ -134,8 +144,6 @@ class TileSegmenter:
             self.model = self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         meta = self.loaded.metadata
         self.mean, self.std = meta.mean, meta.std
-        self.job: InferJob | None = None
-        self.reader: TileReader | None = None
         self._pinned: Any = None
         # tiles are read and decoded on their own threads (GDAL, zarr and numpy release the GIL), results written on one
         self.readers = ThreadPoolExecutor(max_workers=reader_threads(spec), thread_name_prefix="tile-read")
@@ -212,6 +220,8 @@ class TileSegmenter:
             Small stats: tiles computed, batches, seconds reading, computing and waiting on writes.
         """
         start = time.perf_counter()
+        if self.failed is not None:
+            raise self.failed
         self._open(job)
         todo = [list(g) for g in groups if not self._is_done(g)]
         stats: dict[str, Any] = {"tiles": 0, "batches": 0, "compute_s": 0.0, "wait_read_s": 0.0, "wait_write_s": 0.0}
@@ -261,7 +271,9 @@ class TileSegmenter:
         }
 
     def ping(self) -> str:
-        """Readiness probe: ``device@host`` once the model is loaded."""
+        """Readiness probe: ``device@host`` once the model is loaded; the model's error when it could not be."""
+        if self.failed is not None:
+            raise self.failed
         import socket
 
         return f"{self.device}@{socket.gethostname()}"

@@ -345,16 +345,59 @@ class Session:
         if any(free.get(k, 0.0) < v for k, v in need.items() if v):
             for other in list(self.pools):  # make room: the previous model's segmenters go
                 self._kill(self.pools.pop(other).actors)
-        from segpipe.pipeline.infer import TileSegmenter
-
-        remote = ray.remote(max_restarts=0, max_task_retries=0, **resources)(TileSegmenter)
-        actors = [remote.remote(spec) for _ in range(workers)]
         started = time.perf_counter()
-        where = ray.get([a.ping.remote() for a in actors])
-        log.info("%d segmenter(s) ready in %.1f s on %s", len(actors), time.perf_counter() - started, where)
+        actors = self._start_segmenters(spec, workers, resources)
+        log.info("%d segmenter(s) ready in %.1f s", len(actors), time.perf_counter() - started)
         pool = Pool(spec, actors, dict(resources))
         self.pools[spec] = pool
         return pool
+
+    def _start_segmenters(self, spec: ModelSpec, workers: int, resources: dict[str, float]) -> list[Any]:
+        """Start ``workers`` segmenters and wait until each has loaded its model.
+
+        A segmenter whose process dies while it starts (killed, out of memory, its node lost) is replaced after a
+        backoff, on any node (Ray's SPREAD), up to :data:`START_TRIES` times per segmenter; then the start fails
+        with one line naming the last cause. A model that cannot be loaded (its error, raised by ``ping``) is not
+        retried: that error is raised as it was raised there.
+        """
+        from ray.exceptions import RayActorError, RayTaskError
+
+        from segpipe.pipeline.infer import TileSegmenter
+
+        remote = self.ray.remote(max_restarts=0, max_task_retries=0, **resources)(TileSegmenter)
+        pending: dict[Any, tuple[int, Any]] = {}
+
+        def launch(attempt: int) -> None:
+            actor = remote.options(scheduling_strategy="SPREAD").remote(spec) if attempt else remote.remote(spec)
+            pending[actor.ping.remote()] = (attempt, actor)
+
+        for _ in range(workers):
+            launch(0)
+        ready: list[Any] = []
+        try:
+            while pending:
+                done, _ = self.ray.wait(list(pending), num_returns=1)
+                attempt, actor = pending.pop(done[0])
+                try:
+                    self.ray.get(done[0])
+                except RayTaskError as exc:
+                    raise exc.as_instanceof_cause() from None
+                except RayActorError as exc:
+                    self._kill([actor])
+                    cause = start_failure(exc)
+                    if attempt + 1 >= START_TRIES:
+                        raise RuntimeError(
+                            f"a segmenter died while starting, {START_TRIES} times; last: {cause}"
+                        ) from None
+                    log.warning("a segmenter died while starting (%s); starting another", cause)
+                    time.sleep(START_BACKOFF_S * 2**attempt)
+                    launch(attempt + 1)
+                    continue
+                ready.append(actor)
+        except BaseException:
+            self._kill(ready + [actor for _, actor in pending.values()])
+            raise
+        return ready
 
     def local_segmenter(self, spec: ModelSpec) -> Any:
         """The in-process segmenter of ``spec`` (loaded once per session)."""
@@ -402,10 +445,7 @@ class Session:
                 self._kill([actor])
                 queue.appendleft(unit)
                 if not pool.actors:
-                    from segpipe.pipeline.infer import TileSegmenter
-
-                    remote = ray.remote(max_restarts=0, max_task_retries=0, **pool.resources)(TileSegmenter)
-                    replacement = remote.remote(pool.spec)
+                    replacement = self._start_segmenters(pool.spec, 1, pool.resources)[0]
                     pool.actors.append(replacement)
                     idle.append(replacement)
                 continue
@@ -463,6 +503,24 @@ class Session:
             if progress:
                 progress(result)
         return out
+
+
+#: Tries to start each segmenter whose process dies while it starts, and the first backoff between them (doubled
+#: after each try).
+START_TRIES = 3
+START_BACKOFF_S = 1.0
+
+
+def start_failure(error: Exception) -> str:
+    """One line for why a segmenter's process died: out of memory, its node lost, or Ray's first line."""
+    text = str(error)
+    lowered = text.lower()
+    if "out of memory" in lowered or "oom" in lowered.split() or "memory monitor" in lowered:
+        return "out of memory"
+    if "node" in lowered and ("died" in lowered or "dead" in lowered or "lost" in lowered):
+        return "its node was lost"
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(error).__name__)
+    return first[:200]
 
 
 def cluster_paths_problem(
