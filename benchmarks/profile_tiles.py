@@ -7,7 +7,8 @@ On a mirror tiling of real imagery (built as ``benchmarks.bench_pipeline`` build
 
 - read: the tile's window from the work store's copy (zarr, after ingest) and from the scene itself (GDAL, in
   place), each over ``--repeats`` different tiles (no block is read twice);
-- normalise: the expression segpipe used before (``(x - mean) / std * valid``) and :func:`segpipe.core.pixels.normalise`;
+- normalise: the expression segpipe used before (``(x - mean) / std * valid``) and
+  :func:`segpipe.core.pixels.normalise`;
 - forward: the model's forward pass (the null model: a 1x1 convolution);
 - class ids: ``torch.argmax`` over the class axis and :func:`segpipe.pipeline.merge.class_ids`;
 - write: the class ids of one core into a zarr mask chunk, and its ``done`` flag.
