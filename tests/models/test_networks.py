@@ -179,13 +179,13 @@ def test_registry_defaults() -> None:
     plain = build_model("unet", {"in_channels": 3, "num_classes": 2, "base_channels": 4})
     assert isinstance(plain, UNet)
     assert (plain.channel_attention, plain.self_attention, plain.attention_gates) == ("none", "none", False)
-    assert set(ARCHITECTURES) == {"attention_unet", "unet"}
+    assert set(ARCHITECTURES) == {"attention_unet", "unet", "pointwise"}  # pointwise: the null model
 
 
 @pytest.mark.parametrize(
     ("architecture", "arguments", "message"),
     [
-        ("resnet", {}, "unknown architecture 'resnet'; known architectures: attention_unet, unet"),
+        ("resnet", {}, "unknown architecture 'resnet'; known architectures: attention_unet, pointwise, unet"),
         ("unet", {"in_channels": 3}, "missing a required argument: 'num_classes'"),
         ("unet", {"in_channels": 3, "num_classes": 2, "chanels": 4}, "unexpected keyword argument 'chanels'"),
         (
