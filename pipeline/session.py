@@ -376,7 +376,10 @@ class Session:
         ready: list[Any] = []
         try:
             while pending:
-                done, _ = self.ray.wait(list(pending), num_returns=1)
+                done, _ = self.ray.wait(list(pending), num_returns=1, timeout=START_CHECK_S)
+                if not done:
+                    self._check_room(resources)
+                    continue
                 attempt, actor = pending.pop(done[0])
                 try:
                     self.ray.get(done[0])
@@ -391,6 +394,7 @@ class Session:
                         ) from None
                     log.warning("a segmenter died while starting (%s); starting another", cause)
                     time.sleep(START_BACKOFF_S * 2**attempt)
+                    self._check_room(resources, cause)
                     launch(attempt + 1)
                     continue
                 ready.append(actor)
@@ -398,6 +402,17 @@ class Session:
             self._kill(ready + [actor for _, actor in pending.values()])
             raise
         return ready
+
+    def _check_room(self, resources: dict[str, float], cause: str = "") -> None:
+        """Raise when no live Ray node is big enough for one segmenter (``resources``: Ray's ``num_cpus`` and
+        ``num_gpus``), so that a start waits for nothing that cannot come: the only node lost, say."""
+        need = {"CPU": resources.get("num_cpus", 0), "GPU": resources.get("num_gpus", 0)}
+        for node in self.ray.nodes():
+            have = node.get("Resources", {})
+            if node.get("Alive") and all(have.get(k, 0.0) >= v for k, v in need.items() if v):
+                return
+        why = f" ({cause})" if cause else ""
+        raise RuntimeError(f"no live Ray node can start a segmenter{why}; check the cluster, then re-run to resume")
 
     def local_segmenter(self, spec: ModelSpec) -> Any:
         """The in-process segmenter of ``spec`` (loaded once per session)."""
@@ -509,6 +524,8 @@ class Session:
 #: after each try).
 START_TRIES = 3
 START_BACKOFF_S = 1.0
+#: Seconds between checks, while segmenters start, that a live node can still hold one.
+START_CHECK_S = 5.0
 
 
 def start_failure(error: Exception) -> str:

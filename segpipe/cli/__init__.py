@@ -57,6 +57,9 @@ def _quiet_environment(verbose: bool) -> None:
         level=logging.INFO if verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s" if verbose else "warning: %(message)s",
     )
+    if not verbose:  # Prefect logs a failed task with its traceback; the CLI's own line says what failed
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(lambda record: not record.name.startswith("prefect"))
 
 
 def _commands() -> list[Callable[[Any], None]]:

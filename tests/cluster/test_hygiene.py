@@ -75,12 +75,14 @@ def test_a_run_whose_ray_node_dies_fails_and_leaves_no_process(tmp_path: Path, s
     raylet = next(p for p in services if p.name() == "raylet" or "raylet" in " ".join(p.cmdline()[:1]))
     raylet.kill()
     try:
-        run.communicate(timeout=TIMEOUT)
+        _, stderr = run.communicate(timeout=TIMEOUT)
     except subprocess.TimeoutExpired:
         run.kill()
         run.communicate()
         pytest.fail("the run hung after its Ray node died")
     assert run.returncode != 0
+    assert "no live Ray node can start a segmenter" in stderr, stderr
+    assert "Traceback" not in stderr, stderr
     assert_all_gone(services)
 
 
