@@ -89,8 +89,9 @@ def count_region(scene: SceneInfo, window: Window, chunk_size: int) -> tuple[Win
     return window, chunk_counts(ok, chunk_size)
 
 
-#: GDAL drivers whose files GDAL reads window by window, decoding only the blocks a window touches.
-WINDOWED_DRIVERS = ("GTiff", "COG")
+#: Layouts read window by window, decoding only the blocks a window touches: GDAL's tiled drivers, and staged
+#: arrays (:mod:`segpipe.pipeline.sources.array`, whose blocks are the dask chunks).
+WINDOWED_DRIVERS = ("GTiff", "COG", "array")
 
 #: Most pixels a tile read may decode per pixel it needs for the scene to be read in place (see
 #: :func:`reads_in_place`): 512 px blocks around a 1088 px tile input decode 2.2 times its pixels.

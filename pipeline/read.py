@@ -359,6 +359,7 @@ def _remote_slide_problem(path: str) -> str | None:
 
 #: Registered scene sources, ``name -> "module:Class"``, tried in this order; imported when first used.
 SOURCES: dict[str, str] = {
+    "array": "segpipe.pipeline.sources.array:ArraySource",
     "slide": "segpipe.pipeline.sources.slide:SlideSource",
     "gdal": "segpipe.pipeline.sources.gdal:GdalSource",
 }

@@ -10,7 +10,31 @@ The import namespace, from the ground up (each layer imports only the layers lis
 - :mod:`segpipe.cli`: the ``segpipe`` command.
 """
 
+from typing import Any
+
 from segpipe.core.errors import ConfigError, InputError, ModelError, OutputError, SegpipeError
 
-__all__ = ["ConfigError", "InputError", "ModelError", "OutputError", "SegpipeError"]
+__all__ = [
+    "ConfigError",
+    "InputError",
+    "ModelError",
+    "OutputError",
+    "SegpipeError",
+    "Session",
+    "open_mask",
+    "segment",
+    "segment_dataset",
+]
 __version__ = "0.1.0"
+
+#: The Python API (:mod:`segpipe.api`), imported when first used: a Ray worker or the CLI importing
+#: ``segpipe.core`` must not load the pipeline, torch and xarray for it.
+_API = ("Session", "open_mask", "segment", "segment_dataset")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        from segpipe import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'segpipe' has no attribute {name!r}")
