@@ -26,7 +26,7 @@ import numpy as np
 from benchmarks.bench_pipeline import DEFAULT_SOURCE, TreeMemorySampler, build_scene, machine_description, scene_side
 
 MIB = 2**20
-ROWS = ("file", "dask array", "numpy array", "ingest: segpipe regions", "ingest: dask store")
+ROWS = ("file", "dask array", "numpy array", "ingest: segpipe regions", "ingest: dask store", "stitch")
 
 
 def _segment_row(row: str, scene: Path, out: Path, chunk: int, model: str) -> dict[str, Any]:
@@ -64,16 +64,63 @@ def _ingest_row(row: str, scene: Path, out: Path, chunk: int) -> dict[str, Any]:
     if row == "ingest: segpipe regions":
         ingest(info, store, chunk_size=chunk, workers=2)
     else:
-        store.create_scene_arrays(shape=(info.count, info.height, info.width), dtype=info.dtype, chunk=chunk,
-                                  region=chunk)
+        store.create_scene_arrays(
+            shape=(info.count, info.height, info.width), dtype=info.dtype, chunk=chunk, region=chunk
+        )
         data = array.data
         valid = (data != info.nodata).any(axis=0).astype("uint8") if info.nodata is not None else None
         targets = [store.array(ws.IMAGE)] + ([store.array(ws.VALID)] if valid is not None else [])
-        da.store([data] + ([valid] if valid is not None else []), targets, lock=False, scheduler="threads",
-                 num_workers=2)
+        da.store(
+            [data] + ([valid] if valid is not None else []), targets, lock=False, scheduler="threads", num_workers=2
+        )
     seconds = time.perf_counter() - t
     image = np.asarray(store.array(ws.IMAGE)[:, :: chunk // 2, :: chunk // 2])
     return {"seconds": seconds, "checksum": int(image.astype(np.int64).sum())}
+
+
+def _stitch_row(scene: Path, out: Path, model: str, repeat: int = 3) -> dict[str, Any]:
+    """Blend (cosine) a segmented scene's tiles into its mask with segpipe's stitch (blocks of tiles on a thread
+    pool) and with the same block function as dask delayed tasks on dask's threaded scheduler, alternately; the
+    median of ``repeat`` each, and whether both masks are identical."""
+    import hashlib
+    import statistics
+
+    import dask
+
+    from segpipe.pipeline import store as ws
+    from segpipe.pipeline.plan import make_plan
+    from segpipe.pipeline.run import run_scene
+    from segpipe.pipeline.settings import RunSettings
+    from segpipe.pipeline.stitch import stitch, stitch_block
+
+    work = out.parent / "work"
+    settings = RunSettings(
+        input=str(scene), output=str(out), model=model, blend="cosine", executor="local", work_dir=str(work)
+    )
+    plan = make_plan(settings)
+    summary = run_scene(settings, plan=plan)
+    store = ws.WorkStore(summary["work_store"])
+    grid, block = plan.grid, 4
+    origins = [(r, c) for r in range(0, grid.rows, block) for c in range(0, grid.cols, block)]
+    times: dict[str, list[float]] = {"segpipe": [], "dask": []}
+    digests = set()
+    for _ in range(repeat):
+        for way in times:
+            t = time.perf_counter()
+            if way == "segpipe":
+                stitch(store, grid, "cosine", workers=2, block=block)
+            else:
+                tasks = [dask.delayed(stitch_block)(store, grid, "cosine", o, block) for o in origins]
+                dask.compute(*tasks, scheduler="threads", num_workers=2)
+            times[way].append(time.perf_counter() - t)
+            digests.add(hashlib.sha256(np.asarray(store.array(ws.MASK)[:]).tobytes()).hexdigest())
+    return {
+        "seconds": statistics.median(times["segpipe"]),
+        "dask_seconds": statistics.median(times["dask"]),
+        "runs": times,
+        "identical": len(digests) == 1,
+        "tiles": len(grid),
+    }
 
 
 def run_row(row: str, scene: Path, out: Path, chunk: int, model: str) -> dict[str, Any]:
@@ -81,6 +128,8 @@ def run_row(row: str, scene: Path, out: Path, chunk: int, model: str) -> dict[st
     with TreeMemorySampler(interval=0.1, pss_every=10**9) as sampler:
         if row.startswith("ingest"):
             result = _ingest_row(row, scene, out, chunk)
+        elif row == "stitch":
+            result = _stitch_row(scene, out, model)
         else:
             result = _segment_row(row, scene, out, chunk, model)
     return {**result, "peak_rss_mib": round(sampler.peak_bytes / MIB)}
@@ -125,16 +174,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             folder = scratch / row.replace(" ", "-").replace(":", "")
             folder.mkdir()
             rows[row] = _child(row, scene, folder / "mask.tif", args.chunk, args.model)
-            print(f"{row:<26} {rows[row]['seconds']:7.1f} s  peak RSS {rows[row]['peak_rss_mib']:6d} MiB", flush=True)
+            extra = f"  dask {rows[row]['dask_seconds']:.2f} s" if "dask_seconds" in rows[row] else ""
+            print(f"{row:<26} {rows[row]['seconds']:7.2f} s  peak RSS {rows[row]['peak_rss_mib']:6d} MiB{extra}")
         masks = [scratch / r.replace(" ", "-") / "mask.tif" for r in ROWS[:3]]
         checks = {
             "masks identical (file, dask, numpy)": _same_masks(masks),
             "ingest copies identical": rows[ROWS[3]]["checksum"] == rows[ROWS[4]]["checksum"],
+            "stitch masks identical (segpipe, dask)": rows["stitch"]["identical"],
         }
     report = {
         "machine": machine_description(),
-        "scene": {"side": side, "megapixels": round(side * side / 1e6, 1), "bytes": side * side * 3,
-                  "chunk": args.chunk, "model": args.model},
+        "scene": {
+            "side": side,
+            "megapixels": round(side * side / 1e6, 1),
+            "bytes": side * side * 3,
+            "chunk": args.chunk,
+            "model": args.model,
+        },
         "rows": rows,
         "checks": checks,
         "command": "python -m benchmarks.bench_arrays " + " ".join(sys.argv[1:] if argv is None else argv),

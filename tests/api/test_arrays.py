@@ -167,3 +167,31 @@ def test_an_unusable_array_is_one_clear_error_and_writes_nothing(
 def test_an_unknown_option_names_the_options(options: dict) -> None:
     with pytest.raises(segpipe.ConfigError, match="unknown option 'tilesize'"):
         segpipe.segment(SCENE, tilesize=64, **options)
+
+
+COMPUTED: list[tuple[int, ...]] = []
+
+
+def record(block: np.ndarray) -> np.ndarray:
+    """A chunk function that notes the chunks computed (module level: pickled by reference, one list)."""
+    COMPUTED.append(block.shape)
+    return block
+
+
+def test_staging_a_dask_array_computes_no_pixel(tmp_path: Path) -> None:
+    import dask.array as da
+
+    from segpipe.core.tiles import Window
+    from segpipe.pipeline.sources.array import ArraySource, stage_array
+
+    computed = COMPUTED
+    computed.clear()
+    scene = rioxarray.open_rasterio(SCENE, chunks={"band": -1, "x": 256, "y": 256})
+    meta = np.empty((0, 0, 0), dtype=scene.dtype)  # else map_blocks calls record once to learn it
+    watched = scene.copy(data=da.map_blocks(record, scene.data, dtype=scene.dtype, meta=meta))
+    path = stage_array(watched, tmp_path)
+    assert computed == []  # described, fingerprinted and staged from the graph alone
+    with ArraySource(path) as src:
+        pixels, _ = src.read(Window(300, 300, 40, 40))  # inside one chunk
+    assert computed == [(3, 256, 256)]  # only the chunk the window touches
+    assert np.array_equal(pixels, scene.values[:, 300:340, 300:340])

@@ -30,6 +30,6 @@ def test_every_readme_python_block_runs(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setenv("SEGPIPE_HOME", str(tmp_path / "home"))
     namespace: dict[str, object] = {}
     for k, block in enumerate(python_blocks((ROOT / "README.md").read_text())):
-        exec(compile(block, f"README.md python block {k + 1}", "exec"), namespace)  # noqa: S102
+        exec(compile(block, f"README.md python block {k + 1}", "exec"), namespace)
     assert (tmp_path / "lausanne.copy.tif").is_file()
     assert list((tmp_path / "home").glob("mask-*.tif"))  # output=None: the masks in $SEGPIPE_HOME
