@@ -108,9 +108,16 @@ def _nodata(array: Any) -> float | None:
 
 
 def _band_names(array: Any) -> tuple[str, ...]:
+    """Per band, its name: the ``band`` coordinate's labels, else rioxarray's ``long_name`` (a file's band
+    descriptions), else "" (numbers are not names)."""
+    count = array.sizes["band"]
+    long_name = array.attrs.get("long_name")
+    if isinstance(long_name, (list, tuple)) and len(long_name) == count:
+        if "band" not in array.coords or all(isinstance(v, (int, np.integer)) for v in array["band"].values.tolist()):
+            return tuple(str(v) for v in long_name)
     if "band" in array.coords:
         return tuple(str(v) if not isinstance(v, (int, np.integer)) else "" for v in array["band"].values.tolist())
-    return ("",) * array.sizes["band"]
+    return ("",) * count
 
 
 def _token(array: Any) -> str:

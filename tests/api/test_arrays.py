@@ -195,3 +195,12 @@ def test_staging_a_dask_array_computes_no_pixel(tmp_path: Path) -> None:
         pixels, _ = src.read(Window(300, 300, 40, 40))  # inside one chunk
     assert computed == [(3, 256, 256)]  # only the chunk the window touches
     assert np.array_equal(pixels, scene.values[:, 300:340, 300:340])
+
+
+def test_sentinel2_band_names_choose_the_models_bands_as_for_the_file(tmp_path: Path) -> None:
+    chip = SCENE.parent / "Spain_7370579_S2Hand.tif"  # 13 bands named B1..B12, int16 reflectance
+    options = {"executor": "local", "scaling": "minmax:0,3000"}
+    file_summary = segpipe.segment(chip, tmp_path / "file.tif", **options)
+    ds = segpipe.segment(rioxarray.open_rasterio(chip, chunks={"x": 256, "y": 256}), work_dir=str(tmp_path), **options)
+    with rasterio.open(file_summary["output"]) as src:
+        assert np.array_equal(ds["mask"].values, src.read(1))
