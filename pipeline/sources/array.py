@@ -112,9 +112,11 @@ def _band_names(array: Any) -> tuple[str, ...]:
     descriptions), else "" (numbers are not names)."""
     count = array.sizes["band"]
     long_name = array.attrs.get("long_name")
-    if isinstance(long_name, (list, tuple)) and len(long_name) == count:
-        if "band" not in array.coords or all(isinstance(v, (int, np.integer)) for v in array["band"].values.tolist()):
-            return tuple(str(v) for v in long_name)
+    numbered = "band" not in array.coords or all(
+        isinstance(v, (int, np.integer)) for v in array["band"].values.tolist()
+    )
+    if isinstance(long_name, (list, tuple)) and len(long_name) == count and numbered:
+        return tuple(str(v) for v in long_name)
     if "band" in array.coords:
         return tuple(str(v) if not isinstance(v, (int, np.integer)) else "" for v in array["band"].values.tolist())
     return ("",) * count
