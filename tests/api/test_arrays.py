@@ -204,3 +204,9 @@ def test_sentinel2_band_names_choose_the_models_bands_as_for_the_file(tmp_path: 
     ds = segpipe.segment(rioxarray.open_rasterio(chip, chunks={"x": 256, "y": 256}), work_dir=str(tmp_path), **options)
     with rasterio.open(file_summary["output"]) as src:
         assert np.array_equal(ds["mask"].values, src.read(1))
+
+
+def test_a_dask_array_on_ray_segmenters_equals_in_process(options: dict, file_mask: np.ndarray) -> None:
+    scene = rioxarray.open_rasterio(SCENE, chunks={"band": -1, "x": 128, "y": 128})
+    ds = segpipe.segment(scene, **{**options, "executor": "ray", "workers": 1})
+    assert np.array_equal(ds["mask"].values, file_mask)
