@@ -24,11 +24,11 @@ def options(rgb_checkpoint: Path, tmp_path: Path) -> dict[str, object]:
     return {"model": str(rgb_checkpoint), "executor": "local", "work_dir": str(tmp_path / "work")}
 
 
-@pytest.fixture
-def file_mask(options: dict[str, object], tmp_path: Path) -> np.ndarray:
+@pytest.fixture(scope="module")
+def file_mask(rgb_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> np.ndarray:
     """The mask of the scene run as a file (the reference)."""
-    out = tmp_path / "file.tif"
-    segpipe.segment(SCENE, out, **options)
+    out = tmp_path_factory.mktemp("file") / "file.tif"
+    segpipe.segment(SCENE, out, model=str(rgb_checkpoint), executor="local")
     with rasterio.open(out) as src:
         return src.read(1)
 
