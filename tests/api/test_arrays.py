@@ -210,3 +210,17 @@ def test_a_dask_array_on_ray_segmenters_equals_in_process(options: dict, file_ma
     scene = rioxarray.open_rasterio(SCENE, chunks={"band": -1, "x": 128, "y": 128})
     ds = segpipe.segment(scene, **{**options, "executor": "ray", "workers": 1})
     assert np.array_equal(ds["mask"].values, file_mask)
+
+
+def test_a_blended_array_run_equals_the_file_and_resumes_from_its_work_dir(
+    rgb_checkpoint: Path, tmp_path: Path
+) -> None:
+    options = {"model": str(rgb_checkpoint), "executor": "local", "blend": "cosine", "work_dir": str(tmp_path / "w")}
+    file_summary = segpipe.segment(SCENE, tmp_path / "file.tif", **options)
+    array = rioxarray.open_rasterio(SCENE, chunks={"band": -1, "x": 300, "y": 300})
+    first = segpipe.segment(array, tmp_path / "array.tif", **options)
+    again = segpipe.segment(array, tmp_path / "again.tif", **options)  # same graph, same staged path: resumed
+    assert not first["ingest_reused"] and again["ingest_reused"]
+    assert again["tiles"]["reused"] == again["tiles"]["total"] - again["tiles"]["skipped_nodata"]
+    with rasterio.open(file_summary["output"]) as f, rasterio.open(again["output"]) as a:
+        assert np.array_equal(f.read(1), a.read(1))
