@@ -223,8 +223,8 @@ def resolve_model_path(name_or_path: str | Path, *, checksum: str | None = None)
         if not path.exists():
             if text == "default":
                 raise ModelError(
-                    f"the packaged default model is missing ({default_model_path()}); "
-                    "recreate it with: python -m segpipe.models.make_default"
+                    f"the packaged default model is missing ({default_model_path()}); the install is incomplete: "
+                    "reinstall segpipe (pip install --force-reinstall --no-deps -e . from the repository)"
                 )
             raise ModelError(
                 f"no packaged model named {text!r} (available: {', '.join(_packaged_names()) or 'none'}) "

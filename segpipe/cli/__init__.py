@@ -83,9 +83,22 @@ def threading_main() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
+def _version() -> str:
+    """The installed distribution's version (what ``pip show segpipe`` says), else the package's."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import segpipe
+
+    try:
+        return version("segpipe")
+    except PackageNotFoundError:
+        return segpipe.__version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="segpipe", description="Segment huge images with attention models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress and show tracebacks")
+    parser.add_argument("--version", action="version", version=f"segpipe {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     for add in _commands():
         add(sub)
