@@ -32,7 +32,7 @@ from prefect.futures import as_completed
 from segpipe.core import objects
 from segpipe.core.errors import SegpipeError
 from segpipe.core.objects import ObjectUrl, is_object_url
-from segpipe.core.options import from_values
+from segpipe.core.options import from_values, values_of
 from segpipe.flows.segment import as_task
 from segpipe.pipeline import stac
 from segpipe.pipeline.catalog import AssetChoice, SceneRef, scenes_of
@@ -48,6 +48,18 @@ log = logging.getLogger(__name__)
 
 def _beside(folder: str, name: str) -> str:
     return str(ObjectUrl.parse(folder).child(name)) if is_object_url(folder) else str(Path(folder) / name)
+
+
+#: The night's resolved options, written beside its outputs; ``--config`` reads it back.
+OPTIONS_FILE = "segpipe-options.json"
+
+
+def resolved_options(options: RunOptions, dataset: DatasetOptions) -> dict[str, Any]:
+    """Every run and data-set option of a night, defaults included, as ``--config`` reads them (tables ``run`` and
+    ``dataset``); ``notify`` left out, since a webhook URL often carries a secret."""
+    chosen = values_of(dataset)
+    chosen.pop("notify", None)
+    return {"run": values_of(options), "dataset": chosen}
 
 
 def mask_path(output_dir: str, scene_id: str, *, slide: bool = False) -> str:
@@ -286,6 +298,7 @@ def segment_dataset(
         Path(output_dir).mkdir(parents=True, exist_ok=True)
     if options.work_dir and not is_object_url(options.work_dir):
         Path(options.work_dir).mkdir(parents=True, exist_ok=True)
+    stac.write_json(_beside(output_dir, OPTIONS_FILE), resolved_options(options, dataset))
     night = plan_night(refs, output_dir, options, dataset, loaded)
     rows: dict[str, dict[str, Any]] = {}
     for ref, _, decision in night:

@@ -11,7 +11,7 @@ from typing import Any
 
 from segpipe.core.options import values_of
 from segpipe.flows.dataset import segment_dataset
-from segpipe.pipeline.settings import DatasetOptions, RunOptions
+from segpipe.pipeline.settings import DatasetOptions, RunOptions, ScheduleOptions
 
 
 def deployment_parameters(
@@ -32,17 +32,16 @@ def serve_nightly(
     *,
     options: RunOptions | None = None,
     dataset: DatasetOptions | None = None,
-    cron: str = "0 2 * * *",
-    timezone: str = "UTC",
-    name: str = "nightly",
+    schedule: ScheduleOptions | None = None,
 ) -> None:
-    """Register the deployment ``segment_dataset/<name>`` with its cron schedule in ``timezone`` and serve it
-    (blocks; Ctrl-C or SIGTERM stops it)."""
+    """Register the deployment ``segment_dataset/<name>`` with its cron schedule in its time zone (see
+    :class:`~segpipe.pipeline.settings.ScheduleOptions`) and serve it (blocks; Ctrl-C or SIGTERM stops it)."""
     from prefect.schedules import Cron
 
+    when = schedule or ScheduleOptions()
     segment_dataset.serve(
-        name=name,
-        schedules=[Cron(cron, timezone=timezone)],
+        name=when.name,
+        schedules=[Cron(when.cron, timezone=when.timezone)],
         parameters=deployment_parameters(source, output_dir, options, dataset),
         description=f"segment new and changed scenes of {source} into {output_dir}",
     )

@@ -20,7 +20,7 @@ import tempfile
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
@@ -85,6 +85,7 @@ def export_cog(
     colours: Sequence[str] | None = None,
     workers: int = 2,
     progress: Callable[[int], Any] | None = None,
+    creation: Mapping[str, str] | None = None,
 ) -> ExportResult:
     """Write array ``name`` of the work store (``mask`` or ``probabilities``) as a COG at ``output``.
 
@@ -98,6 +99,8 @@ def export_cog(
         colours: ``#RRGGBB`` per class, for the mask's colour table.
         workers: GDAL threads for compression and overviews.
         progress: Called with pixels copied.
+        creation: COG creation options (``--co``: COMPRESS, LEVEL, PREDICTOR, BLOCKSIZE, BIGTIFF) over the
+            defaults (DEFLATE, no predictor for a mask, 512 px blocks).
     """
     start = time.perf_counter()
     scene = SceneInfo.from_attrs(store.attrs["scene"])
@@ -141,17 +144,16 @@ def export_cog(
                     dst.scales = [1.0 / ws.PROBABILITY_SCALE] * count
                     dst.offsets = [0.0] * count
             with atomic_output(output) as tmp:
-                rasterio.shutil.copy(
-                    scratch,
-                    tmp,
-                    driver="COG",
-                    COMPRESS="DEFLATE",
-                    PREDICTOR="NO" if is_mask else "YES",
-                    BLOCKSIZE="512",
-                    BIGTIFF="IF_SAFER",
-                    OVERVIEW_RESAMPLING="MODE" if is_mask else "AVERAGE",
-                    NUM_THREADS=str(max(1, workers)),
-                )
+                options = {
+                    "COMPRESS": "DEFLATE",
+                    "PREDICTOR": "NO" if is_mask else "YES",
+                    "BLOCKSIZE": "512",
+                    "BIGTIFF": "IF_SAFER",
+                    **(creation or {}),
+                    "OVERVIEW_RESAMPLING": "MODE" if is_mask else "AVERAGE",
+                    "NUM_THREADS": str(max(1, workers)),
+                }
+                rasterio.shutil.copy(scratch, tmp, driver="COG", **options)
                 _check_cog(tmp)
     except (OSError, CPLE_BaseError) as exc:  # GDAL's write errors come as either (disk full: both)
         raise OutputError(f"could not write {output}: {_reason(exc)}; check free space and permissions") from None
@@ -293,6 +295,8 @@ class CogSink:
     path: str
     #: The option that names it, for messages.
     what: str = "output"
+    #: COG creation options (``--co``, checked by :func:`segpipe.core.cog.parse_cog_options`) over the defaults.
+    creation: tuple[tuple[str, str], ...] = ()
     kind: ClassVar[str] = ws.MASK
 
     def check(self, *, overwrite: bool) -> None:
@@ -346,6 +350,7 @@ class CogSink:
             colours=colours,
             workers=workers,
             progress=progress,
+            creation=dict(self.creation),
         )
 
 

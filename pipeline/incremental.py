@@ -56,9 +56,11 @@ class OutputKey:
 def output_key(
     *, scene_fingerprint: str, model_checksum: str, tile_size: int, halo: int, blend: str, batch_size: int,
     probabilities: bool, scaling: str | None = None, vector: dict[str, Any] | None = None,
+    cog: dict[str, str] | None = None,
 ) -> OutputKey:  # fmt: skip
     """The key of an output made with these inputs and settings (``model_checksum``: the model's identity, see
-    :attr:`segpipe.models.checkpoint.LoadedModel.identity`; ``vector``: how polygons are made, None without)."""
+    :attr:`segpipe.models.checkpoint.LoadedModel.identity`; ``vector``: how polygons are made, None without;
+    ``cog``: the COG creation options given, ``--co``)."""
     settings = {
         "tile_size": tile_size,
         "halo": halo,
@@ -70,6 +72,8 @@ def output_key(
     }
     if vector is not None:
         settings["vector"] = dict(vector)
+    if cog:  # only when set: the keys of outputs written with the defaults stay as they were
+        settings["cog"] = dict(cog)
     return OutputKey(scene_fingerprint, model_checksum, settings)
 
 

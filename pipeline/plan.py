@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from segpipe.core import objects
+from segpipe.core.cog import parse_cog_options
 from segpipe.core.errors import ConfigError, OutputError
 from segpipe.core.objects import ObjectUrl, is_object_url
 from segpipe.core.pixels import PixelMap
@@ -105,6 +106,7 @@ class RunPlan:
             probabilities=bool(self.settings.probabilities),
             scaling=self.fit.scaling if self.fit is not None else None,
             vector=vector_key(self.settings),
+            cog=parse_cog_options(self.settings.cog_options),
         )
 
     @property
@@ -192,7 +194,10 @@ def _same_file(a: str, b: str) -> bool:
 
 
 def _check_outputs(settings: RunSettings) -> tuple[Sink, ...]:
-    sinks = [sink_for(ws.MASK, settings.output)]
+    creation = tuple(parse_cog_options(settings.cog_options).items())
+    if creation and settings.output.lower().endswith((".ome.tif", ".ome.tiff")):
+        raise ConfigError("--co sets COG creation options; an OME-TIFF mask is not a COG: leave --co out")
+    sinks = [sink_for(ws.MASK, settings.output, creation=creation)]
     sinks[0].check(overwrite=settings.overwrite)
     remote = is_object_url(settings.output)
     out_dir = Path(settings.output).absolute().parent.resolve()
@@ -203,7 +208,7 @@ def _check_outputs(settings: RunSettings) -> tuple[Sink, ...]:
             _check_beside(settings.probabilities, "--probabilities", settings.output)
         else:
             _check_inside(settings.probabilities, "--probabilities", out_dir)
-        sinks.append(sink_for(ws.PROBABILITIES, settings.probabilities))
+        sinks.append(sink_for(ws.PROBABILITIES, settings.probabilities, creation=creation))
         sinks[-1].check(overwrite=settings.overwrite)
         if _same_file(settings.probabilities, settings.output):
             raise ConfigError("--probabilities must be a different file from OUTPUT")
@@ -339,6 +344,7 @@ def scene_output_key(settings: RunOptions, file: SceneInfo, loaded: LoadedModel)
         probabilities=isinstance(settings, RunSettings) and bool(settings.probabilities),
         scaling=fit.scaling,
         vector=vector_key(settings),
+        cog=parse_cog_options(settings.cog_options),
     )
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from segpipe.core.bands import parse_bands
+from segpipe.core.cog import parse_cog_options
 from segpipe.core.errors import ConfigError
 from segpipe.core.options import option
 from segpipe.core.pixels import Scaling
@@ -107,6 +108,14 @@ class RunOptions:
         help="--vector: drop polygons smaller than this, in CRS units² (level-0 pixels² for a slide)",
         metavar="AREA",
     )
+    cog_options: tuple[str, ...] = option(
+        (),
+        help="a creation option of the COG outputs, NAME=VALUE as rio takes them (repeatable): COMPRESS "
+        "(DEFLATE, ZSTD, LZMA, LZW, PACKBITS, NONE; lossless only), LEVEL, PREDICTOR, BLOCKSIZE, BIGTIFF",
+        flag="--co",
+        metavar="NAME=VALUE",
+        repeatable=True,
+    )
     ingest: str = option(
         "auto",
         help="auto (default): the segmenters read a tiled GeoTIFF or COG (local or remote) window by window, other "
@@ -161,6 +170,7 @@ class RunOptions:
             raise ConfigError(
                 f"--mpp must be a pixel size in micrometres, > 0 and <= {MAX_SLIDE_MPP:g}, got {self.mpp}"
             )
+        parse_cog_options(self.cog_options)  # ConfigError naming what is wrong
         if self.tissue not in TISSUE_METHODS:
             raise ConfigError(f"--tissue must be one of {', '.join(TISSUE_METHODS)}, got {self.tissue!r}")
 
@@ -207,6 +217,27 @@ class RunSettings(RunOptions):
     def options(self) -> RunOptions:
         """The per-scene options alone."""
         return RunOptions(**{name: getattr(self, name) for name in RunOptions.__dataclass_fields__})
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScheduleOptions:
+    """When ``segpipe serve`` runs the nightly deployment, and under which name."""
+
+    cron: str = option("0 2 * * *", help="schedule, five cron fields (default: 02:00 every night)", metavar="CRON")
+    timezone: str = option("UTC", help="time zone of the schedule, e.g. Europe/Zurich", metavar="TZ")
+    name: str = option("nightly", help="deployment name", metavar="NAME")
+
+    def __post_init__(self) -> None:
+        import zoneinfo
+
+        if len(self.cron.split()) != 5:
+            raise ConfigError(f"--cron must have five fields (minute hour day month weekday), got {self.cron!r}")
+        try:
+            zoneinfo.ZoneInfo(self.timezone)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ConfigError(f"--timezone {self.timezone!r} is not a time zone; e.g. UTC or Europe/Zurich") from None
+        if not self.name.strip():
+            raise ConfigError("--name must not be empty")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -11,8 +11,8 @@ from typing import Any
 
 from segpipe.cli import EXIT_OK, STARTED, on_sigterm
 from segpipe.cli.prefect_server import temporary_server
-from segpipe.core.options import add_arguments, given
-from segpipe.pipeline.settings import DatasetOptions, RunOptions, RunSettings
+from segpipe.core.options import add_arguments, given, read_options_file, split_options
+from segpipe.pipeline.settings import DatasetOptions, RunOptions, RunSettings, ScheduleOptions
 
 
 def add_run(sub: Any) -> None:
@@ -27,21 +27,40 @@ def add_run(sub: Any) -> None:
         help="also write the mask's polygons: .gpkg, .parquet (in the scene's CRS) or .geojson (WGS 84; QuPath's, "
         "in pixels, for a mask without CRS)",
     )
+    _add_config(p)
     p.add_argument("--no-prefect", action="store_true", help="run the stages directly, without the Prefect flow")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     p.set_defaults(handler=_cmd_run, option_fields=fields, starts_services=True)
+
+
+def _add_config(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="options from a TOML, YAML or JSON file: keys are the option names (tile_size or tile-size; tables "
+        "run, dataset and schedule allowed); a flag given here overrides the file",
+    )
+
+
+def _with_config(args: argparse.Namespace, classes: tuple[type, ...], fields: list[list[Any]]) -> list[dict[str, Any]]:
+    """Per class, the options of ``--config`` (if any) with the flags given on the command line over them."""
+    found: list[dict[str, Any]] = [{} for _ in classes]
+    if args.config:
+        found = split_options(read_options_file(args.config), classes, where=f"--config {args.config}")
+    return [{**from_file, **given(args, flags)} for from_file, flags in zip(found, fields, strict=True)]
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from segpipe.pipeline.plan import make_plan
     from segpipe.pipeline.summary import format_summary
 
+    (options,) = _with_config(args, (RunOptions,), [args.option_fields])
     settings = RunSettings(
         input=args.input,
         output=args.output,
         probabilities=args.probabilities,
         vector=args.vector,
-        **given(args, args.option_fields),
+        **options,
     )
     if args.no_prefect:
         from segpipe.pipeline.run import run_scene
@@ -78,36 +97,30 @@ def add_dataset(sub: Any) -> None:
         )
         fields = add_arguments(p, RunOptions)
         dataset_fields = add_arguments(p, DatasetOptions)
-        if name == "serve":
-            p.add_argument("--cron", default="0 2 * * *", help="schedule (default: 02:00 every night)")
-            p.add_argument("--timezone", default="UTC", help="time zone of the schedule, e.g. Europe/Zurich")
-            p.add_argument("--name", default="nightly", help="deployment name (default: nightly)")
+        schedule_fields = add_arguments(p, ScheduleOptions) if name == "serve" else []
+        _add_config(p)
         p.set_defaults(
             handler=_cmd_dataset,
             serve=name == "serve",
             option_fields=fields,
             dataset_fields=dataset_fields,
+            schedule_fields=schedule_fields,
             starts_services=True,
         )
 
 
 def _cmd_dataset(args: argparse.Namespace) -> int:
-    options = RunOptions(**given(args, args.option_fields))
-    dataset = DatasetOptions(**given(args, args.dataset_fields))
+    classes = (RunOptions, DatasetOptions, ScheduleOptions) if args.serve else (RunOptions, DatasetOptions)
+    fields = [args.option_fields, args.dataset_fields, args.schedule_fields][: len(classes)]
+    values = _with_config(args, classes, fields)
+    options, dataset = RunOptions(**values[0]), DatasetOptions(**values[1])
     dataset.check_with(options)  # before a deployment is registered or a server started
     if args.serve:
         from segpipe.flows.deploy import serve_nightly
 
+        schedule = ScheduleOptions(**values[2])
         with temporary_server():
-            serve_nightly(
-                args.source,
-                args.output_dir,
-                options=options,
-                dataset=dataset,
-                cron=args.cron,
-                timezone=args.timezone,
-                name=args.name,
-            )
+            serve_nightly(args.source, args.output_dir, options=options, dataset=dataset, schedule=schedule)
         return EXIT_OK
     with temporary_server() as server:
         from segpipe.flows.dataset import segment_dataset

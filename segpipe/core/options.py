@@ -9,9 +9,14 @@ default and help per option, wherever it is used.
 from __future__ import annotations
 
 import dataclasses
+import json
+import tomllib
 import typing
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+from segpipe.core.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -198,3 +203,88 @@ def given(args: Any, fields: list[OptionField]) -> dict[str, Any]:
             value = getattr(args, f.name)
             found[f.name] = tuple(value) if f.option.repeatable else value
     return found
+
+
+#: Tables of an options file that hold the options of one kind (their keys are merged with the top level).
+OPTION_TABLES = ("run", "dataset", "schedule")
+
+
+def read_options_file(path: str) -> dict[str, Any]:
+    """The options in a TOML (``.toml``), YAML (``.yaml``/``.yml``) or JSON (``.json``) file, as one flat mapping
+    of option names (the keys of the tables ``run``, ``dataset`` and ``schedule`` merged into the top level).
+
+    Raises:
+        ConfigError: the file is missing, not of those kinds, not parseable, or not a mapping.
+    """
+    file = Path(path)
+    suffix = file.suffix.lower()
+    if suffix not in (".toml", ".yaml", ".yml", ".json"):
+        raise ConfigError(f"--config {path!r} must be a .toml, .yaml or .json file")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"--config {path!r} cannot be read ({exc.strerror or exc})") from None
+    try:
+        if suffix == ".toml":
+            data: Any = tomllib.loads(text)
+        elif suffix == ".json":
+            data = json.loads(text)
+        else:
+            import yaml  # only for YAML files: not loaded by every command
+
+            data = yaml.safe_load(text)
+    except (ValueError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"--config {path!r} is not valid {suffix.lstrip('.').upper()}: {exc}") from None
+    except Exception as exc:  # yaml.YAMLError
+        raise ConfigError(f"--config {path!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path!r} must hold a mapping of option names to values")
+    flat = {k: v for k, v in data.items() if k not in OPTION_TABLES}
+    for table in OPTION_TABLES:
+        if isinstance(data.get(table), dict):
+            flat.update(data[table])
+    return {str(k).replace("-", "_"): v for k, v in flat.items()}
+
+
+def _checked(f: OptionField, value: Any, where: str) -> Any:
+    """``value`` from a file for field ``f``, checked against the field's type (lists become tuples)."""
+    kind = _base_type(f.type)
+    is_tuple = typing.get_origin(f.type) in (tuple, list)
+    if value is None and f.default is None:
+        return None
+    items = value if is_tuple and isinstance(value, list) else [value]
+    for item in items:
+        ok = (
+            isinstance(item, bool)
+            if kind is bool
+            else isinstance(item, int | float) and not isinstance(item, bool)
+            if kind is float
+            else isinstance(item, int) and not isinstance(item, bool)
+            if kind is int
+            else isinstance(item, str)
+        )
+        if not ok:
+            wanted = {bool: "true or false", int: "a whole number", float: "a number"}.get(kind, "a string")
+            raise ConfigError(f"{where}: {f.name} must be {wanted}{' (or a list of them)' if is_tuple else ''}, "
+                              f"got {value!r}")  # fmt: skip
+    if is_tuple:
+        return tuple(items)
+    return float(value) if kind is float else value
+
+
+def split_options(values: dict[str, Any], classes: typing.Sequence[type], *, where: str) -> list[dict[str, Any]]:
+    """Share an options file's ``values`` among ``classes`` (their option fields, by field name or by the flag's
+    spelling: ``cog_options`` or ``co``), each value checked against its field's type; one dict per class, in
+    order.
+
+    Raises:
+        ConfigError: a name that is no option of these classes (with the names there are), or a wrong type.
+    """
+    fields = [{f.name: f for f in options_of(cls)} for cls in classes]
+    known = sorted(name for table in fields for name in table)
+    spelled = {f.flag.lstrip("-").replace("-", "_"): f.name for table in fields for f in table.values()}
+    named = {spelled.get(k, k): v for k, v in values.items()}  # a flag's spelling (co, collection) names its field
+    unknown = sorted(set(named) - set(known))
+    if unknown:
+        raise ConfigError(f"{where}: {unknown[0]!r} is not an option here; the options are: {', '.join(known)}")
+    return [{k: _checked(table[k], v, where) for k, v in named.items() if k in table} for table in fields]

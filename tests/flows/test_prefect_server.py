@@ -146,5 +146,5 @@ def test_serve_registers_the_nightly_deployment_and_a_triggered_run_completes(
         assert serve.returncode in (0, 143), stderr
     assert sorted(p.name for p in out.iterdir()) == [
         "a.item.json", "a.mask.summary.json", "a.mask.tif", "b.item.json", "b.mask.summary.json", "b.mask.tif",
-        "collection.json",
+        "collection.json", "segpipe-options.json",
     ]  # fmt: skip
