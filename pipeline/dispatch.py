@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from segpipe.core.tiles import TileGrid
 from segpipe.pipeline import store as ws
 from segpipe.pipeline.infer import InferJob, InferOptions
@@ -35,6 +37,25 @@ class InferResult:
     workers: int
     device: str
     worker_stats: list[dict[str, Any]] = field(default_factory=list)
+    #: Tiles flagged done whose results failed their check on resume, and were computed again.
+    tiles_damaged: int = 0
+
+
+def recheck_done(store: ws.WorkStore, grid: TileGrid, options: InferOptions) -> list[tuple[int, int]]:
+    """On resume, check every tile flagged done against its checksum (:meth:`Merger.damaged`): a chunk of its
+    results missing, truncated or corrupt clears its flag, so the tile is computed again instead of exporting
+    garbage. Returns those tiles (row, col)."""
+    done = np.asarray(store.array(ws.DONE)[...]).astype(bool)
+    merger = merger_type(options.blend)(store, grid, probabilities=options.probabilities)
+    damaged = merger.damaged(done)
+    for r, c in damaged:
+        store.array(ws.DONE)[r, c] = 0
+    if damaged:
+        log.warning(
+            "%d tile(s) of %s failed their check (a chunk missing or damaged), first (row %d, col %d); computing "
+            "them again", len(damaged), store.url, *damaged[0],
+        )  # fmt: skip
+    return damaged
 
 
 def run_inference(
@@ -75,6 +96,7 @@ def run_inference(
     reusable = store.prepare_run(
         key, grid, classes, probabilities=options.probabilities, tile_probabilities=merger.tile_probabilities
     )
+    damaged = recheck_done(store, grid, options) if reusable else []
     plan = plan_tiles(store, grid, options.batch_size)
     session.driver_bytes += 9 * len(grid)  # the driver read valid_pixels (int64) and done (uint8) per tile
     if progress:
@@ -109,6 +131,7 @@ def run_inference(
         tiles_skipped_nodata=plan.skipped_nodata,
         tiles_reused=plan.reused,
         tiles_computed=sum(s["tiles"] for s in stats),
+        tiles_damaged=len(damaged),
         seconds=time.perf_counter() - start,
         workers=n_workers,
         device=device,

@@ -85,8 +85,38 @@ class Merger:
         returns whether there was work."""
         return False
 
-    def _mark_done(self, tile: Tile) -> None:
+    def written(self, tile: Tile) -> list[np.ndarray]:
+        """What the store holds of ``tile``'s results, read back (the arrays :meth:`aggregate` wrote for it)."""
+        raise NotImplementedError
+
+    def _mark_done(self, tile: Tile, parts: Sequence[np.ndarray]) -> None:
+        """Record the tile's checksum of ``parts`` (what was written for it), then its done flag."""
+        self._array(ws.CHECKSUMS)[tile.row, tile.col] = tile_checksum(parts)
         self._array(ws.DONE)[tile.row, tile.col] = 1
+
+    def damaged(self, done: np.ndarray) -> list[tuple[int, int]]:
+        """The tiles flagged done (``done``: (rows, cols)) whose results are not what was written: a chunk missing,
+        truncated or corrupt (it does not decode, or decodes to other bytes than its checksum says)."""
+        checksums = np.asarray(self._array(ws.CHECKSUMS)[...])
+        bad = []
+        for r, c in zip(*np.nonzero(done), strict=True):
+            try:
+                ok = tile_checksum(self.written(self.grid.tile(int(r), int(c)))) == int(checksums[r, c])
+            except Exception:  # a chunk zarr or its codec cannot read
+                ok = False
+            if not ok:
+                bad.append((int(r), int(c)))
+        return bad
+
+
+def tile_checksum(parts: Sequence[np.ndarray]) -> int:
+    """CRC-32 of the bytes of a tile's result arrays, in order (C order)."""
+    import zlib
+
+    value = 0
+    for part in parts:
+        value = zlib.crc32(np.ascontiguousarray(part).tobytes(), value)
+    return value
 
 
 def class_ids(scores: torch.Tensor) -> torch.Tensor:
@@ -133,12 +163,23 @@ class CropMerger(Merger):
             w = tile.core_in_input
             ok = valids[k, w.row_slice, w.col_slice].astype(bool)
             rows, cols = slice(0, w.height), slice(0, w.width)
-            mask[tile.core.row_slice, tile.core.col_slice] = np.where(ok, classes[k, rows, cols], ws.MASK_NODATA)
+            ids = np.where(ok, classes[k, rows, cols], ws.MASK_NODATA).astype(np.uint8, copy=False)
+            mask[tile.core.row_slice, tile.core.col_slice] = ids
+            parts = [ids]
             if scaled is not None:
-                self._array(ws.PROBABILITIES)[:, tile.core.row_slice, tile.core.col_slice] = np.where(
-                    ok[None], scaled[k, :, rows, cols], ws.PROBABILITY_NODATA
+                probabilities = np.where(ok[None], scaled[k, :, rows, cols], ws.PROBABILITY_NODATA).astype(
+                    np.uint8, copy=False
                 )
-            self._mark_done(tile)
+                self._array(ws.PROBABILITIES)[:, tile.core.row_slice, tile.core.col_slice] = probabilities
+                parts.append(probabilities)
+            self._mark_done(tile, parts)
+
+    def written(self, tile: Tile) -> list[np.ndarray]:
+        core = tile.core
+        parts = [np.asarray(self._array(ws.MASK)[core.row_slice, core.col_slice])]
+        if self.probabilities:
+            parts.append(np.asarray(self._array(ws.PROBABILITIES)[:, core.row_slice, core.col_slice]))
+        return parts
 
 
 class BlendMerger(Merger):
@@ -155,7 +196,10 @@ class BlendMerger(Merger):
         target = self._array(ws.TILE_PROBABILITIES)
         for k, tile in enumerate(tiles):
             target[tile.row, tile.col] = half[k]
-            self._mark_done(tile)
+            self._mark_done(tile, [half[k]])
+
+    def written(self, tile: Tile) -> list[np.ndarray]:
+        return [np.asarray(self._array(ws.TILE_PROBABILITIES)[tile.row, tile.col])]
 
     def finalize(
         self, *, workers: int = 2, progress: Callable[[int], Any] | None = None, session: Session | None = None

@@ -6,6 +6,7 @@ Layout (all arrays chunked on the tile grid, pixel axes last)::
     valid                (height, width)          uint8         1 where the scene has data, 0 where nodata
     valid_pixels         (rows, cols)             int64         valid pixels per tile core (to skip tiles)
     done                 (rows, cols)             uint8         1 when a tile's results are written (resume)
+    checksums            (rows, cols)             uint32        CRC-32 of what was written for each done tile
     mask                 (height, width)          uint8         class ids, 255 = nodata; the final product
     probabilities        (classes, height, width) uint8         optional: probability x 254, 255 = nodata
     tile_probabilities   (rows, cols, classes, S, S) float16    blends only: softmax over each tile's input
@@ -47,6 +48,7 @@ IMAGE = "image"
 VALID = "valid"
 VALID_PIXELS = "valid_pixels"
 DONE = "done"
+CHECKSUMS = "checksums"
 MASK = "mask"
 PROBABILITIES = "probabilities"
 TILE_PROBABILITIES = "tile_probabilities"
@@ -210,11 +212,14 @@ class WorkStore:
         Returns:
             True when earlier results are reused (same key), False when the arrays were (re)created.
         """
-        if self.attrs.get("run", {}).get("key") == key and DONE in self.group:
+        if self.attrs.get("run", {}).get("key") == key and DONE in self.group and CHECKSUMS in self.group:
             return True
         t = grid.tile_size
         self.group.create_array(
             DONE, shape=(grid.rows, grid.cols), chunks=(1, 1), dtype="uint8", fill_value=0, overwrite=True
+        )
+        self.group.create_array(
+            CHECKSUMS, shape=(grid.rows, grid.cols), chunks=(1, 1), dtype="uint32", fill_value=0, overwrite=True
         )
         self.group.create_array(
             MASK,

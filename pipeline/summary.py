@@ -109,6 +109,7 @@ def build_summary(
             "skipped_nodata": inferred.tiles_skipped_nodata,
             "reused": inferred.tiles_reused,
             "computed": inferred.tiles_computed,
+            "damaged": inferred.tiles_damaged,
             "tile_size": plan.tile_size,
             "halo": plan.halo,
             "blend": s.blend,
