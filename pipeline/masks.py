@@ -10,6 +10,7 @@ from typing import Any
 import rasterio
 
 from segpipe.core.errors import InputError
+from segpipe.core.raster import open_raster
 from segpipe.pipeline.plan import summary_path
 from segpipe.pipeline.store import MASK_NODATA, PROBABILITY_NODATA, PROBABILITY_SCALE
 
@@ -18,13 +19,10 @@ def _open_lazy(path: str) -> Any:
     """The COG at ``path`` as a dask-backed DataArray (band, y, x), one dask chunk per block."""
     import rioxarray
 
-    try:
-        with rasterio.open(path) as src:
-            rows, cols = src.block_shapes[0]
-            tags, count = src.tags(), src.count
-            colormap = src.colormap(1) if count == 1 and _has_colormap(src) else None
-    except rasterio.errors.RasterioError as exc:
-        raise InputError(f"{path!r} cannot be opened as a mask ({exc})") from None
+    with open_raster(path, role="mask", hint="give a mask COG that segpipe wrote") as src:
+        rows, cols = src.block_shapes[0]
+        tags, count = src.tags(), src.count
+        colormap = src.colormap(1) if count == 1 and _has_colormap(src) else None
     if tags.get("SOFTWARE") != "segpipe":
         raise InputError(f"{path!r} is not a mask segpipe wrote (no SOFTWARE=segpipe tag)")
     array = rioxarray.open_rasterio(path, chunks={"band": 1, "y": rows, "x": cols}, mask_and_scale=False)

@@ -224,3 +224,10 @@ def test_a_blended_array_run_equals_the_file_and_resumes_from_its_work_dir(
     assert again["tiles"]["reused"] == again["tiles"]["total"] - again["tiles"]["skipped_nodata"]
     with rasterio.open(file_summary["output"]) as f, rasterio.open(again["output"]) as a:
         assert np.array_equal(f.read(1), a.read(1))
+
+
+def test_open_mask_refuses_a_file_segpipe_did_not_write(tmp_path: Path) -> None:
+    with pytest.raises(segpipe.InputError, match="not a mask segpipe wrote"):
+        segpipe.open_mask(SCENE)
+    with pytest.raises(segpipe.InputError):
+        segpipe.open_mask(tmp_path / "missing.tif")
