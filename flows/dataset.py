@@ -293,6 +293,7 @@ def segment_dataset(
         recursive=dataset.recursive,
         asset=AssetChoice(dataset.asset, dataset.asset_role, tuple(loaded.metadata.bands)),
         search=dataset.search(source),
+        allow_local_assets=dataset.allow_local_assets,
     )
     if not is_object_url(output_dir):
         Path(output_dir).mkdir(parents=True, exist_ok=True)

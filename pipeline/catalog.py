@@ -151,25 +151,65 @@ def _whole_slides(paths: Sequence[str]) -> list[str]:
     return kept
 
 
+#: GDAL virtual file systems that read from the network; every other ``/vsi`` path reads local files.
+REMOTE_VSI = ("/vsicurl", "/vsis3", "/vsigs", "/vsiaz", "/vsiadls", "/vsioss", "/vsiswift", "/vsiwebhdfs")
+
+
+def is_remote_href(href: str) -> bool:
+    """Whether an asset href names something on the network (http(s), object storage, a remote GDAL path), not a
+    file of this machine (a path, ``file://``, a local ``/vsi`` path, an inline VRT)."""
+    text = href.strip()
+    if text.startswith(("http://", "https://")) or is_object_url(text):
+        return True
+    return text.startswith(REMOTE_VSI)
+
+
+def check_assets(items: Iterable[dict[str, Any]], source: str, *, allow_local: bool) -> None:
+    """Refuse a remote catalog or API (``source``) whose items name local files as assets: a catalog from
+    elsewhere must not make this machine read (and segment, and publish the masks of) its own files, such as
+    ``/etc/...`` or ``file://``. ``allow_local`` (``--allow-local-assets``) lets a trusted one.
+
+    Raises:
+        InputError: naming the item, the asset and the href.
+    """
+    if allow_local or not is_remote_href(source.removeprefix(STAC_API_PREFIX)):
+        return
+    for item in items:
+        for key, asset in item.get("assets", {}).items():
+            href = str(asset.get("href", ""))
+            if href and not is_remote_href(href):
+                raise InputError(
+                    f"STAC item {item.get('id')!r} of the remote {source!r} names a local file as its asset "
+                    f"{key!r} ({href[:120]!r}); a remote catalog may only name remote assets (pass "
+                    "--allow-local-assets if you trust it)"
+                )
+
+
 def scenes_of(
     source: str,
     *,
     recursive: bool = False,
     asset: AssetChoice | None = None,
     search: StacSearch | None = None,
+    allow_local_assets: bool = False,
 ) -> list[SceneRef]:
-    """The scenes of a data set source (see the module docstring), sorted by id.
+    """The scenes of a data set source (see the module docstring), sorted by id. A remote STAC catalog or API
+    may name only remote assets unless ``allow_local_assets`` (:func:`check_assets`).
 
     Raises:
         ConfigError: the source is not one of the kinds above, or names nothing.
-        InputError: a list file, STAC document or API cannot be read.
+        InputError: a list file, STAC document or API cannot be read; a remote one names local files.
     """
     choice = asset or AssetChoice()
     if search is not None or source.startswith(STAC_API_PREFIX):
         search = search or StacSearch(source.removeprefix(STAC_API_PREFIX))
-        refs = [ref for item in _search(search) if (ref := item_ref(item, choice)) is not None]
+        items = _search(search)
+        check_assets(items, search.url, allow_local=allow_local_assets)
+        refs = [ref for item in items if (ref := item_ref(item, choice)) is not None]
     elif source.lower().endswith(".json"):
-        refs = [ref for item in stac_items(source) if (ref := item_ref(item, choice)) is not None]
+        items = stac_items(source)
+        check_assets(items, source, allow_local=allow_local_assets)
+        refs = [ref for item in items if (ref := item_ref(item, choice)) is not None]
     elif is_object_url(source):
         refs = [_file_ref(url) for url in _whole_slides(_list_prefix(source, recursive=True))]
     elif any(ch in source for ch in "*?["):

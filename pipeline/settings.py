@@ -247,6 +247,9 @@ class DatasetOptions:
     recursive: bool = option(False, help="a folder: also the scenes of its subfolders")
     asset: str | None = option(None, help="STAC: the asset to segment, by key", metavar="KEY")
     asset_role: str | None = option(None, help="STAC: the first asset with this role", metavar="ROLE")
+    allow_local_assets: bool = option(
+        False, help="STAC: let a remote catalog or API name files of this machine as assets (refused by default)"
+    )
     collections: tuple[str, ...] = option(
         (), help="STAC API: a collection to search (repeatable)", flag="--collection", metavar="ID", repeatable=True
     )

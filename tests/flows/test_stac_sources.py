@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import rasterio
 
-from segpipe.core.errors import ConfigError
+from segpipe.core.errors import ConfigError, InputError
 from segpipe.flows.dataset import segment_dataset
 from segpipe.pipeline.catalog import AssetChoice, scenes_of
 from segpipe.pipeline.settings import RunOptions
@@ -177,3 +177,40 @@ def test_a_stac_api_search_pages_through_its_items_and_narrows_by_date(
             scenes_of(source, search=StacSearch(f"{url}/api", ("elsewhere",)))
         with pytest.raises(ConfigError, match="holds no scene"):
             scenes_of(source, search=StacSearch(f"{url}/api", bbox=(5.0, 45.0, 6.0, 46.0)))
+
+
+def _item_collection(hrefs: dict[str, str]) -> dict[str, object]:
+    geometry = {"type": "Polygon", "coordinates": [[[0, 0], [1, 0], [1, 1], [0, 1], [0, 0]]]}
+    features = [
+        {
+            "type": "Feature", "stac_version": "1.0.0", "id": name, "geometry": geometry, "bbox": [0, 0, 1, 1],
+            "properties": {"datetime": "2026-11-30T00:00:00Z"}, "links": [],
+            "assets": {"visual": {"href": href, "roles": ["data"], "type": "image/tiff"}},
+        }
+        for name, href in hrefs.items()
+    ]  # fmt: skip
+    return {"type": "FeatureCollection", "features": features}
+
+
+@pytest.mark.parametrize(
+    "href", ["/etc/passwd.tif", "file:///etc/shadow.tif", "/vsizip//etc/x.zip/a.tif", "<VRTDataset>/etc</VRTDataset>"]
+)
+def test_a_remote_catalog_naming_local_files_is_refused(href: str, data_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / "stac").mkdir()
+    local = str(data_dir / "RGB.byte.tif")
+    (tmp_path / "stac" / "items.json").write_text(json.dumps(_item_collection({"a": local, "b": href})))
+    with served(tmp_path / "stac") as url:
+        with pytest.raises(InputError, match=r"names a local file as its asset 'visual'.*--allow-local-assets"):
+            scenes_of(f"{url}/items.json")
+        trusted = scenes_of(f"{url}/items.json", allow_local_assets=True)  # as asked: no refusal
+        assert trusted[0].id == "a" and trusted[0].href == local
+    assert scenes_of(str(tmp_path / "stac" / "items.json"))[0].href == local  # a local catalog may name them
+
+
+def test_the_remote_href_rule() -> None:
+    from segpipe.pipeline.catalog import is_remote_href
+
+    for href in ("https://x/a.tif", "s3://b/a.tif", "gs://b/a.tif", "/vsicurl/https://x/a.tif", "/vsis3/b/a.tif"):
+        assert is_remote_href(href), href
+    for href in ("/data/a.tif", "a.tif", "file:///a.tif", "/vsizip/a.zip/b.tif", "/vsimem/a", "<VRTDataset/>"):
+        assert not is_remote_href(href), href
