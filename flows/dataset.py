@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import time
 import urllib.request
 from pathlib import Path
@@ -33,6 +34,7 @@ from segpipe.core import objects
 from segpipe.core.errors import SegpipeError
 from segpipe.core.objects import ObjectUrl, is_object_url
 from segpipe.core.options import from_values, values_of
+from segpipe.core.secrets import host_of, redact, redact_tree
 from segpipe.flows.segment import as_task
 from segpipe.pipeline import stac
 from segpipe.pipeline.catalog import AssetChoice, SceneRef, scenes_of
@@ -198,21 +200,21 @@ def _scene_artifact(ref: SceneRef, row: dict[str, Any], summary: dict[str, Any])
     shares = ", ".join(f"{k} {v} %" for k, v in row["class_shares_percent"].items())
     create_markdown_artifact(
         key=f"scene-{_artifact_key(ref.id)}",
-        markdown=(
+        markdown=redact(
             f"# {ref.id}\n\n{row['reason']}: {summary['scene']['width']} x {summary['scene']['height']} px "
             f"({row['megapixels']} MP) in {row['seconds']} s, {row['megapixels_per_second']} MP/s; "
             f"{summary['tiles']['computed']} tiles computed, {summary['tiles']['reused']} reused.\n\n"
             f"Classes: {shares}\n\nMask: `{summary['output']}`"
         ),
-        description=f"segpipe: {ref.id}",
+        description=redact(f"segpipe: {ref.id}"),
     )
 
 
 def _night_artifacts(rows: list[dict[str, Any]], source: str, output_dir: str, seconds: float) -> None:
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    table = [{k: (json.dumps(v) if isinstance(v, dict) else v) for k, v in row.items()} for row in rows]
-    create_table_artifact(key="segpipe-night", table=table, description=f"segpipe: {source} -> {output_dir}")
+    table = redact_tree([{k: (json.dumps(v) if isinstance(v, dict) else v) for k, v in row.items()} for row in rows])
+    create_table_artifact(key="segpipe-night", table=table, description=redact(f"segpipe: {source} -> {output_dir}"))
     counts = {s: sum(r["status"] == s for r in rows) for s in ("done", "skipped", "failed")}
     megapixels = sum(r["megapixels"] or 0 for r in rows if r["status"] == "done")
     lines = [
@@ -225,18 +227,21 @@ def _night_artifacts(rows: list[dict[str, Any]], source: str, output_dir: str, s
         "|---|---|---|---:|---:|",
         *[f"| {r['scene']} | {r['status']} | {r['reason']} | {r['megapixels'] or ''} | {r['seconds']} |" for r in rows],
     ]
-    create_markdown_artifact(key="segpipe-night-report", markdown="\n".join(lines), description="segpipe: the night")
+    create_markdown_artifact(
+        key="segpipe-night-report", markdown=redact("\n".join(lines)), description="segpipe: the night"
+    )
 
 
 def _notify(url: str, report: dict[str, Any]) -> None:
-    """POST the report as JSON; a failing hook is logged, never fatal."""
+    """POST the report as JSON (secrets redacted); a failing hook is logged, by its host only (a webhook's path is
+    often its secret), never fatal."""
     request = urllib.request.Request(
-        url, data=json.dumps(report).encode(), headers={"Content-Type": "application/json"}, method="POST"
+        url, data=json.dumps(redact_tree(report)).encode(), headers={"Content-Type": "application/json"}, method="POST"
     )
     try:
         urllib.request.urlopen(request, timeout=30).close()
     except OSError as exc:
-        log.warning("could not notify %s: %s", url, exc)
+        log.warning("could not notify %s: %s", host_of(url), redact(str(exc)).replace(url, host_of(url)))
 
 
 def _all_items(output_dir: str) -> list[dict[str, Any]]:
@@ -350,8 +355,9 @@ def segment_dataset(
     except Exception as exc:  # no Prefect API (a plain call outside a flow run): the report is still returned
         log.info("no Prefect artifacts: %s", exc)
     if failed:
-        if dataset.notify:
-            _notify(dataset.notify, report)
+        hook = dataset.notify or os.environ.get("SEGPIPE_NOTIFY_URL")
+        if hook:
+            _notify(hook, report)
         reasons = "; ".join(f"{name}: {reason}" for name, reason in failed.items())
         raise SegpipeError(f"{len(failed)} of {len(todo)} scenes failed: {reasons}")
     return report

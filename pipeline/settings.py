@@ -260,7 +260,10 @@ class DatasetOptions:
     scenes_at_once: int = option(1, help="scenes segmented at the same time on the session", metavar="N")
     retries: int = option(1, help="times a scene that failed for an internal reason is tried again", metavar="N")
     notify: str | None = option(
-        None, help="URL the night's report is POSTed to (JSON) when a scene fails", metavar="URL"
+        None,
+        help="URL the night's report is POSTed to (JSON) when a scene fails (default: $SEGPIPE_NOTIFY_URL, which "
+        "keeps a webhook's secret out of a deployment's parameters)",
+        metavar="URL",
     )
     probabilities: bool = option(False, help="also write <scene>.probabilities.tif for every scene")
     vector_format: str | None = option(

@@ -21,6 +21,7 @@ from types import FrameType
 from typing import Any, NoReturn
 
 from segpipe.core.errors import SegpipeError
+from segpipe.core.secrets import redact
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 
@@ -57,9 +58,16 @@ def _quiet_environment(verbose: bool) -> None:
         level=logging.INFO if verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s" if verbose else "warning: %(message)s",
     )
-    if not verbose:  # Prefect logs a failed task with its traceback; the CLI's own line says what failed
-        for handler in logging.getLogger().handlers:
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_redacted)
+        if not verbose:  # Prefect logs a failed task with its traceback; the CLI's own line says what failed
             handler.addFilter(lambda record: not record.name.startswith("prefect"))
+
+
+def _redacted(record: logging.LogRecord) -> bool:
+    """A logging filter that keeps secrets out of the record's message (:func:`segpipe.core.secrets.redact`)."""
+    record.msg, record.args = redact(record.getMessage()), None
+    return True
 
 
 def _commands() -> list[Callable[[Any], None]]:
@@ -118,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.handler(args))
     except SegpipeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("error: interrupted; re-run with the same --work-dir to resume", file=sys.stderr)
@@ -126,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         if args.verbose:
             raise
-        first = str(exc).splitlines()[0] if str(exc) else ""
+        first = redact(str(exc).splitlines()[0]) if str(exc) else ""
         print(
             f"internal error: {type(exc).__name__}: {first} (re-run with --verbose for details)",
             file=sys.stderr,

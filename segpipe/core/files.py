@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from segpipe.core.errors import OutputError
+from segpipe.core.secrets import redact_tree
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +89,9 @@ def write_atomically(path: str | Path, data: bytes | str, *, shared: bool = Fals
 
 
 def write_json_atomically(path: str | Path, data: Any, *, indent: int | None = 2) -> Path:
-    """Write ``data`` as JSON (a trailing newline) to ``path`` atomically; see :func:`write_atomically`."""
-    return write_atomically(path, json.dumps(data, indent=indent) + "\n")
+    """Write ``data`` as JSON (a trailing newline) to ``path`` atomically, secrets redacted
+    (:func:`segpipe.core.secrets.redact_tree`); see :func:`write_atomically`."""
+    return write_atomically(path, json.dumps(redact_tree(data), indent=indent) + "\n")
 
 
 def sha256_file(path: str | Path) -> str:

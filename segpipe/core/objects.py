@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from segpipe.core.errors import InputError, OutputError
+from segpipe.core.secrets import redact_tree
 
 if TYPE_CHECKING:
     from obstore.store import ClientConfig, RetryConfig, S3Config
@@ -217,8 +218,9 @@ def write_bytes(url: str, data: bytes | str, *, create_only: bool = False) -> bo
 
 
 def write_json(url: str, data: Any) -> None:
-    """Write ``data`` as a JSON object (a trailing newline), in one request."""
-    write_bytes(url, json.dumps(data, indent=2) + "\n")
+    """Write ``data`` as a JSON object (a trailing newline), in one request, secrets redacted
+    (:func:`segpipe.core.secrets.redact_tree`)."""
+    write_bytes(url, json.dumps(redact_tree(data), indent=2) + "\n")
 
 
 def delete(url: str) -> None:
