@@ -2,8 +2,10 @@
 
 Layout of one data folder (the Dubai aerial set under ``../shared/data/dubai-aerial/tile-N`` follows it)::
 
-    <folder>/images/<stem>.jpg|.png|.tif   RGB image, uint8 (0-255)
+    <folder>/images/<stem>.jpg|.png|.tif   image: any number of bands (RGB uint8 for the Dubai set), one dtype
     <folder>/masks/<stem>.png|.tif         mask: class ids (one band), or colour-coded (RGB or paletted)
+
+or ``images/`` alone, georeferenced, when polygons label them (:mod:`segpipe.models.labels`, :func:`find_images`).
 
 Masks come in three kinds and :func:`read_mask` turns each into a class-id raster (uint8, H x W):
 
@@ -90,6 +92,59 @@ def find_pairs(folder: str | Path) -> list[SamplePair]:
     if not pairs:
         raise InputError(f"{root}: no image in {images_dir} (looked for {', '.join(IMAGE_SUFFIXES)})")
     return pairs
+
+
+def find_images(folder: str | Path) -> list[Path]:
+    """The images of one data folder labelled by polygons (``<folder>/images/``, sorted by name).
+
+    Raises:
+        InputError: the folder has no ``images/`` subfolder, or it holds no image.
+    """
+    root = Path(folder)
+    images_dir = root / "images"
+    if not images_dir.is_dir():
+        raise InputError(f"{root}: expected a data folder with an 'images/' subfolder; check the path")
+    if (root / "masks").is_dir():
+        log.warning("%s: masks/ is not used: the labels are the polygons of --labels", root)
+    images = [p for p in sorted(images_dir.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
+    if not images:
+        raise InputError(f"{root}: no image in {images_dir} (looked for {', '.join(IMAGE_SUFFIXES)})")
+    return images
+
+
+@dataclass(frozen=True)
+class ImageBands:
+    """What an image file says of its bands (its header only).
+
+    Attributes:
+        path: The file.
+        count: Number of bands.
+        dtype: numpy dtype name of its values (the first band's).
+        descriptions: GDAL band descriptions ("" where none).
+        colour_interpretations: GDAL colour interpretations, lower-case (``red``, ``gray``, ``undefined`` ...).
+    """
+
+    path: Path
+    count: int
+    dtype: str
+    descriptions: tuple[str, ...]
+    colour_interpretations: tuple[str, ...]
+
+
+def image_bands(path: str | Path) -> ImageBands:
+    """The bands of an image file, from its header (no pixel is read)."""
+    path = Path(path)
+    with open_raster(str(path), role="image", hint="give a JPEG, PNG or TIFF image") as src:
+        dtypes = set(src.dtypes)
+        if len(dtypes) > 1:
+            raise InputError(f"{path}: its bands have different types ({', '.join(sorted(dtypes))}); give one type")
+        return ImageBands(
+            path,
+            src.count,
+            str(src.dtypes[0]),
+            tuple(d or "" for d in src.descriptions),
+            tuple(c.name.lower() for c in src.colorinterp),
+        )
 
 
 def read_image(path: str | Path, *, bands: Sequence[int] | None = None) -> np.ndarray:
@@ -329,9 +384,10 @@ class TileDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     q = 1 some tiles are nearly grey, which teaches the network not to lean on hue alone (a held-out area's
     water may be greener, its vegetation bluer, than any training area's).
     Images smaller than the tile are padded: the image with the mean (0 after normalisation), the mask with
-    ``ignore_index``.
+    ``ignore_index``. The clips are to ``value_range`` (0-255 by default, the range of 8-bit images; the range of
+    the images' dtype for others, None: no clip).
 
-    Items are ``(image, mask)``: float32 (C, T, T) normalised as (x - mean) / std in 0-255 units, and int64
+    Items are ``(image, mask)``: float32 (C, T, T) normalised as (x - mean) / std in the images' units, and int64
     (T, T).
     """
 
@@ -351,6 +407,7 @@ class TileDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         scale_jitter: float = 0.0,
         saturation_jitter: float = 0.0,
         ignore_index: int = 255,
+        value_range: tuple[float, float] | None = (0.0, 255.0),
     ) -> None:
         if len(images) != len(masks) or not images:
             raise ConfigError(f"expected as many masks as images (at least one), got {len(images)} and {len(masks)}")
@@ -385,6 +442,7 @@ class TileDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         if not 0 <= saturation_jitter <= 1:
             raise ConfigError(f"expected 0 <= saturation_jitter <= 1, got {saturation_jitter}")
         self.saturation_jitter = saturation_jitter
+        self.value_range = value_range
         self.epoch = 0
         areas = np.array([m.size for m in masks], dtype=np.float64)
         self.probabilities = areas / areas.sum() if weight_by_area else np.full(len(masks), 1 / len(masks))
@@ -415,12 +473,12 @@ class TileDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
             j = self.colour_jitter
             gain = rng.uniform(1 - j, 1 + j, size=(raw.shape[0], 1, 1))
             offset = rng.uniform(-j, j) * 128.0
-            raw = np.clip(raw.astype(np.float32) * gain.astype(np.float32) + np.float32(offset), 0, 255)
+            raw = self._clip(raw.astype(np.float32) * gain.astype(np.float32) + np.float32(offset))
         if self.saturation_jitter > 0 and raw.shape[0] > 1:
             q = self.saturation_jitter
             factor = np.float32(rng.uniform(1 - q, 1 + q))
             grey = raw.astype(np.float32).mean(axis=0, keepdims=True)
-            raw = np.clip(grey + factor * (raw.astype(np.float32) - grey), 0, 255)
+            raw = self._clip(grey + factor * (raw.astype(np.float32) - grey))
         img = normalise(raw, self.mean, self.std)
         msk = mask[y : y + c, x : x + c]
         if img.shape[1:] != (c, c):
@@ -439,6 +497,12 @@ class TileDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
             torch.from_numpy(np.ascontiguousarray(img)),
             torch.from_numpy(np.ascontiguousarray(msk).astype(np.int64)),
         )
+
+    def _clip(self, values: np.ndarray) -> np.ndarray:
+        """``values`` clipped to :attr:`value_range` (as they are without one)."""
+        if self.value_range is None:
+            return values
+        return np.clip(values, self.value_range[0], self.value_range[1])
 
 
 def _resample(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -459,7 +523,7 @@ def _resample(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarra
 
 
 def band_statistics(images: Iterable[np.ndarray]) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-band mean and standard deviation over all pixels of the images (0-255 units)."""
+    """Per-band mean and standard deviation over all pixels of the images, in their units (0-255 for 8-bit)."""
     total: np.ndarray | None = None
     total_sq: np.ndarray | None = None
     n = 0

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from segpipe.core.bands import parse_bands
 from segpipe.core.colours import parse_colour
 from segpipe.core.errors import ConfigError
 from segpipe.core.options import option
@@ -27,19 +28,31 @@ RESUMABLE_CHANGES = frozenset({"resume", "num_threads", "progress", "device", "n
 
 CLASS_WEIGHTINGS = ("none", "median_frequency", "inverse_sqrt")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+#: Suffixes of the polygon label files ``--labels`` reads (through pyogrio: GeoJSON, GeoPackage).
+LABEL_SUFFIXES = (".geojson", ".json", ".gpkg")
 
-
-def _default_arguments() -> dict[str, Any]:
-    return {"in_channels": 3, "num_classes": 6, "base_channels": 16, "depth": 4}
+#: The network of a run that names none (and starts from no --init checkpoint).
+DEFAULT_ARCHITECTURE = "attention_unet"
+#: Its widths; ``in_channels`` comes from the images' bands and ``num_classes`` from the classes.
+DEFAULT_WIDTHS: Mapping[str, int] = {"base_channels": 16, "depth": 4}
+#: Inference tile and halo written into new checkpoints, in pixels: the run defaults (docs/cli.md, ``--tile-size``,
+#: ``--halo``): the attention U-Net's channel attention pools over the whole tile, so the tile size matters far more
+#: than the halo; 1024 + 32 px leaves 2.9 % of pixels differing from whole-image inference, 512 + 64 px 5.2 %.
+DEFAULT_INFERENCE_TILE, DEFAULT_INFERENCE_HALO = 1024, 32
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything a training run depends on; validated on construction. Each field's help says what it is.
 
-    ``train_dirs``, ``out_dir``, ``val_dirs``, ``arguments``, ``classes``, ``bands``, ``mean`` and ``std`` are set by
-    the caller (``segpipe train`` has positional arguments and ``--classes``, ``--base-channels``, ``--depth``,
-    ``--downsample`` for them); ``mean``/``std`` of None are computed from the training images (0-255 units).
+    ``train_dirs``, ``out_dir``, ``val_dirs``, ``arguments``, ``classes``, ``mean`` and ``std`` are set by the caller
+    (``segpipe train`` has positional arguments and ``--classes``, ``--base-channels``, ``--depth``, ``--downsample``
+    for them). What is left None is resolved when the run starts (:func:`segpipe.models.training.inputs.prepare`):
+    ``bands`` from the images' band descriptions or colour interpretations, ``arguments['in_channels']`` from their
+    number of bands, and, with ``init``, ``architecture``, ``arguments``, ``classes``, ``mean`` and ``std`` from that
+    checkpoint's metadata; otherwise ``architecture`` is :data:`DEFAULT_ARCHITECTURE`, ``arguments`` the
+    :data:`DEFAULT_WIDTHS`, ``classes`` the Dubai classes, and ``mean``/``std`` are computed from the training images
+    (per band, in the images' own units).
     """
 
     train_dirs: tuple[Path, ...]
@@ -53,12 +66,51 @@ class TrainConfig:
         metavar="DIR",
         repeatable=True,
     )
-    architecture: str = option(
-        "attention_unet", help="network: a name of segpipe.models.registry (attention_unet, unet)"
+    architecture: str | None = option(
+        None,
+        help="network: a name of segpipe.models.registry (attention_unet, unet); default attention_unet, or the "
+        "--init checkpoint's",
     )
-    arguments: Mapping[str, Any] = field(default_factory=_default_arguments)
-    classes: tuple[tuple[str, str], ...] = DUBAI_CLASSES
-    bands: tuple[str, ...] = ("red", "green", "blue")
+    arguments: Mapping[str, Any] | None = None
+    classes: tuple[tuple[str, str], ...] | None = None
+    bands: tuple[str, ...] | None = option(
+        None,
+        help="names of the model's input bands, comma-separated, one per band trained on (STAC common names such "
+        "as blue,green,red,nir); default: the images' band descriptions or colour interpretations",
+        flag="--band-names",
+        metavar="NAMES",
+    )
+    select_bands: str | None = option(
+        None,
+        help="the bands of the images to train on, in the model's order: numbers (2,3,4,8) or names (blue,green,"
+        "red,nir, or the files' descriptions such as B8); default: every band",
+        flag="--bands",
+        metavar="BANDS",
+    )
+    labels: Path | None = option(
+        None,
+        help="polygons labelling the images (GeoJSON or GeoPackage), rasterised onto each image's grid instead of "
+        "masks/ (the data folders then need only images/, georeferenced)",
+        metavar="FILE",
+    )
+    label_field: str | None = option(
+        None,
+        help="the polygons' attribute holding class names or class ids (default: every polygon is class 1, the "
+        "first class the background)",
+        metavar="NAME",
+    )
+    label_layer: str | None = option(
+        None, help="the layer of a --labels file with several (default: its first)", metavar="NAME"
+    )
+    label_fill: int = option(
+        0, help="class id of the pixels no polygon covers; the ignore index (255) leaves them out of the loss"
+    )
+    init: Path | None = option(
+        None,
+        help="start from this checkpoint's weights (fine-tuning): its architecture, arguments, bands, "
+        "normalisation and, without --classes, classes",
+        metavar="CHECKPOINT",
+    )
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     epochs: int = option(20, help="number of epochs")
@@ -82,11 +134,14 @@ class TrainConfig:
     )
     unknown_colours: Literal["error", "ignore"] = option(
         "error",
-        help="a mask colour outside the classes: stop, or leave the pixel out of loss and metrics",
+        help="a mask colour (or a polygon's class) outside the classes: stop, or leave its pixels out of loss and "
+        "metrics",
         choices=("error", "ignore"),
     )
     seed: int = option(0, help="seed of the weights' initialisation and of the training tiles")
-    device: Literal["auto", "cpu", "cuda"] = option("auto", help="where to train", choices=DEVICES)
+    device: Literal["auto", "cpu", "cuda"] = option(
+        "auto", help="where to train (cuda: the first GPU; an error where there is none)", choices=DEVICES
+    )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = option(
         "auto",
         help="auto: bf16 autocast on CUDA (fp16 with loss scaling where bf16 is missing) and on CPUs with bf16 "
@@ -116,8 +171,13 @@ class TrainConfig:
     resume: bool = option(False, help="continue from the last completed epoch in --out")
     num_threads: int | None = option(None, help="torch threads (default: torch's choice)", flag="--threads")
     num_workers: int = option(0, help="DataLoader worker processes (0: load in the training process)")
-    halo: int = option(64, help="inference halo written into the checkpoint, in pixels")
-    inference_tile_size: int = option(512, help="inference tile size written into the checkpoint, in pixels")
+    halo: int = option(
+        DEFAULT_INFERENCE_HALO,
+        help="inference halo written into the checkpoint (also the validation tiles' halo), in pixels",
+    )
+    inference_tile_size: int = option(
+        DEFAULT_INFERENCE_TILE, help="inference tile size written into the checkpoint, in pixels"
+    )
     val_tile_size: int = option(1024, help="validation images larger than this are predicted in tiles, in pixels")
     resolution: str | None = option(
         None,
@@ -128,20 +188,42 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        self._normalise()
+        self._check_numbers()
+        self._check_choices()
+        if self.classes is not None:
+            self._check_classes(self.classes)
+        if self.bands is not None:
+            self._check_bands(self.bands)
+
+    def _normalise(self) -> None:
+        """Turn the fields into their canonical types (paths, tuples, floats) and fill the plain defaults."""
         set_ = object.__setattr__
         set_(self, "train_dirs", tuple(Path(p) for p in _as_seq(self.train_dirs)))
         set_(self, "val_dirs", tuple(Path(p) for p in _as_seq(self.val_dirs)))
         set_(self, "out_dir", Path(self.out_dir))
-        set_(self, "arguments", dict(self.arguments))
-        set_(self, "classes", tuple((str(n), str(c)) for n, c in self.classes))
-        set_(self, "bands", tuple(self.bands))
+        for name in ("labels", "init"):
+            if getattr(self, name) is not None:
+                set_(self, name, Path(getattr(self, name)))
+        if self.init is None:
+            set_(self, "architecture", self.architecture or DEFAULT_ARCHITECTURE)
+            set_(self, "classes", DUBAI_CLASSES if self.classes is None else self.classes)
+            set_(self, "arguments", dict(DEFAULT_WIDTHS) if self.arguments is None else self.arguments)
+        if self.arguments is not None:
+            set_(self, "arguments", dict(self.arguments))
+        if self.classes is not None:
+            set_(self, "classes", tuple((str(n), str(c)) for n, c in self.classes))
+            if self.arguments is not None and "num_classes" not in self.arguments:
+                set_(self, "arguments", {**self.arguments, "num_classes": len(self.classes)})
+        if isinstance(self.bands, str):  # --band-names red,green,blue
+            set_(self, "bands", tuple(b.strip() for b in self.bands.split(",")))
+        elif self.bands is not None:
+            set_(self, "bands", tuple(self.bands))
         set_(self, "ignore_classes", tuple(int(i) for i in self.ignore_classes))
         for name in ("mean", "std"):
             value = getattr(self, name)
             if value is not None:
                 set_(self, name, tuple(float(v) for v in value))
-                if len(getattr(self, name)) != len(self.bands):
-                    raise ConfigError(f"expected {len(self.bands)} {name} values (one per band), got {value}")
         if self.std is not None and min(self.std) <= 0:
             raise ConfigError(f"expected std > 0, got {self.std}")
         if not self.train_dirs:
@@ -151,14 +233,10 @@ class TrainConfig:
             raise ConfigError(
                 f"expected validation folders apart from training folders, got both: {sorted(map(str, overlap))}"
             )
-        for name in (
-            "epochs",
-            "steps_per_epoch",
-            "batch_size",
-            "tile_size",
-            "inference_tile_size",
-            "val_tile_size",
-        ):
+
+    def _check_numbers(self) -> None:
+        """Counts, sizes, rates and augmentation strengths in their ranges."""
+        for name in ("epochs", "steps_per_epoch", "batch_size", "tile_size", "inference_tile_size", "val_tile_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"expected {name} >= 1, got {getattr(self, name)}")
         for name in ("warmup_steps", "halo", "num_workers"):
@@ -185,27 +263,36 @@ class TrainConfig:
             raise ConfigError(f"expected lovasz_weight >= 0 (0: no Lovasz term), got {self.lovasz_weight}")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"expected 0 <= ema_decay < 1 (0: no weight averaging), got {self.ema_decay}")
-        if self.resolution is not None and parse_resolution(self.resolution) is None:
-            raise ConfigError("expected the training images' pixel size as resolution (e.g. 0.5um), got native")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ConfigError(f"expected max_grad_norm > 0 or None, got {self.max_grad_norm}")
+
+    def _check_choices(self) -> None:
+        """Named choices, the resolution, the band selection and the label options."""
+        if self.resolution is not None and parse_resolution(self.resolution) is None:
+            raise ConfigError("expected the training images' pixel size as resolution (e.g. 0.5um), got native")
         _check_choice("class_weighting", self.class_weighting, CLASS_WEIGHTINGS)
         _check_choice("unknown_colours", self.unknown_colours, ("error", "ignore"))
         _check_choice("device", self.device, DEVICES)
         _check_choice("precision", self.precision, PRECISIONS)
-        if not self.classes:
+        if self.select_bands is not None:
+            parse_bands(self.select_bands)
+        if self.labels is None and (self.label_field is not None or self.label_layer is not None):
+            raise ConfigError("--label-field and --label-layer describe a --labels file; give --labels FILE too")
+        if self.labels is not None and self.labels.suffix.lower() not in LABEL_SUFFIXES:
+            raise ConfigError(
+                f"expected --labels to be a GeoJSON or GeoPackage file ({', '.join(LABEL_SUFFIXES)}), got {self.labels}"
+            )
+
+    def _check_classes(self, classes: tuple[tuple[str, str], ...]) -> None:
+        """The class table against the network's outputs, the ignore index and the label fill."""
+        if not classes:
             raise ConfigError("expected at least one class, got none")
-        for _, colour in self.classes:
+        for _, colour in classes:
             parse_colour(colour)
-        k = len(self.classes)
-        if self.arguments.get("num_classes", k) != k:
+        k = len(classes)
+        if self.arguments is not None and self.arguments.get("num_classes", k) != k:
             raise ConfigError(
                 f"expected arguments['num_classes'] == {k} (one per class), got {self.arguments['num_classes']}"
-            )
-        if self.arguments.get("in_channels", len(self.bands)) != len(self.bands):
-            raise ConfigError(
-                f"expected arguments['in_channels'] == {len(self.bands)} (one per band), got "
-                f"{self.arguments['in_channels']}"
             )
         if not 0 <= self.ignore_index <= 255 or self.ignore_index < k:
             raise ConfigError(
@@ -214,6 +301,29 @@ class TrainConfig:
         bad = [i for i in self.ignore_classes if not 0 <= i < k]
         if bad:
             raise ConfigError(f"expected ignore_classes among class ids 0..{k - 1}, got {bad}")
+        if not (0 <= self.label_fill < k or self.label_fill == self.ignore_index):
+            raise ConfigError(
+                f"expected label_fill to be a class id 0..{k - 1} or the ignore index {self.ignore_index}, "
+                f"got {self.label_fill}"
+            )
+        if self.labels is not None and self.label_field is None and k < 2:
+            raise ConfigError(
+                "without --label-field every polygon is class 1; give at least two classes (background first)"
+            )
+
+    def _check_bands(self, bands: tuple[str, ...]) -> None:
+        """Band names: non-empty, unique, one per ``mean``/``std`` value and per input channel."""
+        if not bands or any(not b for b in bands) or len({b.lower() for b in bands}) != len(bands):
+            raise ConfigError(f"expected distinct, non-empty band names, got {','.join(bands)!r}")
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if value is not None and len(value) != len(bands):
+                raise ConfigError(f"expected {len(bands)} {name} values (one per band), got {value}")
+        if self.arguments is not None and self.arguments.get("in_channels", len(bands)) != len(bands):
+            raise ConfigError(
+                f"expected arguments['in_channels'] == {len(bands)} (one per band), got "
+                f"{self.arguments['in_channels']}"
+            )
 
     def fingerprint(self) -> dict[str, Any]:
         """The fields that decide the result, as JSON-compatible values (compared on resume)."""

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from segpipe.core.errors import ConfigError
-from segpipe.core.runtime import cpu_has_bf16
+from segpipe.core.runtime import cpu_has_bf16, resolve_device
 
 
 class WarmupCosine:
@@ -41,6 +41,20 @@ def pick_precision(choice: str, device: torch.device) -> torch.dtype | None:
     if choice == "bf16" or (choice == "auto" and torch.cuda.is_bf16_supported()):
         return torch.bfloat16
     return torch.float16
+
+
+def training_device(device: str, precision: str) -> tuple[torch.device, torch.dtype | None]:
+    """Where a run trains and its autocast dtype (None: fp32), decided before any data is read.
+
+    ``device``: ``auto`` (the first CUDA GPU where there is one, else the CPU), ``cpu`` or ``cuda``. ``precision``
+    ``auto`` gives bf16 autocast on a GPU that supports it and fp16 (with loss scaling) on one that does not; on the
+    CPU bf16 where the CPU has bf16 instructions (:func:`~segpipe.core.runtime.cpu_has_bf16`), else fp32.
+
+    Raises:
+        ConfigError: ``cuda`` where torch sees no CUDA GPU (one line saying to use cpu or auto), or fp16 on the CPU.
+    """
+    target = torch.device(resolve_device(device))
+    return target, pick_precision(precision, target)
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:

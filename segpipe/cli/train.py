@@ -1,5 +1,6 @@
-"""``segpipe train``: train a network on image/mask folders. Its flags are the option fields of
-:class:`~segpipe.models.training.config.TrainConfig`, plus the architecture's widths and the class table."""
+"""``segpipe train``: train a network on image/mask folders, or on images labelled by polygons (``--labels``). Its
+flags are the option fields of :class:`~segpipe.models.training.config.TrainConfig`, plus the architecture's widths
+and the class table; the number of input bands comes from the images."""
 
 from __future__ import annotations
 
@@ -18,15 +19,16 @@ def add_train(sub: Any) -> None:
 
     p = sub.add_parser(
         "train",
-        help="train a segmentation model on image/mask folders",
+        help="train a segmentation model on image/mask folders or polygon labels",
         description=(
-            "Train on folders holding images/ and masks/ (class-id or RGB colour-coded masks). Random "
-            "tiles with flips and 90-degree rotations, AdamW + cosine schedule, validation mIoU per epoch, "
-            "best checkpoint kept (safetensors + JSON), resumable with --resume. "
-            "The shipped model: python -m segpipe.models.train_default."
+            "Train on folders holding images/ and masks/ (class-id or RGB colour-coded masks), or images/ "
+            "labelled by the polygons of --labels. The input bands are the images' (any number; --bands picks "
+            "some). Random tiles with flips and 90-degree rotations, AdamW + cosine schedule, validation mIoU "
+            "per epoch, best checkpoint kept (safetensors + JSON), resumable with --resume, fine-tuning with "
+            "--init. The shipped model: python -m segpipe.models.train_default. Guide: docs/training.md."
         ),
     )
-    p.add_argument("train_dirs", nargs="+", help="training folders (each with images/ and masks/)")
+    p.add_argument("train_dirs", nargs="+", help="training folders (each with images/, and masks/ without --labels)")
     fields = add_arguments(p, TrainConfig, exclude=("progress",))
     p.add_argument(
         "--base-channels", type=whole_number, help="channels of the first stage (default: the architecture's)"
@@ -39,7 +41,9 @@ def add_train(sub: Any) -> None:
         "upsampled back; default: 1)",
     )
     p.add_argument(
-        "--classes", help="name:#RRGGBB,... in class-id order (default: the Dubai aerial classes and mask colours)"
+        "--classes",
+        help="name:#RRGGBB,... in class-id order (default: the --init checkpoint's, else the Dubai aerial classes "
+        "and mask colours)",
     )
     p.set_defaults(handler=_cmd_train, option_fields=fields)
 
@@ -53,20 +57,17 @@ def parse_classes(text: str) -> tuple[tuple[str, str], ...]:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from segpipe.models.dubai import DUBAI_CLASSES
     from segpipe.models.training import TrainConfig, train
 
-    classes = parse_classes(args.classes) if args.classes else DUBAI_CLASSES
+    options = given(args, args.option_fields)
     widths = {name: getattr(args, name) for name in ("base_channels", "depth", "downsample")}
+    arguments = {name: value for name, value in widths.items() if value is not None}
     config = TrainConfig(
         train_dirs=tuple(Path(d) for d in args.train_dirs),
-        arguments={
-            "in_channels": 3,
-            "num_classes": len(classes),
-            **{name: value for name, value in widths.items() if value is not None},
-        },
-        classes=classes,
-        **given(args, args.option_fields),
+        # the architecture's own widths unless given; with --init the checkpoint's (given ones must agree)
+        arguments=arguments if arguments or "init" not in options else None,
+        classes=parse_classes(args.classes) if args.classes else None,
+        **options,
     )
     result = train(config)
     print(
