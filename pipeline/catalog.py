@@ -164,6 +164,27 @@ def is_remote_href(href: str) -> bool:
     return text.startswith(REMOTE_VSI)
 
 
+def check_items(items: Iterable[Any], source: str) -> None:
+    """Refuse items that are not STAC Items as segpipe reads them: an object with a string ``id`` and ``assets``
+    mapping keys to objects with a string ``href``.
+
+    Raises:
+        InputError: naming the source, the item and what is wrong with it.
+    """
+    for k, item in enumerate(items):
+        named = isinstance(item, dict) and isinstance(item.get("id"), str)
+        name = repr(item["id"]) if named else f"number {k + 1}"
+        if not isinstance(item, dict) or not isinstance(item.get("id"), str):
+            raise InputError(f"STAC item {name} of {source!r} is malformed: it needs a string 'id'")
+        assets = item.get("assets")
+        if not isinstance(assets, dict) or not all(
+            isinstance(a, dict) and isinstance(a.get("href"), str) for a in assets.values()
+        ):
+            raise InputError(
+                f"STAC item {name} of {source!r} is malformed: 'assets' must map keys to objects with an 'href'"
+            )
+
+
 def check_assets(items: Iterable[dict[str, Any]], source: str, *, allow_local: bool) -> None:
     """Refuse a remote catalog or API (``source``) whose items name local files as assets: a catalog from
     elsewhere must not make this machine read (and segment, and publish the masks of) its own files, such as
@@ -204,10 +225,12 @@ def scenes_of(
     if search is not None or source.startswith(STAC_API_PREFIX):
         search = search or StacSearch(source.removeprefix(STAC_API_PREFIX))
         items = _search(search)
+        check_items(items, search.url)
         check_assets(items, search.url, allow_local=allow_local_assets)
         refs = [ref for item in items if (ref := item_ref(item, choice)) is not None]
     elif source.lower().endswith(".json"):
         items = stac_items(source)
+        check_items(items, source)
         check_assets(items, source, allow_local=allow_local_assets)
         refs = [ref for item in items if (ref := item_ref(item, choice)) is not None]
     elif is_object_url(source):
@@ -258,18 +281,35 @@ def _list_prefix(url: str, *, recursive: bool) -> list[str]:
     return sorted(found)
 
 
+#: Largest STAC document read (bytes): a catalog or item collection bigger than this is refused, not loaded.
+MAX_STAC_BYTES = 64 * 2**20
+#: Most items a data set takes from one STAC search or catalog (an API that pages forever stops here).
+MAX_STAC_ITEMS = 100_000
+#: Deepest chain of child catalogs walked.
+MAX_CATALOG_DEPTH = 32
+
+
+def _read_bytes(href: str) -> bytes:
+    """At most :data:`MAX_STAC_BYTES` + 1 bytes of a local file, an http(s) URL or an object."""
+    if is_object_url(href):
+        return objects.read_bytes(href)[: MAX_STAC_BYTES + 1]
+    if href.startswith(("http://", "https://")):
+        import urllib.request
+
+        with urllib.request.urlopen(href, timeout=30) as response:
+            return bytes(response.read(MAX_STAC_BYTES + 1))
+    with open(href, "rb") as f:
+        return f.read(MAX_STAC_BYTES + 1)
+
+
 def _read_json(href: str) -> dict[str, Any]:
     try:
-        if is_object_url(href):
-            text = objects.read_bytes(href).decode("utf-8")
-        elif href.startswith(("http://", "https://")):
-            import urllib.request
-
-            with urllib.request.urlopen(href, timeout=30) as response:
-                text = response.read().decode("utf-8")
-        else:
-            text = Path(href).read_text(encoding="utf-8")
-        data = json.loads(text)
+        raw = _read_bytes(href)
+        if len(raw) > MAX_STAC_BYTES:
+            raise InputError(
+                f"STAC document {href!r} is larger than {MAX_STAC_BYTES // 2**20} MiB; split it, or use a STAC API"
+            )
+        data = json.loads(raw.decode("utf-8"))
     except (OSError, ValueError) as exc:
         raise InputError(f"STAC document {href!r} cannot be read ({exc}); check the path or URL") from None
     if not isinstance(data, dict):
@@ -285,23 +325,61 @@ def stac_items(href: str) -> list[dict[str, Any]]:
     data = _read_json(href)
     kind = data.get("type")
     if kind == "FeatureCollection":
-        collection = pystac.ItemCollection.from_dict(data, preserve_dict=False)
-        items = [item.to_dict() for item in collection]
+        features = data.get("features")
+        if not isinstance(features, list):
+            raise InputError(f"STAC document {href!r} is an ItemCollection without a 'features' list")
+        if len(features) > MAX_STAC_ITEMS:
+            raise InputError(f"STAC document {href!r} has more than {MAX_STAC_ITEMS} items; split it")
+        check_items(features, href)
+        try:
+            items = [item.to_dict() for item in pystac.ItemCollection.from_dict(data, preserve_dict=False)]
+        except Exception as exc:  # pystac's errors on items it cannot parse
+            raise InputError(
+                f"STAC document {href!r} has an item pystac cannot read ({type(exc).__name__}: {exc})"
+            ) from None
         return [_absolute_assets(item, href) for item in items]
     if kind == "Feature":
+        check_items([data], href)
         return [_absolute_assets(data, href)]
     if kind in ("Catalog", "Collection"):
-        catalog = pystac.read_file(href) if not is_object_url(href) else pystac.Catalog.from_dict(data, href=href)
+        try:
+            catalog = pystac.Catalog.from_dict(data, href=href) if is_object_url(href) else pystac.read_file(href)
+        except Exception as exc:  # pystac's STACError, KeyError, TypeError on malformed documents
+            raise InputError(f"STAC document {href!r} is not a valid catalog ({type(exc).__name__}: {exc})") from None
         if not isinstance(catalog, pystac.Catalog):
             raise InputError(f"STAC document {href!r} is not a catalog")
-        found = []
-        for item in catalog.get_items(recursive=True):
-            item.make_asset_hrefs_absolute()
-            found.append({**item.to_dict(), "_self": item.get_self_href()})
-        return found
+        return _walk(catalog, href)
     raise InputError(
         f"STAC document {href!r} is a {kind!r}; give an ItemCollection, a Catalog, a Collection or an Item"
     )
+
+
+def _walk(root: Any, href: str) -> list[dict[str, Any]]:
+    """The items of a pystac catalog and its children, each catalog once: a child that links back up (a cycle),
+    a chain deeper than :data:`MAX_CATALOG_DEPTH` or more than :data:`MAX_STAC_ITEMS` items is refused."""
+    found: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    pending = [(root, 0)]
+    try:
+        while pending:
+            catalog, depth = pending.pop()
+            where = catalog.get_self_href() or href
+            if where in seen:
+                raise InputError(f"STAC catalog {href!r} links back to {where!r} (a cycle); fix its child links")
+            if depth > MAX_CATALOG_DEPTH:
+                raise InputError(f"STAC catalog {href!r} nests catalogs deeper than {MAX_CATALOG_DEPTH}")
+            seen.add(where)
+            for item in catalog.get_items():
+                item.make_asset_hrefs_absolute()
+                found.append({**item.to_dict(), "_self": item.get_self_href()})
+                if len(found) > MAX_STAC_ITEMS:
+                    raise InputError(f"STAC catalog {href!r} has more than {MAX_STAC_ITEMS} items; split it")
+            pending.extend((child, depth + 1) for child in catalog.get_children())
+    except InputError:
+        raise
+    except Exception as exc:  # a child or item that pystac cannot read or parse
+        raise InputError(f"STAC catalog {href!r} has a broken link or item ({type(exc).__name__}: {exc})") from None
+    return found
 
 
 def _absolute_assets(item: dict[str, Any], base: str) -> dict[str, Any]:
@@ -329,13 +407,18 @@ def _search(search: StacSearch) -> list[dict[str, Any]]:
             bbox=list(search.bbox) if search.bbox else None,
             datetime=search.datetime,
             query=search.query,
-            max_items=search.max_items,
+            max_items=search.max_items or MAX_STAC_ITEMS + 1,
         )
         items = [item.to_dict() for item in result.items()]
     except Exception as exc:  # pystac-client's API and HTTP errors
         raise InputError(
             f"STAC API {search.url} search failed ({str(exc).splitlines()[0][:200]}); check the URL"
         ) from None
+    if search.max_items is None and len(items) > MAX_STAC_ITEMS:
+        raise InputError(
+            f"STAC API {search.url} gives more than {MAX_STAC_ITEMS} items for this search (or pages forever); "
+            "narrow it with --collection, --bbox or --datetime"
+        )
     for item in items:
         item["_self"] = next((link["href"] for link in item.get("links", []) if link.get("rel") == "self"), None)
     return items

@@ -91,4 +91,6 @@ def temporary_server() -> Iterator[TemporaryServer | None]:
     # at exit, after Prefect's own exit handlers (registered later, run earlier) have sent their last events to it
     atexit.register(server.stop)
     os.environ["PREFECT_API_URL"] = server.api_url
+    # its logs go with it when the command ends, and the last batch, sent at exit, would fail once it has stopped
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_ENABLED", "false")
     yield server
