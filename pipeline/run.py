@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from segpipe.core import objects
 from segpipe.core.errors import ConfigError
-from segpipe.core.files import temporary_folder, write_json_atomically
+from segpipe.core.files import full_disk_named, temporary_folder, write_json_atomically
 from segpipe.core.objects import is_object_url
 from segpipe.core.runtime import available_cores, process_started_at
 from segpipe.pipeline import store as ws
@@ -217,16 +217,18 @@ def run_scene(
                 raise ConfigError(problem)
         seconds["session"] = time.perf_counter() - t
         driver_bytes = session.driver_bytes
-        t = time.perf_counter()
-        ingested = wrap(ingest_stage)(plan, store_url, session)
-        seconds["ingest"] = time.perf_counter() - t
-        t = time.perf_counter()
-        inferred = wrap(infer_stage)(plan, store_url, session)
-        seconds["infer"] = time.perf_counter() - t
-        t = time.perf_counter()
-        if merger_type(settings.blend).tile_probabilities:
-            wrap(stitch_stage)(plan, store_url, session)
-        seconds["stitch"] = time.perf_counter() - t
+        work = ("the work directory", settings.work_dir) if settings.work_dir else ("the temporary folder", str(local))
+        with full_disk_named(*work):
+            t = time.perf_counter()
+            ingested = wrap(ingest_stage)(plan, store_url, session)
+            seconds["ingest"] = time.perf_counter() - t
+            t = time.perf_counter()
+            inferred = wrap(infer_stage)(plan, store_url, session)
+            seconds["infer"] = time.perf_counter() - t
+            t = time.perf_counter()
+            if merger_type(settings.blend).tile_probabilities:
+                wrap(stitch_stage)(plan, store_url, session)
+            seconds["stitch"] = time.perf_counter() - t
         t = time.perf_counter()
         exported = wrap(export_stage)(plan, store_url, str(local), session)
         try:

@@ -94,6 +94,36 @@ def write_json_atomically(path: str | Path, data: Any, *, indent: int | None = 2
     return write_atomically(path, json.dumps(redact_tree(data), indent=indent) + "\n")
 
 
+#: What an OSError says when its disk or quota is full (errno, and the text a wrapped one keeps).
+FULL_ERRNOS = (28, 122)  # ENOSPC, EDQUOT
+FULL_TEXTS = ("No space left on device", "Disk quota exceeded")
+
+
+def is_full(error: BaseException) -> bool:
+    """Whether ``error`` says its filesystem (or quota) is full, also when it comes wrapped (a Ray task's error)."""
+    if isinstance(error, OSError) and error.errno in FULL_ERRNOS:
+        return True
+    return any(text in str(error) for text in FULL_TEXTS)
+
+
+@contextlib.contextmanager
+def full_disk_named(what: str, where: str) -> Iterator[None]:
+    """Turn "no space left" in the block into one :class:`OutputError` naming the full location.
+
+    Raises:
+        OutputError: ``what`` (e.g. "the work directory") at ``where`` is full.
+    """
+    try:
+        yield
+    except Exception as exc:
+        if not is_full(exc):
+            raise
+        raise OutputError(
+            f"{what} {where} is full (no space left on device); free space there or choose another, then re-run "
+            "to resume"
+        ) from None
+
+
 def sha256_file(path: str | Path) -> str:
     """SHA-256 hex digest of a file's bytes, read in 1 MiB blocks."""
     digest = hashlib.sha256()
