@@ -56,7 +56,17 @@ def test_every_readme_block_runs(folder: Path) -> None:
     assert list((folder / "home").glob("mask-*.tif"))  # output=None: the masks in $SEGPIPE_HOME
 
 
-def test_every_python_block_of_the_python_guide_runs(folder: Path) -> None:
+#: Guides whose examples another test runs (docs/training.md: tests/models/test_training_docs.py).
+RUN_ELSEWHERE = ("training.md",)
+GUIDES = [p for p in sorted((ROOT / "docs").glob("*.md")) if p.name not in RUN_ELSEWHERE]
+
+
+@pytest.mark.parametrize("page", [p for p in GUIDES if "```bash" in p.read_text() or "```python" in p.read_text()],
+                         ids=lambda p: p.name)  # fmt: skip
+def test_every_block_of_the_guides_runs(page: Path, folder: Path) -> None:
+    text = page.read_text()
+    for k, block in enumerate(blocks(text, "bash")):
+        _run_bash(block, f"docs/{page.name} bash block {k + 1}", folder)
     namespace: dict[str, object] = {}
-    for k, block in enumerate(blocks((ROOT / "docs" / "python.md").read_text(), "python")):
-        exec(compile(block, f"docs/python.md python block {k + 1}", "exec"), namespace)
+    for k, block in enumerate(blocks(text, "python")):
+        exec(compile(block, f"docs/{page.name} python block {k + 1}", "exec"), namespace)
