@@ -15,7 +15,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 CODES = {500: "InternalError", 503: "SlowDown"}
 lock = threading.Lock()
@@ -23,8 +23,8 @@ lock = threading.Lock()
 
 class FaultProxy(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    rules: list[dict[str, Any]] = []
-    served: list[int] = []
+    rules: ClassVar[list[dict[str, Any]]] = []
+    served: ClassVar[list[int]] = []
     target = 0
     counts_path = Path()
 
@@ -41,11 +41,11 @@ class FaultProxy(BaseHTTPRequestHandler):
     def _fault(self) -> dict[str, Any] | None:
         with lock:
             for k, rule in enumerate(self.rules):
-                if rule["method"] == self.command and re.search(rule["path"], self.path):
-                    if self.served[k] < rule["times"]:
-                        self.served[k] += 1
-                        self.counts_path.write_text(json.dumps(self.served))
-                        return rule
+                matches = rule["method"] == self.command and re.search(rule["path"], self.path)
+                if matches and self.served[k] < rule["times"]:
+                    self.served[k] += 1
+                    self.counts_path.write_text(json.dumps(self.served))
+                    return rule
         return None
 
     def _handle(self) -> None:
@@ -85,8 +85,8 @@ class FaultProxy(BaseHTTPRequestHandler):
 
 def main() -> None:
     listen, target, rules, counts = int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])
-    FaultProxy.rules = json.loads(rules.read_text())
-    FaultProxy.served = [0] * len(FaultProxy.rules)
+    FaultProxy.rules[:] = json.loads(rules.read_text())
+    FaultProxy.served[:] = [0] * len(FaultProxy.rules)
     FaultProxy.target, FaultProxy.counts_path = target, counts
     counts.write_text(json.dumps(FaultProxy.served))
     server = ThreadingHTTPServer(("127.0.0.1", listen), FaultProxy)
