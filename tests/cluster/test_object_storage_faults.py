@@ -25,6 +25,7 @@ RULES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_500s_and_slow_downs_cost_retries_not_the_run(
     s3: S3Server, data_dir: Path, rgb_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
