@@ -1,7 +1,8 @@
 """A long night: N small real scenes (256 px windows of real rasters, each its own scene) segmented by one
 ``segpipe dataset`` run, a warm session for the whole night, watched from outside: after each scene, the RSS and
 open file descriptors of the run's whole process tree (the command, Prefect's temporary server, Ray's processes when
-Ray is used). Memory and descriptors must be flat: the slope from scene 20 to the last is printed, per scene.
+Ray is used) and the shared memory in use (/dev/shm, where Ray's object store lives). Memory and descriptors must
+be flat: the slope from scene 20 to the last is printed, per scene.
 
     python -m benchmarks.bench_long_night --scenes 300 --out benchmarks/results/long-night.json
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -80,8 +82,11 @@ def _sample(run: subprocess.Popen[str], out: Path, started: float, timeout: floa
         done = len(list(out.glob("*.mask.tif"))) if out.exists() else 0
         if done > seen:
             rss, fds, procs = _tree(run.pid)
-            samples.append({"scene": done, "rss_mib": round(rss / MIB, 1), "fds": fds, "processes": procs,
-                            "seconds": round(time.perf_counter() - started, 2)})  # fmt: skip
+            shm = shutil.disk_usage("/dev/shm").used if os.path.isdir("/dev/shm") else 0  # Ray's object store
+            samples.append({
+                "scene": done, "rss_mib": round(rss / MIB, 1), "fds": fds, "processes": procs,
+                "shm_mib": round(shm / MIB, 1), "seconds": round(time.perf_counter() - started, 2),
+            })  # fmt: skip
             seen = done
         time.sleep(0.05)
     return samples
@@ -113,6 +118,7 @@ def slopes(samples: list[dict[str, Any]], start: int) -> dict[str, float]:
     return {
         "rss_mib_per_scene": float(np.polyfit(x, [s["rss_mib"] for s in tail], 1)[0]),
         "fds_per_scene": float(np.polyfit(x, [s["fds"] for s in tail], 1)[0]),
+        "shm_mib_per_scene": float(np.polyfit(x, [s.get("shm_mib", 0.0) for s in tail], 1)[0]),
         "rss_mib_first": tail[0]["rss_mib"],
         "rss_mib_last": tail[-1]["rss_mib"],
         "fds_first": tail[0]["fds"],
@@ -150,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for s in night["samples"]:
         if s["scene"] in (1, 10, 20, 40, 80, 160, 300) or s is night["samples"][-1]:
             print(f"scene {s['scene']:4d}: RSS {s['rss_mib']:8.1f} MiB, {s['fds']:4d} fds, {s['processes']} processes, "
-                  f"{s['seconds']:7.1f} s")  # fmt: skip
+                  f"shm {s['shm_mib']:7.1f} MiB, {s['seconds']:7.1f} s")  # fmt: skip
     print(json.dumps(result["slopes"], indent=2), "collection:", collection, "exit:", night["returncode"])
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
