@@ -58,7 +58,12 @@ class ExternalModel(nn.Module):
             )
 
     def check_output(self, x: Tensor, y: Tensor) -> None:
-        """Raise ModelError unless ``y`` is (B, num_classes, H, W) for input ``x``."""
+        """Raise ModelError unless ``y`` is float logits (B, num_classes, H, W) for input ``x``."""
+        if not y.is_floating_point():
+            raise ModelError(
+                f"model {self.source}: returned {str(y.dtype).removeprefix('torch.')} values, expected float logits "
+                "(B, classes, H, W); export the network before its argmax"
+            )
         expected = (x.shape[0], self.num_classes, x.shape[2], x.shape[3])
         if tuple(y.shape) != tuple(expected):
             raise ModelError(
@@ -192,6 +197,11 @@ class OnnxModel(ExternalModel):
                     f"model {self.source}: onnxruntime failed on input {tuple(x.shape)} "
                     f"({type(error).__name__}: {str(error)[:300]})"
                 ) from None
+            if not np.issubdtype(np.asarray(result).dtype, np.floating):
+                raise ModelError(
+                    f"model {self.source}: returned {np.asarray(result).dtype} values, expected float logits "
+                    "(B, classes, H, W); export the network before its argmax"
+                )
             parts.append(np.asarray(result, dtype=np.float32)[: len(array) - start])
         y = torch.from_numpy(np.ascontiguousarray(np.concatenate(parts))).to(x.device)
         self.check_output(x, y)
