@@ -336,8 +336,9 @@ def segment_dataset(
                 rows[ref.id] = _row(ref, "failed", f"internal error: {type(exc).__name__}: {exc}", None, 0.0)
             if queue:
                 submit()
-    if any(r["status"] == "done" for r in rows.values()):
-        stac.write_collection(output_dir, _all_items(output_dir), description=f"segpipe masks of {source}")
+    items = _all_items(output_dir)
+    if items:  # also when no scene was done: the night before may have been killed before its collection
+        stac.write_collection(output_dir, items, description=f"segpipe masks of {source}")
     ordered = [rows[ref.id] for ref in refs]
     seconds = time.perf_counter() - started
     failed = {r["scene"]: r["reason"] for r in ordered if r["status"] == "failed"}

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from segpipe.core import objects
 from segpipe.core.cog import parse_cog_options
-from segpipe.core.errors import ConfigError, OutputError
+from segpipe.core.errors import ConfigError, OutputError, SegpipeError
 from segpipe.core.objects import ObjectUrl, is_object_url
 from segpipe.core.pixels import PixelMap
 from segpipe.core.runtime import available_cores, local_gpus
@@ -193,12 +193,33 @@ def _same_file(a: str, b: str) -> bool:
     return os.path.abspath(a) == os.path.abspath(b)
 
 
+def left_by_unfinished_run(output: str) -> bool:
+    """Whether ``output`` is the mask of a run that ended before writing its summary (killed, or its machine lost):
+    a mask segpipe wrote (its ``SOFTWARE=segpipe`` tag) with no summary beside it. A run writes its outputs first
+    and its summary last, so the next run of the same command replaces such a mask, and the probabilities and
+    polygons beside it, without ``--overwrite`` (a data set redoes such a scene too: ``incomplete``)."""
+    from segpipe.core.raster import open_raster
+
+    summary = summary_path(output)
+    if is_object_url(output):
+        if objects.head(output) is None or objects.head(summary) is not None:
+            return False
+    elif not Path(output).is_file() or Path(summary).exists():
+        return False
+    try:
+        with open_raster(output, role="output") as src:
+            return src.tags().get("SOFTWARE") == "segpipe"
+    except SegpipeError:  # not a raster: not segpipe's
+        return False
+
+
 def _check_outputs(settings: RunSettings) -> tuple[Sink, ...]:
     creation = tuple(parse_cog_options(settings.cog_options).items())
     if creation and settings.output.lower().endswith((".ome.tif", ".ome.tiff")):
         raise ConfigError("--co sets COG creation options; an OME-TIFF mask is not a COG: leave --co out")
     sinks = [sink_for(ws.MASK, settings.output, creation=creation)]
-    sinks[0].check(overwrite=settings.overwrite)
+    overwrite = settings.overwrite or left_by_unfinished_run(settings.output)
+    sinks[0].check(overwrite=overwrite)
     remote = is_object_url(settings.output)
     out_dir = Path(settings.output).absolute().parent.resolve()
     if not remote:
@@ -209,7 +230,7 @@ def _check_outputs(settings: RunSettings) -> tuple[Sink, ...]:
         else:
             _check_inside(settings.probabilities, "--probabilities", out_dir)
         sinks.append(sink_for(ws.PROBABILITIES, settings.probabilities, creation=creation))
-        sinks[-1].check(overwrite=settings.overwrite)
+        sinks[-1].check(overwrite=overwrite)
         if _same_file(settings.probabilities, settings.output):
             raise ConfigError("--probabilities must be a different file from OUTPUT")
     if settings.vector:
@@ -226,7 +247,7 @@ def _check_outputs(settings: RunSettings) -> tuple[Sink, ...]:
                 min_area=settings.vector_min_area,
             )
         )
-        sinks[-1].check(overwrite=settings.overwrite)
+        sinks[-1].check(overwrite=overwrite)
         for other, name in ((settings.output, "OUTPUT"), (settings.probabilities, "--probabilities")):
             if other and _same_file(settings.vector, other):
                 raise ConfigError(f"--vector must be a different file from {name}")
