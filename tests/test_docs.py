@@ -42,7 +42,9 @@ def segpipe_commands(markdown: str) -> list[str]:
         line = re.sub(r"^(\$ |\.venv/bin/)", "", line)
         if not line.startswith("segpipe ") or any(mark in line for mark in ("[", "|", "...", "…", "<", "{")):
             continue
-        found.append(line.split("  #")[0].split(" # ")[0].strip())
+        command = line.split("  #")[0].split(" # ")[0]
+        command = re.split(r" (?:>>?|2>|&&|;|\|\|) ", command)[0]  # the shell's redirections and lists are not argv
+        found.append(command.strip())
     return found
 
 
