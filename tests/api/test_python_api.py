@@ -17,26 +17,11 @@ def test_segment_dataset_takes_run_and_dataset_options_by_name(
     folder = tmp_path / "in"
     (folder / "sub").mkdir(parents=True)
     shutil.copy(data_dir / "RGB.byte.tif", folder / "sub" / "a.tif")
-    report = segpipe.segment_dataset(
-        str(folder),
-        str(tmp_path / "out"),
-        recursive=True,
-        model=str(rgb_checkpoint),
-        executor="local",
-        tile_size=64,
-        halo=16,
-    )
+    options = {"recursive": True, "model": str(rgb_checkpoint), "executor": "local", "tile_size": 64, "halo": 16}
+    report = segpipe.segment_dataset(str(folder), str(tmp_path / "out"), **options)
     assert [row["status"] for row in report["scenes"]] == ["done"]
     assert list((tmp_path / "out").glob("*.mask.tif"))
-    again = segpipe.segment_dataset(
-        str(folder),
-        str(tmp_path / "out"),
-        recursive=True,
-        model=str(rgb_checkpoint),
-        executor="local",
-        tile_size=64,
-        halo=16,
-    )
+    again = segpipe.segment_dataset(str(folder), str(tmp_path / "out"), **options)
     assert [row["reason"] for row in again["scenes"]] == ["unchanged"]
 
 

@@ -10,39 +10,24 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 import yaml
 
+from tests.cluster.conftest import free_port
+from tests.reliability.helpers import wait_for
+
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 TIMEOUT = 180.0
-T = TypeVar("T")
-
-
-def free_port() -> int:
-    with contextlib.closing(socket.socket()) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for(condition: Callable[[], T | None], what: str, timeout: float = TIMEOUT) -> T:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
 
 
 def group_alive(pgid: int) -> bool:
@@ -151,7 +136,12 @@ def test_prefect_yaml_deploys_and_a_process_worker_runs_the_night(
     server_log, worker_log = tmp_path / "server.log", tmp_path / "worker.log"
     with started(server_argv, server_env, server_log) as server:
         try:
-            wait_for(lambda: api_get(f"{api}/health") is True, "the Prefect server to answer")
+            wait_for(
+                lambda: api_get(f"{api}/health") is True,
+                timeout=TIMEOUT,
+                what="the Prefect server to answer",
+                interval=0.25,
+            )
         except AssertionError:
             pytest.fail(f"the Prefect server did not start:\n{tail(server_log)}")
         prefect(env, "work-pool", "create", pool, "--type", "process")
@@ -181,12 +171,14 @@ def test_prefect_yaml_deploys_and_a_process_worker_runs_the_night(
                 return run if run.get("state_type") in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") else None
 
             try:
-                run = wait_for(finished, "the triggered flow run to finish")
+                run = wait_for(finished, timeout=TIMEOUT, what="the triggered flow run to finish", interval=0.25)
             except AssertionError:
                 pytest.fail(f"the flow run did not finish; the worker said:\n{tail(worker_log)}")
             assert run["state_type"] == "COMPLETED", f"{run['state']}\n{tail(worker_log)}"
             assert worker.wait(timeout=TIMEOUT) == 0, tail(worker_log)
-            assert wait_for(lambda: not group_alive(worker.pid), "the worker's flow-run process to end", 30)
+            assert wait_for(
+                lambda: not group_alive(worker.pid), timeout=30, what="the worker's flow-run process to end"
+            )
         assert server.poll() is None, "the server stayed up until the test stopped it"
     assert not group_alive(server.pid), "nothing of the server's process group is left"
 
