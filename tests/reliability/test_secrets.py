@@ -127,8 +127,8 @@ def test_redaction_rules() -> None:
 )
 def test_a_secret_environment_value_never_survives(secret: str, around: str) -> None:
     env = {"RAY_AUTH_TOKEN": secret}
-    assert secret not in redact(around + secret + around, env)
-    assert redact(around.replace(secret, ""), env).count(MASK) >= 0  # no error on any text
+    redacted = redact(around + secret + around, env)
+    assert secret not in redacted and MASK in redacted
 
 
 @given(st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789/._-", min_size=1, max_size=40))
