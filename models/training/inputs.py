@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from segpipe.core.bands import parse_bands, scene_band_names
+from segpipe.core.bands import band_numbers, parse_bands, scene_band_names
 from segpipe.core.colours import ColourTable
 from segpipe.core.errors import ConfigError, InputError, ModelError
 from segpipe.models.data import ImageBands, SamplePair, find_images, find_pairs, image_bands, load_pair, read_image
@@ -97,26 +97,11 @@ def _selected(image: ImageBands, select: str | None) -> tuple[int, ...]:
     """The 1-based bands of ``image`` that ``--bands`` picks (all without it)."""
     if select is None:
         return tuple(range(1, image.count + 1))
-    chosen = parse_bands(select)
-    if isinstance(chosen[0], int):
-        numbers = tuple(int(c) for c in chosen)
-        if max(numbers) > image.count:
-            raise ConfigError(f"--bands {select}: {image.path} has {image.count} band(s), no band {max(numbers)}")
-        return numbers
     known = scene_band_names(image.descriptions, image.colour_interpretations)
     described = [d.strip().lower() for d in image.descriptions]
-    indexes = []
-    for name in chosen:
-        if name in known:
-            indexes.append(known.index(str(name)) + 1)
-        elif name in described:
-            indexes.append(described.index(str(name)) + 1)
-        else:
-            raise ConfigError(
-                f"--bands {select}: {image.path} has no band named {name!r} (its bands: {_band_listing(image)}); "
-                "give band numbers instead"
-            )
-    return tuple(indexes)
+    return band_numbers(
+        parse_bands(select), known, described, asked=select, where=str(image.path), have=_band_listing(image)
+    )
 
 
 def _file_names(image: ImageBands, indexes: Sequence[int]) -> list[str]:

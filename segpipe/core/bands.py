@@ -115,6 +115,40 @@ def parse_bands(text: str) -> tuple[int, ...] | tuple[str, ...]:
     return tuple(p.lower() for p in parts)
 
 
+def band_numbers(
+    chosen: Sequence[int] | Sequence[str],
+    names: Sequence[str],
+    described: Sequence[str],
+    *,
+    asked: str,
+    where: str,
+    have: str,
+    hint: str = "give band numbers instead",
+) -> tuple[int, ...]:
+    """The 1-based bands of a scene that ``chosen`` (:func:`parse_bands` of ``--bands`` ``asked``) picks: numbers as
+    given (at most the scene's count), names by the scene's common ``names``, else by its lower-cased ``described``
+    descriptions.
+
+    Raises:
+        ConfigError: a number beyond the scene's bands, or a name it does not have (``have`` lists its bands).
+    """
+    if isinstance(chosen[0], int):
+        numbers = tuple(int(c) for c in chosen)
+        beyond = [n for n in numbers if n > len(names)]
+        if beyond:
+            raise ConfigError(f"--bands {asked}: {where} has {len(names)} band(s), no band {beyond[0]}")
+        return numbers
+    indexes = []
+    for name in chosen:
+        if name in names:
+            indexes.append(list(names).index(str(name)) + 1)
+        elif name in described:
+            indexes.append(list(described).index(str(name)) + 1)
+        else:
+            raise ConfigError(f"--bands {asked}: {where} has no band named {name!r} (its bands: {have}); {hint}")
+    return tuple(indexes)
+
+
 def match_bands(
     model_bands: Sequence[str],
     scene_names: Sequence[str],
@@ -147,25 +181,11 @@ def match_bands(
                 f"--bands {asked} gives {len(chosen)} band(s) but the model takes {len(wanted)} "
                 f"({', '.join(model_bands)}); give one per model band, in that order"
             )
+        hint = "give band numbers instead, e.g. --bands " + ",".join(str(k) for k in range(1, len(wanted) + 1))
+        numbers = band_numbers(chosen, scene_names, described, asked=asked, where=where, have=have, hint=hint)
         if isinstance(chosen[0], int):
-            numbers = tuple(int(c) for c in chosen)
-            beyond = [n for n in numbers if n > count]
-            if beyond:
-                raise ConfigError(f"--bands {asked}: {where} has {count} band(s), no band {beyond[0]}")
             _check_names(wanted, numbers, scene_names, have, asked=asked)
-            return BandMatch(numbers, "--bands")
-        indexes = []
-        for name in chosen:
-            if name in scene_names:
-                indexes.append(scene_names.index(str(name)) + 1)
-            elif name in described:
-                indexes.append(described.index(str(name)) + 1)
-            else:
-                raise ConfigError(
-                    f"--bands {asked}: {where} has no band named {name!r} (its bands: {have}); "
-                    "give band numbers instead, e.g. --bands " + ",".join(str(k) for k in range(1, len(wanted) + 1))
-                )
-        return BandMatch(tuple(indexes), "--bands")
+        return BandMatch(numbers, "--bands")
     for names in (scene_names, described):
         if all(b in names for b in wanted):
             return BandMatch(tuple(names.index(b) + 1 for b in wanted), "names")
