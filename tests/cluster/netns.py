@@ -100,8 +100,24 @@ def namespaces_problem() -> str | None:
     probe = f"{PREFIX}-probe{os.getpid()}"
     try:
         _run("ip", "netns", "add", probe)
-        _run("ip", "netns", "exec", probe, "unshare", "-m", "--propagation", "private", "--",
-             "mount", "-t", "tmpfs", "-o", "size=1m", "probe", "/tmp")  # fmt: skip
+        _run(
+            "ip",
+            "netns",
+            "exec",
+            probe,
+            "unshare",
+            "-m",
+            "--propagation",
+            "private",
+            "--",
+            "mount",
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=1m",
+            "probe",
+            "/tmp",
+        )
     except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
         return f"cannot make a network and mount namespace here: {str(exc).splitlines()[0][:200]}"
     finally:
@@ -161,8 +177,9 @@ def remove_namespaces(names: Sequence[str], link: str | None = None) -> None:
     for name in names:
         _run("ip", "netns", "del", name, check=False)
     if link:
-        wait_until(lambda: _run("ip", "link", "show", link, check=False).returncode != 0, timeout=30,
-                   what=f"link {link} to go")  # fmt: skip
+        wait_until(
+            lambda: _run("ip", "link", "show", link, check=False).returncode != 0, timeout=30, what=f"link {link} to go"
+        )
 
 
 def clean_leftovers() -> list[str]:
@@ -350,8 +367,13 @@ class NetnsCluster:
 
     def _save_state(self) -> None:
         STATE_DIR.mkdir(parents=True, exist_ok=True)
-        state = {"owner": os.getpid(), "owner_start": _start_time(os.getpid()), "netns": self.netns,
-                 "link": self.link, "subnet": self.subnet}  # fmt: skip
+        state = {
+            "owner": os.getpid(),
+            "owner_start": _start_time(os.getpid()),
+            "netns": self.netns,
+            "link": self.link,
+            "subnet": self.subnet,
+        }
         tmp = self._state.with_suffix(".tmp")
         tmp.write_text(json.dumps(state))
         tmp.replace(self._state)
@@ -372,8 +394,9 @@ class NetnsCluster:
             _run("ip", "link", "add", self.link, "type", "veth", "peer", "name", port, "netns", self.switch)
             dev, prefix = self.link, []
         else:
-            _run("ip", "link", "add", "eth0", "netns", netns, "type", "veth", "peer", "name", port,
-                 "netns", self.switch)  # fmt: skip
+            _run(
+                "ip", "link", "add", "eth0", "netns", netns, "type", "veth", "peer", "name", port, "netns", self.switch
+            )
             dev, prefix = "eth0", ["ip", "netns", "exec", netns]
         _run("ip", "netns", "exec", self.switch, "ip", "link", "set", port, "master", "br0", "up")
         _run(*prefix, "ip", "addr", "add", f"{ip}/24", "dev", dev)
@@ -408,8 +431,17 @@ class NetnsCluster:
         self._plug(s3, "s3", S3_HOST)
         with (self.logs / "s3.log").open("wb") as log:
             self.s3_process = subprocess.Popen(
-                ["ip", "netns", "exec", s3, str(BIN / "moto_server"), "-H", f"{self.subnet}.{S3_HOST}",
-                 "-p", str(S3_PORT)],  # fmt: skip
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    s3,
+                    str(BIN / "moto_server"),
+                    "-H",
+                    f"{self.subnet}.{S3_HOST}",
+                    "-p",
+                    str(S3_PORT),
+                ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
@@ -456,12 +488,32 @@ class NetnsCluster:
 
     def ray_start_argv(self, node: Node) -> list[str]:
         """``ray start`` as an operator runs it on ``node``'s machine."""
-        argv = [str(BIN / "ray"), "start", "--node-ip-address", node.ip, "--num-cpus", str(node.cpus),
-                "--num-gpus", str(node.gpus), "--object-store-memory", str(OBJECT_STORE_BYTES),
-                "--disable-usage-stats"]  # fmt: skip
+        argv = [
+            str(BIN / "ray"),
+            "start",
+            "--node-ip-address",
+            node.ip,
+            "--num-cpus",
+            str(node.cpus),
+            "--num-gpus",
+            str(node.gpus),
+            "--object-store-memory",
+            str(OBJECT_STORE_BYTES),
+            "--disable-usage-stats",
+        ]
         if node.head:
-            return [*argv, "--head", "--port", str(GCS_PORT), "--ray-client-server-port", str(CLIENT_PORT),
-                    "--dashboard-host", node.ip, "--dashboard-port", str(DASHBOARD_PORT)]  # fmt: skip
+            return [
+                *argv,
+                "--head",
+                "--port",
+                str(GCS_PORT),
+                "--ray-client-server-port",
+                str(CLIENT_PORT),
+                "--dashboard-host",
+                node.ip,
+                "--dashboard-port",
+                str(DASHBOARD_PORT),
+            ]
         return [*argv, "--address", self.gcs_address]
 
     def start_ray(self, node: Node) -> None:
@@ -571,13 +623,23 @@ class NetnsCluster:
 
     def files(self, node: Node, pattern: str) -> list[str]:
         """Paths on ``node``'s own disk that match the glob ``pattern`` (read in its mount namespace)."""
-        done = self.run(node, [sys.executable, "-c", "import glob, sys; print('\\n'.join(sorted(glob.glob("
-                                                     "sys.argv[1], recursive=True))))", pattern], timeout=60)  # fmt: skip
+        done = self.run(
+            node,
+            [
+                sys.executable,
+                "-c",
+                "import glob, sys; print('\\n'.join(sorted(glob.glob(sys.argv[1], recursive=True))))",
+                pattern,
+            ],
+            timeout=60,
+        )
         return [line for line in done.stdout.splitlines() if line]
 
 
 @contextlib.contextmanager
-def netns_cluster(nodes: Sequence[tuple[str, int, int]] = (("head", 1, 0), ("worker1", 1, 0))) -> Iterator[NetnsCluster]:
+def netns_cluster(
+    nodes: Sequence[tuple[str, int, int]] = (("head", 1, 0), ("worker1", 1, 0)),
+) -> Iterator[NetnsCluster]:
     """A started cluster: the first of ``nodes`` (name, CPUs, GPUs) is the head; stopped when the block ends, however
     it ends."""
     cluster = NetnsCluster()
