@@ -87,28 +87,72 @@ def _probe(address: str, timeout: float) -> None:
         ) from None
 
 
-#: Run in a child process to see whether a GCS answers at an address (Ray's client blocks, uninterruptibly, for a
-#: minute on an address that accepts connections but is not a Ray cluster).
-GCS_PROBE = (
-    "import sys, ray._raylet as r; "
-    "r.GcsClient(address=sys.argv[1]).internal_kv_get(b'segpipe-probe', None, timeout=float(sys.argv[2]))"
-)
+#: Run in a child process to see whether a Ray cluster answers at an address (Ray's client blocks, uninterruptibly,
+#: for a minute on an address that accepts connections but is not a Ray cluster, and retries a refused token for
+#: half a minute): exit status 0 when it answers, :data:`TOKEN_REFUSED` when it refused this process's token.
+#: ``host:port`` is asked through the GCS client, ``ray://`` with the Ray Client server's ping.
+CLUSTER_PROBE = """
+import sys
+address, timeout = sys.argv[1], float(sys.argv[2])
+try:
+    if address.startswith("ray://"):
+        import grpc
+        from ray._private.grpc_utils import init_grpc_channel
+        from ray.core.generated import ray_client_pb2 as pb, ray_client_pb2_grpc as rpc
+        ping = pb.ClusterInfoRequest(type=pb.ClusterInfoType.PING)
+        try:
+            rpc.RayletDriverStub(init_grpc_channel(address[6:])).ClusterInfo(ping, timeout=timeout)
+        except grpc.RpcError as exc:
+            sys.exit(3 if exc.code() == grpc.StatusCode.UNAUTHENTICATED else 1)
+    else:
+        import ray._raylet as r
+        r.GcsClient(address=address).internal_kv_get(b"segpipe-probe", None, timeout=timeout)
+except Exception as exc:
+    sys.exit(3 if type(exc).__name__ == "AuthenticationError" else 1)
+"""
+#: :data:`CLUSTER_PROBE`'s exit status for a refused token.
+TOKEN_REFUSED = 3
+#: Where the cluster's token goes, as Ray reads it (the first that is set).
+TOKEN_SOURCES = "RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH (a file) or ~/.ray/auth_token"
 
 
-def _probe_gcs(address: str, timeout: float) -> None:
-    """Fail with one line when nothing that speaks Ray's protocol answers at ``host:port`` within ``timeout``."""
+def _token_missing() -> bool:
+    """Whether token authentication is on (``RAY_AUTH_MODE=token``) and none of Ray's token sources holds one."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() != "token" or os.environ.get("RAY_AUTH_TOKEN", "").strip():
+        return False
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token").expanduser()
+    try:
+        return not path.read_text().strip()
+    except OSError:
+        return True
+
+
+def _probe_cluster(address: str, timeout: float) -> None:
+    """Fail with one line when nothing that speaks Ray's protocol answers at ``address`` (``host:port`` or
+    ``ray://host:port``) within ``timeout`` seconds, or when it refuses this process's authentication token."""
     import subprocess
     import sys
 
+    if _token_missing():
+        raise ConfigError(
+            f"no Ray authentication token to connect to the cluster at {address}; put the cluster's token "
+            f"(`ray get-auth-token` on its head) in {TOKEN_SOURCES}, or set RAY_AUTH_MODE=disabled for a cluster "
+            "started without authentication"
+        )
     try:
         done = subprocess.run(
-            [sys.executable, "-c", GCS_PROBE, address, str(timeout)],
+            [sys.executable, "-c", CLUSTER_PROBE, address, str(timeout)],
             capture_output=True,
             text=True,
             timeout=timeout + 5,
         )
     except subprocess.TimeoutExpired:
         done = None
+    if done is not None and done.returncode == TOKEN_REFUSED:
+        raise ConfigError(
+            f"the Ray cluster at {address} refused this process's authentication token; use the cluster's token "
+            f"(`ray get-auth-token` on its head) in {TOKEN_SOURCES}"
+        )
     if done is None or done.returncode != 0:
         raise ConfigError(
             f"the Ray cluster at {address} did not answer within {timeout:g} s; check --ray-address, the cluster and "
@@ -118,17 +162,18 @@ def _probe_gcs(address: str, timeout: float) -> None:
 
 def _connect(address: str, timeout: float, quiet: int) -> None:
     """``ray.init(address)`` that gives up after about ``timeout`` seconds with one clear error: the address must
-    accept connections, and (for ``host:port``) answer as a Ray cluster, before Ray's own client is started."""
+    accept connections, answer as a Ray cluster and accept this process's token before Ray's own client is
+    started."""
     import ray
+    from ray.exceptions import AuthenticationError
 
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     if address != "auto":
         _probe(address, timeout)
-    if address != "auto" and not address.startswith("ray://"):
-        _probe_gcs(address, timeout)
+        _probe_cluster(address, timeout)
     try:
         ray.init(address=address, log_to_driver=False, logging_level=quiet)
-    except (ConnectionError, RuntimeError, ValueError) as error:
+    except (ConnectionError, RuntimeError, ValueError, AuthenticationError) as error:
         first = str(error).splitlines()[0] if str(error) else type(error).__name__
         if address == "auto":
             raise ConfigError(
@@ -384,7 +429,7 @@ class Session:
                 try:
                     self.ray.get(done[0])
                 except RayTaskError as exc:
-                    raise exc.as_instanceof_cause() from None
+                    raise raised_there(exc) from None
                 except RayActorError as exc:
                     self._kill([actor])
                     cause = start_failure(exc)
@@ -465,7 +510,7 @@ class Session:
                     idle.append(replacement)
                 continue
             except RayTaskError as exc:
-                raise exc.as_instanceof_cause() from None
+                raise raised_there(exc) from None
             self.driver_bytes += len(pickle.dumps(result))
             results.append(result)
             idle.append(actor)
@@ -512,7 +557,7 @@ class Session:
             try:
                 result = ray.get(ready[0])
             except RayTaskError as exc:
-                raise exc.as_instanceof_cause() from None
+                raise raised_there(exc) from None
             self.driver_bytes += len(pickle.dumps(result))
             out[k] = result
             if progress:
@@ -526,6 +571,14 @@ START_TRIES = 3
 START_BACKOFF_S = 1.0
 #: Seconds between checks, while segmenters start, that a live node can still hold one.
 START_CHECK_S = 5.0
+
+
+def raised_there(error: Any) -> BaseException:
+    """The error that a Ray task or actor method raised (``error``, Ray's ``RayTaskError``), to raise here: a
+    segpipe error as it was raised there, with its own one-line message (Ray's wrapper puts the worker's traceback
+    in front of it); any other error as Ray wraps it (an instance of both, its traceback kept)."""
+    cause = getattr(error, "cause", None)
+    return cause if isinstance(cause, SegpipeError) else error.as_instanceof_cause()
 
 
 def start_failure(error: Exception) -> str:
