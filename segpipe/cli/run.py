@@ -4,10 +4,13 @@ on a cron schedule). Their run options come from :class:`~segpipe.pipeline.setti
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import sys
 import time
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, TextIO
 
 from segpipe.cli import EXIT_OK, STARTED, on_sigterm
 from segpipe.cli.prefect_server import temporary_server
@@ -50,6 +53,20 @@ def _with_config(args: argparse.Namespace, classes: tuple[type, ...], fields: li
     return [{**from_file, **given(args, flags)} for from_file, flags in zip(found, fields, strict=True)]
 
 
+@contextlib.contextmanager
+def _stdout_for_json(enabled: bool) -> Iterator[TextIO]:
+    """Yield the real stdout; while the block runs (and ``enabled``), what libraries print goes to stderr, so
+    that stdout carries the JSON document alone. (Ray's drivers print the cluster's error messages, such as a lost
+    node's "Raylet is terminated" with its log lines, to stdout from a thread of their own.)"""
+    real = sys.stdout
+    if enabled:
+        sys.stdout = sys.stderr
+    try:
+        yield real
+    finally:
+        sys.stdout = real
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from segpipe.pipeline.plan import make_plan
     from segpipe.pipeline.summary import format_summary
@@ -62,21 +79,22 @@ def _cmd_run(args: argparse.Namespace) -> int:
         vector=args.vector,
         **options,
     )
-    if args.no_prefect:
-        from segpipe.pipeline.run import run_scene
+    with _stdout_for_json(args.json) as stdout:
+        if args.no_prefect:
+            from segpipe.pipeline.run import run_scene
 
-        t = time.perf_counter()
-        plan = make_plan(settings)  # fail fast, before Ray starts; the model is loaded once, here
-        summary = run_scene(settings, plan=plan, started=STARTED, plan_seconds=time.perf_counter() - t)
-    else:
-        with temporary_server() as server:  # comes up while the run validates and loads its model
-            plan = make_plan(settings)
-            from segpipe.flows.segment import segment_scene
+            t = time.perf_counter()
+            plan = make_plan(settings)  # fail fast, before Ray starts; the model is loaded once, here
+            summary = run_scene(settings, plan=plan, started=STARTED, plan_seconds=time.perf_counter() - t)
+        else:
+            with temporary_server() as server:  # comes up while the run validates and loads its model
+                plan = make_plan(settings)
+                from segpipe.flows.segment import segment_scene
 
-            if server is not None:
-                server.wait(float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")))
-            summary = segment_scene(settings, plan=plan, started=STARTED, on_sigterm=on_sigterm)
-    print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+                if server is not None:
+                    server.wait(float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")))
+                summary = segment_scene(settings, plan=plan, started=STARTED, on_sigterm=on_sigterm)
+    print(json.dumps(summary, indent=2) if args.json else format_summary(summary), file=stdout)
     return EXIT_OK
 
 
@@ -122,11 +140,11 @@ def _cmd_dataset(args: argparse.Namespace) -> int:
         with temporary_server():
             serve_nightly(args.source, args.output_dir, options=options, dataset=dataset, schedule=schedule)
         return EXIT_OK
-    with temporary_server() as server:
+    with _stdout_for_json(True) as stdout, temporary_server() as server:
         from segpipe.flows.dataset import segment_dataset
 
         if server is not None:
             server.wait(float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")))
         report = segment_dataset(args.source, args.output_dir, options=options, dataset=dataset)
-    print(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2), file=stdout)
     return EXIT_OK
