@@ -235,7 +235,7 @@ class Node:
     def enter(self) -> list[str]:
         """The argv prefix that runs a command on this node (its network and mount namespaces)."""
         assert self.anchor is not None, f"node {self.name} is not started"
-        return ["nsenter", "-t", str(self.anchor.pid), "-n", "-m", "--"]
+        return ["nsenter", "-t", str(self.anchor.pid), "-n", "-m", f"--wd={REPO}", "--"]
 
     def pids(self) -> list[int]:
         return netns_pids(self.netns)
@@ -621,6 +621,15 @@ class NetnsCluster:
                 process.communicate()
         return subprocess.CompletedProcess(process.args, process.returncode, out, err)
 
+    def put(self, node: Node, source: Path, target: str) -> None:
+        """Copy this machine's file ``source`` to ``target`` on ``node``'s own disk (its parent folders made)."""
+        process = self.popen(
+            node, ["sh", "-c", 'mkdir -p "$(dirname "$1")" && cat > "$1"', "put", target], stdin=subprocess.PIPE
+        )
+        process.communicate(source.read_bytes(), timeout=60)
+        if process.returncode != 0:
+            raise RuntimeError(f"could not write {target} on {node.name}")
+
     def files(self, node: Node, pattern: str) -> list[str]:
         """Paths on ``node``'s own disk that match the glob ``pattern`` (read in its mount namespace)."""
         done = self.run(
@@ -675,6 +684,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"S3 {cluster.s3_url}; --ray-address {cluster.gcs_address} (on a node), {cluster.client_address}")
         print(f"environment: {' '.join(f'{k}={v}' for k, v in cluster.base_env().items())}")
         print("Ctrl-C stops it", flush=True)
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started in the background
         with contextlib.suppress(KeyboardInterrupt):
             signal.pause()
     return 0

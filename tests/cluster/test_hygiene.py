@@ -24,8 +24,25 @@ TIMEOUT = 180
 def start(tmp_path: Path, checkpoint: Path, *extra: str) -> subprocess.Popen[str]:
     scene = rgb_scene(tmp_path / "scene.tif", 384, 384)
     return subprocess.Popen(
-        [sys.executable, "-m", "segpipe.cli", "run", str(scene), str(tmp_path / "mask.tif"), "--model", str(checkpoint),
-         "--tile-size", "64", "--halo", "16", "--batch-size", "2", "--executor", "ray", *extra],
+        [
+            sys.executable,
+            "-m",
+            "segpipe.cli",
+            "run",
+            str(scene),
+            str(tmp_path / "mask.tif"),
+            "--model",
+            str(checkpoint),
+            "--tile-size",
+            "64",
+            "--halo",
+            "16",
+            "--batch-size",
+            "2",
+            "--executor",
+            "ray",
+            *extra,
+        ],
         cwd=tmp_path,
         env=subprocess_env(),
         stdout=subprocess.PIPE,

@@ -1,0 +1,382 @@
+"""Two machines for real: a Ray cluster whose nodes share no disk, no /tmp and no loopback (network and mount
+namespaces, :mod:`tests.cluster.netns`), with an S3 server on the same segment.
+
+Every run goes through the ``segpipe`` command as a user types it: on a node (``--ray-address HEAD:6379``), or
+outside the cluster (``ray://HEAD:10001``). Inputs, model and work stores live on S3; a reference run of the same
+scene on this machine alone (``--executor local``, one core as each node has) gives the bytes every cluster run must
+give. The tests share one cluster (head + one worker, one CPU each); they are slow (about 6 minutes in all) and run
+in CI's ``pytest -m slow tests/cluster``.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from segpipe.core import objects
+from tests.cluster.netns import BIN, REPO, S3_ENV, NetnsCluster, namespaces_problem, netns_cluster, wait_until
+
+pytestmark = pytest.mark.slow
+
+DATA = REPO / "tests" / "data"
+SCENE = "s3://scenes/one/RGB.byte.tif"
+MODEL = "s3://models/m/rgb.safetensors"
+#: The run every test repeats: 116 tiles of 64 px with a 16 px halo, blended, with probabilities.
+RUN = ["--model", MODEL, "--tile-size", "64", "--halo", "16", "--blend", "cosine", "--no-prefect"]
+#: The Ray task functions of each stage that runs on the cluster's nodes (the segmenters are actors).
+STAGE_TASKS = {"ingest": {"copy_region", "count_region"}, "stitch": {"stitch_block"}, "export": {"write_sink"}}
+
+
+@pytest.fixture(scope="module")
+def cluster(rgb_checkpoint: Path) -> Iterator[NetnsCluster]:
+    """A head and a worker, each in its own network and mount namespace, and the S3 server with the scene and the
+    model on it; this process reaches S3 as the operator does (the AWS variables point at it for the module)."""
+    problem = namespaces_problem()
+    if problem:
+        pytest.skip(f"no multi-node cluster on this machine: {problem}")
+    with netns_cluster() as started, pytest.MonkeyPatch.context() as patch:
+        for key, value in {**S3_ENV, "AWS_ENDPOINT_URL": started.s3_url}.items():
+            patch.setenv(key, value)
+        for bucket in ("scenes", "models", "work", "out"):
+            started.bucket(bucket)
+        objects.upload_file(DATA / "RGB.byte.tif", SCENE)
+        objects.upload_file(rgb_checkpoint, MODEL)
+        objects.upload_file(rgb_checkpoint.with_suffix(".json"), MODEL.replace(".safetensors", ".json"))
+        yield started
+
+
+@pytest.fixture(scope="module")
+def reference(rgb_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """SHA-256 of the mask and probabilities of the same run on this machine alone, on one core (each node has one
+    CPU, so its segmenter one torch thread: the same float sums in the same order)."""
+    return local_run(tmp_path_factory.mktemp("reference"), rgb_checkpoint, "--blend", "cosine")
+
+
+def local_run(folder: Path, checkpoint: Path, *options: str) -> dict[str, str]:
+    argv = [
+        "taskset",
+        "-c",
+        "0",
+        str(BIN / "segpipe"),
+        "run",
+        str(DATA / "RGB.byte.tif"),
+        str(folder / "mask.tif"),
+        "--probabilities",
+        str(folder / "probabilities.tif"),
+        "--model",
+        str(checkpoint),
+        "--tile-size",
+        "64",
+        "--halo",
+        "16",
+        "--executor",
+        "local",
+        "--no-prefect",
+        *options,
+    ]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return {name: sha256(folder / f"{name}.tif") for name in ("mask", "probabilities")}
+
+
+def sha256(where: str | Path) -> str:
+    data = objects.read_bytes(where) if isinstance(where, str) else where.read_bytes()
+    return hashlib.sha256(data).hexdigest()
+
+
+def segpipe(cluster: NetnsCluster, node: str, *args: str, env: dict[str, str] | None = None) -> Any:
+    """``segpipe ARGS`` on a node of the cluster (its namespaces, its disk), to its end."""
+    return cluster.run(cluster.nodes[node], [str(BIN / "segpipe"), *args], env=env, timeout=600)
+
+
+def summary_of(done: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    assert done.returncode == 0, done.stderr[-3000:]
+    return dict(json.loads(done.stdout))
+
+
+def listed(prefix: str) -> list[str]:
+    """Object keys under ``s3://bucket/prefix``."""
+    import obstore
+
+    url = objects.ObjectUrl.parse(prefix)
+    return [o["path"] for page in obstore.list(objects.store_for(url), prefix=url.key or None) for o in page]
+
+
+def task_ids(cluster: NetnsCluster) -> set[str]:
+    return {row["task_id"] for row in cluster.state("tasks")}
+
+
+def stage_tasks(cluster: NetnsCluster, before: set[str]) -> dict[str, dict[str, int]]:
+    """Stage -> node name -> finished Ray tasks, among the tasks the cluster ran since ``before``."""
+    names = cluster.node_ids()
+    found: dict[str, dict[str, int]] = {stage: collections.Counter() for stage in STAGE_TASKS}
+    for row in cluster.state("tasks", detail="true"):
+        if row["task_id"] in before:
+            continue
+        for stage, functions in STAGE_TASKS.items():
+            if row["name"] in functions:
+                assert row["state"] == "FINISHED", row
+                found[stage][names.get(row["node_id"], row["node_id"])] += 1
+    return {stage: dict(counts) for stage, counts in found.items()}
+
+
+def tiles_by_node(cluster: NetnsCluster, summary: dict[str, Any]) -> dict[str, int]:
+    names = cluster.node_ids()
+    return {names.get(node, node): tiles for node, tiles in summary["nodes"].items()}
+
+
+def test_a_scene_on_s3_is_segmented_on_both_nodes_into_the_local_bytes(
+    cluster: NetnsCluster, reference: dict[str, str]
+) -> None:
+    """The driver on the head (``--ray-address HEAD:6379``); segmenters, ingest, stitch and export on both nodes,
+    each fetching the model into its own disk's cache; only indices and stats cross the driver."""
+    before = task_ids(cluster)
+    done = segpipe(
+        cluster,
+        "head",
+        "run",
+        SCENE,
+        "s3://out/both/mask.tif",
+        "--probabilities",
+        "s3://out/both/probabilities.tif",
+        "--work-dir",
+        "s3://work/both",
+        *RUN,
+        "--ray-address",
+        cluster.gcs_address,
+        "--json",
+    )
+    summary = summary_of(done)
+    assert sha256("s3://out/both/mask.tif") == reference["mask"]
+    assert sha256("s3://out/both/probabilities.tif") == reference["probabilities"]
+
+    tiles = tiles_by_node(cluster, summary)
+    assert set(tiles) == {"head", "worker1"} and min(tiles.values()) > 0, tiles
+    assert sum(tiles.values()) == summary["tiles"]["computed"] > 100
+    stages = stage_tasks(cluster, before)
+    assert all(stages.values()), f"every stage ran as Ray tasks on the nodes: {stages}"
+    assert any(counts.get("worker1") for counts in stages.values()), stages
+    assert summary["driver_bytes"] < 100 * summary["tiles"]["total"], summary["driver_bytes"]
+
+    sha = summary["model"]["sha256"]
+    for node in cluster.nodes.values():
+        assert cluster.files(node, f"/tmp/home/.cache/segpipe/models/{sha}/rgb.safetensors"), node.name
+        assert not cluster.files(node, "/tmp/segpipe-*"), f"{node.name}: scratch folders left"
+    planted = cluster.run(cluster.head, ["touch", "/tmp/on-the-head-only"])
+    assert planted.returncode == 0 and not cluster.files(cluster.workers[0], "/tmp/on-the-head-only")
+
+
+def test_a_driver_outside_the_cluster_connects_through_ray_client(
+    cluster: NetnsCluster, reference: dict[str, str], tmp_path: Path
+) -> None:
+    """``ray://HEAD:10001`` from this machine, which is no node: the nodes segment from S3, and the outputs are
+    written here, on the driver's own disk (their pixels then cross the driver, and only then)."""
+    done = subprocess.run(
+        [
+            str(BIN / "segpipe"),
+            "run",
+            SCENE,
+            str(tmp_path / "mask.tif"),
+            "--probabilities",
+            str(tmp_path / "probabilities.tif"),
+            "--work-dir",
+            "s3://work/client",
+            *RUN,
+            "--ray-address",
+            cluster.client_address,
+            "--json",
+        ],
+        env=cluster.outside_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    summary = summary_of(done)
+    assert sha256(tmp_path / "mask.tif") == reference["mask"]
+    assert sha256(tmp_path / "probabilities.tif") == reference["probabilities"]
+    tiles = tiles_by_node(cluster, summary)
+    assert set(tiles) == {"head", "worker1"} and min(tiles.values()) > 0, tiles
+    mask_pixels = summary["scene"]["width"] * summary["scene"]["height"]
+    assert summary["driver_bytes"] >= mask_pixels, "the local outputs' pixels crossed the driver"
+
+
+@pytest.mark.parametrize("token", ["wrong", "missing"])
+def test_a_wrong_or_missing_token_is_one_line(cluster: NetnsCluster, token: str, tmp_path: Path) -> None:
+    """On a node with ``HEAD:6379`` and from outside with ``ray://``: exit status 2, one line, nothing written.
+    (Missing: no ``RAY_AUTH_TOKEN``, and a ``HOME`` without ``.ray/auth_token``.)"""
+    value = "0" * 64 if token == "wrong" else ""
+    want = {
+        "wrong": "error: the Ray cluster at {} refused this process's authentication token; use the cluster's token "
+        "(`ray get-auth-token` on its head) in RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH (a file) or ~/.ray/auth_token",
+        "missing": "error: no Ray authentication token to connect to the cluster at {}; put the cluster's token "
+        "(`ray get-auth-token` on its head) in RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH (a file) or ~/.ray/auth_token, "
+        "or set RAY_AUTH_MODE=disabled for a cluster started without authentication",
+    }[token]
+    args = ["run", SCENE, "s3://out/token/mask.tif", "--work-dir", "s3://work/token", *RUN]
+    on_node = segpipe(cluster, "head", *args, "--ray-address", cluster.gcs_address, env={"RAY_AUTH_TOKEN": value})
+    outside = subprocess.run(
+        [str(BIN / "segpipe"), *args, "--ray-address", cluster.client_address],
+        env=cluster.outside_env(RAY_AUTH_TOKEN=value, HOME=str(tmp_path)),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    for done, address in ((on_node, cluster.gcs_address), (outside, cluster.client_address)):
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.strip().splitlines() == [want.format(address)]
+    assert listed("s3://out/token/") == listed("s3://work/token/") == []
+
+
+@pytest.mark.parametrize(
+    ("option", "args"),
+    [
+        ("INPUT", ["/tmp/planted/RGB.byte.tif", "--model", MODEL, "--work-dir", "s3://work/planted"]),
+        ("--model", [SCENE, "--model", "/tmp/planted/rgb.safetensors", "--work-dir", "s3://work/planted"]),
+        ("--work-dir", [SCENE, "--model", MODEL, "--work-dir", "/tmp/planted/work"]),
+        ("--work-dir", [SCENE, "--model", MODEL]),  # none: a temporary folder on the driver's disk
+    ],
+    ids=["input", "model", "work-dir", "no-work-dir"],
+)
+def test_paths_only_the_driver_sees_are_refused_before_work_starts(
+    cluster: NetnsCluster, rgb_checkpoint: Path, option: str, args: list[str]
+) -> None:
+    """The scene and the model planted on the head's disk only (the driver reads them; the worker cannot)."""
+    head = cluster.head
+    for source in (DATA / "RGB.byte.tif", rgb_checkpoint, rgb_checkpoint.with_suffix(".json")):
+        cluster.put(head, source, f"/tmp/planted/{source.name}")
+    assert not cluster.files(cluster.workers[0], "/tmp/planted")
+    done = segpipe(
+        cluster,
+        "head",
+        "run",
+        args[0],
+        "s3://out/planted/mask.tif",
+        *args[1:],
+        "--tile-size",
+        "64",
+        "--no-prefect",
+        "--ray-address",
+        cluster.gcs_address,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"error: on a Ray cluster of several machines, {option} must be on object storage (s3://, gs://, az://) that "
+        "every node reads; the other machines cannot see this machine's files (see docs/cluster.md)"
+    ]
+    assert listed("s3://out/planted/") == listed("s3://work/planted/") == []
+    assert not cluster.files(head, "/tmp/planted/work/*"), "no work store on the driver's disk either"
+
+
+def test_declared_gpus_get_one_segmenter_each_and_the_cpu_head_none(cluster: NetnsCluster) -> None:
+    """Two more nodes started with ``--num-gpus 1`` (declared: there is no GPU here). A run's pool on this cluster:
+    one segmenter per GPU, each pinned by Ray to its node's GPU 0; none on the CPU-only head and worker. A run
+    with ``--device auto`` resolves to ``cuda`` and says in one line that the GPU node's torch has no CUDA."""
+    added = [cluster.add_node(name, cpus=1, gpus=1) for name in ("gpu1", "gpu2")]
+    try:
+        cluster.wait_for_nodes()
+        done = cluster.run(
+            cluster.head,
+            [sys.executable, str(Path(__file__).with_name("_placement.py")), cluster.gcs_address, MODEL],
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        placed = json.loads(done.stdout.strip().splitlines()[-1])
+        assert placed["device"] == "cuda" and placed["workers"] == 2
+        assert placed["resources"]["num_gpus"] == 1
+        names = cluster.node_ids()
+        held = collections.Counter(names[s["node"]] for s in placed["segmenters"])
+        assert held == {"gpu1": 1, "gpu2": 1}, f"one segmenter per GPU node, none on head or worker1: {held}"
+        for segmenter in placed["segmenters"]:
+            assert segmenter["gpu_ids"] == ["0"] and segmenter["cuda_visible_devices"] == "0", segmenter
+            assert segmenter["device"] == "cpu", "torch has no CUDA here: the model runs on the CPU"
+
+        run = segpipe(
+            cluster,
+            "head",
+            "run",
+            SCENE,
+            "s3://out/gpu/mask.tif",
+            "--work-dir",
+            "s3://work/gpu",
+            *RUN,
+            "--ray-address",
+            cluster.gcs_address,
+        )
+        assert run.returncode == 2, run.stderr
+        assert run.stderr.strip().splitlines() == [
+            "error: device 'cuda' was requested but this machine has no usable CUDA GPU; use 'cpu'"
+        ]
+    finally:
+        for node in added:
+            cluster.remove_node(node)
+    cluster.wait_for_nodes()
+
+
+def test_the_worker_lost_mid_run_the_run_finishes_on_the_head_with_the_same_bytes(
+    cluster: NetnsCluster, reference: dict[str, str]
+) -> None:
+    """The worker's raylet is killed (SIGKILL) while tiles are being computed: its segmenter's unfinished tiles go
+    to the head's, and the outputs are byte-identical to the reference."""
+    from segpipe.pipeline import store as ws
+
+    worker = cluster.workers[0]
+    work_dir = "s3://work/lost"
+    store_url = ws.store_url(work_dir, SCENE)
+    run = cluster.popen(
+        cluster.head,
+        [
+            str(BIN / "segpipe"),
+            "run",
+            SCENE,
+            "s3://out/lost/mask.tif",
+            "--probabilities",
+            "s3://out/lost/probabilities.tif",
+            "--work-dir",
+            work_dir,
+            *RUN,
+            "--batch-size",
+            "4",
+            "--ray-address",
+            cluster.gcs_address,
+            "--json",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_until(lambda: done_tiles(store_url) >= 16 or run.poll() is not None, timeout=300, what="16 tiles done")
+        assert run.poll() is None, "the run ended before the worker could be lost"
+        cluster.kill_raylet(worker)
+        out, err = run.communicate(timeout=600)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.communicate()
+        cluster.restart(worker)
+    summary = summary_of(subprocess.CompletedProcess(run.args, run.returncode, out, err))
+    assert sha256("s3://out/lost/mask.tif") == reference["mask"]
+    assert sha256("s3://out/lost/probabilities.tif") == reference["probabilities"]
+    tiles = tiles_by_node(cluster, summary)
+    assert tiles.get("head", 0) > 0 and summary["tiles"]["computed"] == sum(tiles.values()) > 16, tiles
+    cluster.wait_for_nodes()
+
+
+def done_tiles(store_url: str) -> int:
+    """Tiles marked done in the work store (0 while it does not exist)."""
+    import numpy as np
+
+    from segpipe.pipeline import store as ws
+
+    try:
+        return int(np.asarray(ws.WorkStore(store_url, mode="r").array(ws.DONE)[...]).sum())
+    except Exception:  # not created yet
+        return 0
