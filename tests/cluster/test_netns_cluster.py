@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from segpipe.core import objects
 from tests.cluster.netns import BIN, REPO, S3_ENV, NetnsCluster, namespaces_problem, netns_cluster, wait_until
@@ -380,3 +381,106 @@ def done_tiles(store_url: str) -> int:
         return int(np.asarray(ws.WorkStore(store_url, mode="r").array(ws.DONE)[...]).sum())
     except Exception:  # not created yet
         return 0
+
+
+def test_a_night_on_the_cluster_through_a_prefect_server_and_a_worker_on_the_head(
+    cluster: NetnsCluster, tmp_path: Path
+) -> None:
+    """The repository's prefect.yaml deployed from this machine to a ``prefect server`` on the head; a process
+    worker on the head (a Ray node: ``ray_address`` is ``HEAD:6379``) runs the triggered night: a folder of real
+    scenes on S3, segmented on both nodes, Items and a Collection beside the masks. The second night skips both."""
+    from tests.flows.test_prefect_deploy import api_get, prefect, stop_group, tail
+
+    objects.upload_file(DATA / "RGB.byte.tif", "s3://scenes/night/a.tif")
+    objects.upload_file(DATA / "lausanne-1091-322_00.tif", "s3://scenes/night/b.tif")
+    api = f"http://{cluster.head.ip}:4200/api"
+    config = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    config["pull"] = [{"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]
+    (deployment,) = config["deployments"]
+    deployment["parameters"] = {
+        "source": "s3://scenes/night/",
+        "output_dir": "s3://out/night/",
+        "options": {
+            "model": MODEL,
+            "work_dir": "s3://work/night/",
+            "ray_address": cluster.gcs_address,
+            "tile_size": 128,
+            "halo": 16,
+        },
+        "dataset": {"scenes_at_once": 1},
+    }
+    copy = tmp_path / "prefect.yaml"
+    copy.write_text(yaml.safe_dump(config, sort_keys=False))
+    pool, name = deployment["work_pool"]["name"], f"segment_dataset/{deployment['name']}"
+    operator = cluster.outside_env(PREFECT_API_URL=api, PREFECT_HOME=str(tmp_path / "prefect"), COLUMNS="250")
+    on_head = {"PREFECT_API_URL": api, "PREFECT_HOME": "/tmp/prefect-worker", "PREFECT_LOGGING_LEVEL": "INFO"}
+
+    with (tmp_path / "server.log").open("wb") as log:
+        server = cluster.popen(
+            cluster.head,
+            [str(BIN / "prefect"), "server", "start", "--host", cluster.head.ip, "--port", "4200"],
+            env={"PREFECT_HOME": "/tmp/prefect-server"},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        wait_until(
+            lambda: api_get(f"{api}/health") is True or server.poll() is not None,
+            timeout=180,
+            what="the Prefect server on the head",
+        )
+        assert server.poll() is None, tail(tmp_path / "server.log")
+        prefect(operator, "work-pool", "create", pool, "--type", "process")
+        prefect(operator, "--no-prompt", "deploy", "--all", "--prefect-file", str(copy))
+
+        def night(k: int) -> list[dict[str, Any]]:
+            """Trigger the deployment, run one worker on the head until the flow run ends; the night's table."""
+            run_id = prefect(operator, "deployment", "run", name).stdout.split("UUID:")[1].split()[0].strip()
+            with (tmp_path / f"worker{k}.log").open("wb") as log:
+                worker = cluster.popen(
+                    cluster.head,
+                    [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--run-once"],
+                    env=on_head,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            try:
+                final = wait_until(
+                    lambda: (
+                        (api_get(f"{api}/flow_runs/{run_id}") or {}).get("state_type")
+                        in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+                    ),
+                    timeout=480,
+                    what=f"night {k}'s flow run to end",
+                )
+                assert final and worker.wait(timeout=120) == 0, tail(tmp_path / f"worker{k}.log")
+            finally:
+                stop_group(worker)
+            state = api_get(f"{api}/flow_runs/{run_id}")
+            assert state["state_type"] == "COMPLETED", f"{state['state']}\n{tail(tmp_path / f'worker{k}.log')}"
+            table = api_get(f"{api}/artifacts/segpipe-night/latest")["data"]
+            return list(json.loads(table) if isinstance(table, str) else table)
+
+        first = night(1)
+        assert [(row["scene"], row["status"]) for row in first] == [("a", "done"), ("b", "done")], first
+        collection = json.loads(objects.read_bytes("s3://out/night/collection.json"))
+        items = sorted(link["href"] for link in collection["links"] if link["rel"] == "item")
+        assert items == ["./a.item.json", "./b.item.json"]
+        tiles: collections.Counter[str] = collections.Counter()
+        for scene in ("a", "b"):
+            tiles.update(
+                tiles_by_node(cluster, json.loads(objects.read_bytes(f"s3://out/night/{scene}.mask.summary.json")))
+            )
+        assert set(tiles) == {"head", "worker1"} and min(tiles.values()) > 0, tiles
+        etags = {scene: objects.head(f"s3://out/night/{scene}.mask.tif")["e_tag"] for scene in ("a", "b")}
+
+        second = night(2)
+        assert [(row["scene"], row["status"], row["reason"]) for row in second] == [
+            ("a", "skipped", "unchanged"),
+            ("b", "skipped", "unchanged"),
+        ], second
+        assert {scene: objects.head(f"s3://out/night/{scene}.mask.tif")["e_tag"] for scene in ("a", "b")} == etags
+    finally:
+        stop_group(server)
