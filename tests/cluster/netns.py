@@ -100,24 +100,8 @@ def namespaces_problem() -> str | None:
     probe = f"{PREFIX}-probe{os.getpid()}"
     try:
         _run("ip", "netns", "add", probe)
-        _run(
-            "ip",
-            "netns",
-            "exec",
-            probe,
-            "unshare",
-            "-m",
-            "--propagation",
-            "private",
-            "--",
-            "mount",
-            "-t",
-            "tmpfs",
-            "-o",
-            "size=1m",
-            "probe",
-            "/tmp",
-        )
+        private_tmp = "unshare -m --propagation private -- mount -t tmpfs -o size=1m probe /tmp"
+        _run("ip", "netns", "exec", probe, *private_tmp.split())
     except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
         return f"cannot make a network and mount namespace here: {str(exc).splitlines()[0][:200]}"
     finally:
@@ -182,6 +166,12 @@ def remove_namespaces(names: Sequence[str], link: str | None = None) -> None:
         )
 
 
+def _live_probe(name: str) -> bool:
+    """Whether ``name`` is the namespace of a :func:`namespaces_problem` whose process still runs."""
+    pid = name.removeprefix(f"{PREFIX}-probe")
+    return pid != name and pid.isdigit() and _start_time(int(pid)) is not None
+
+
 def clean_leftovers() -> list[str]:
     """Remove what clusters of dead owners left (their namespaces, processes and links); returns the namespaces
     removed. A namespace with the harness's prefix that no live owner's state file names is a leftover too."""
@@ -198,8 +188,9 @@ def clean_leftovers() -> list[str]:
             continue
         remove_namespaces(state["netns"], state.get("link"))
         removed += state["netns"]
+        shutil.rmtree(path.with_suffix(".logs"), ignore_errors=True)
         path.unlink(missing_ok=True)
-    strays = [n for n in _netns_names() if n.startswith(f"{PREFIX}-") and n not in live]
+    strays = [n for n in _netns_names() if n.startswith(f"{PREFIX}-") and n not in live and not _live_probe(n)]
     if strays:
         remove_namespaces(strays)
         removed += strays
@@ -304,7 +295,8 @@ class NetnsCluster:
         self.switch = f"{PREFIX}-{self.tag}-switch"
         self.subnet = ""
         self.s3_process: subprocess.Popen[bytes] | None = None
-        self.logs = Path(f"/var/tmp/{PREFIX}-{self.tag}-logs")  # the operator's files: ray start's output
+        #: Output of ``ray start`` and the S3 server (quoted in the errors when they fail); removed by :meth:`stop`.
+        self.logs = STATE_DIR / f"{self.tag}.logs"
         self._state = STATE_DIR / f"{self.tag}.json"
 
     # --- addresses ---------------------------------------------------------------------------------------------
@@ -430,20 +422,9 @@ class NetnsCluster:
         s3 = self._new_netns("s3")
         self._plug(s3, "s3", S3_HOST)
         with (self.logs / "s3.log").open("wb") as log:
+            address = ["-H", f"{self.subnet}.{S3_HOST}", "-p", str(S3_PORT)]
             self.s3_process = subprocess.Popen(
-                [
-                    "ip",
-                    "netns",
-                    "exec",
-                    s3,
-                    str(BIN / "moto_server"),
-                    "-H",
-                    f"{self.subnet}.{S3_HOST}",
-                    "-p",
-                    str(S3_PORT),
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
+                ["ip", "netns", "exec", s3, str(BIN / "moto_server"), *address], stdout=log, stderr=subprocess.STDOUT
             )
         wait_until(self._s3_answers, timeout=60, what=f"the S3 server at {self.s3_url}")
         return self
@@ -467,7 +448,8 @@ class NetnsCluster:
     def add_node(self, name: str, *, cpus: int = 1, gpus: int = 0, head: bool = False) -> Node:
         """A new machine on the segment (its namespaces, its own /tmp and /dev/shm) running a Ray node: the head
         (GCS, dashboard, Ray Client server) or a worker that joins the head."""
-        number = len(self.nodes) + 1
+        taken = {n.ip for n in self.nodes.values()}
+        number = next(k for k in range(1, S3_HOST) if f"{self.subnet}.{k}" not in taken)
         node = Node(name, self._new_netns(name), "", cpus=cpus, gpus=gpus, head=head)
         node.ip = self._plug(node.netns, name, number)
         self.nodes[name] = node
@@ -488,41 +470,24 @@ class NetnsCluster:
 
     def ray_start_argv(self, node: Node) -> list[str]:
         """``ray start`` as an operator runs it on ``node``'s machine."""
-        argv = [
-            str(BIN / "ray"),
-            "start",
-            "--node-ip-address",
-            node.ip,
-            "--num-cpus",
-            str(node.cpus),
-            "--num-gpus",
-            str(node.gpus),
-            "--object-store-memory",
-            str(OBJECT_STORE_BYTES),
-            "--disable-usage-stats",
-        ]
+        argv = [str(BIN / "ray"), "start", "--node-ip-address", node.ip, "--num-cpus", str(node.cpus), "--num-gpus",
+                str(node.gpus), "--object-store-memory", str(OBJECT_STORE_BYTES), "--disable-usage-stats"]  # fmt: skip
         if node.head:
-            return [
-                *argv,
-                "--head",
-                "--port",
-                str(GCS_PORT),
-                "--ray-client-server-port",
-                str(CLIENT_PORT),
-                "--dashboard-host",
-                node.ip,
-                "--dashboard-port",
-                str(DASHBOARD_PORT),
-            ]
+            ports = ["--port", str(GCS_PORT), "--ray-client-server-port", str(CLIENT_PORT), "--dashboard-port",
+                     str(DASHBOARD_PORT)]  # fmt: skip
+            return [*argv, "--head", *ports, "--dashboard-host", node.ip]
         return [*argv, "--address", self.gcs_address]
 
     def start_ray(self, node: Node) -> None:
         """Run ``ray start`` on ``node`` (it returns once the node's servers run in the background)."""
         log = self.logs / f"ray-start-{node.name}.log"
+        # Ray Client starts a server process per client on the head and gives it 30 s to answer: not always enough
+        # on a 2-core machine that runs the whole cluster (seen under load as "Initialization failure from server")
+        slow_machine = {"RAY_CLIENT_SERVER_CHECK_CHANNEL_TIMEOUT_S": "120"} if node.head else {}
         with log.open("ab") as sink:
             done = subprocess.run(
                 [*node.enter(), *self.ray_start_argv(node)],
-                env=self.node_env(),
+                env=self.node_env(**slow_machine),
                 cwd=REPO,
                 stdout=sink,
                 stderr=subprocess.STDOUT,
@@ -599,6 +564,7 @@ class NetnsCluster:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.s3_process.wait(timeout=30)
         self.netns = []
+        shutil.rmtree(self.logs, ignore_errors=True)
         self._state.unlink(missing_ok=True)
         _LIVE.discard(self)
 
