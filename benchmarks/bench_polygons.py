@@ -17,7 +17,7 @@
    blocks) and union at the end; any class that covers a scene in one connected piece (a background class) does the
    same. Without water no polygon spans the mask, and memory is bounded by a row of blocks and the polygons crossing
    it.
-3. **Polygonising**: :func:`segpipe.pipeline.polygons.write_vector` (what ``--vector`` runs after the mask is
+3. **Polygonising**: :func:`segpipe.pipeline.sinks.vector.write_vector` (what ``--vector`` runs after the mask is
    written: GDAL's polygoniser block by block, cut polygons grouped and each unioned once, features written to a
    GeoPackage in batches) in a fresh process per mask. Time of the call, features written, the file's size, and
    memory: the process's peak RSS (VmHWM) and its RSS before the call (the imports: numpy, rasterio, shapely,
@@ -143,7 +143,7 @@ def build_mask(source: Path, side: int, scratch: Path, *, drop: int | None = Non
 
 def worker(mask: str, output: str, block: int) -> dict[str, Any]:
     """In a fresh process: ``write_vector`` of ``mask`` into ``output``, timed, with this process's memory."""
-    from segpipe.pipeline.polygons import write_vector
+    from segpipe.pipeline.sinks.vector import write_vector
 
     before = _status_kib("VmRSS")
     started = time.perf_counter()

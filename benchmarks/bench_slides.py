@@ -233,7 +233,7 @@ def tissue_worker(path: str, resolutions: list[float], tile: int) -> dict[str, A
     """In a fresh process: the tissue detection a run does, timed, with the background tiles per grid."""
     started = time.perf_counter()
     from segpipe.core.pyramid import plan_read
-    from segpipe.pipeline.read import Selection
+    from segpipe.pipeline.scene import Selection
     from segpipe.pipeline.sources.slide import SlideSource
 
     imported = time.perf_counter()

@@ -3,7 +3,7 @@
 :func:`fit_scene` takes the description of the whole file and the model's metadata and returns a :class:`SceneFit`:
 
 - the bands (:func:`segpipe.core.bands.match_bands`: ``--bands``, else by the bands' names, else in order) and
-  ``--nodata``, as the scene's :class:`~segpipe.pipeline.read.Selection` (ingest then reads only those bands);
+  ``--nodata``, as the scene's :class:`~segpipe.pipeline.scene.Selection` (ingest then reads only those bands);
 - the pixel map (:class:`~segpipe.core.pixels.PixelMap`): ``--scaling`` when given; else, when the scene's dtype
   does not fit the model's input contract (:class:`~segpipe.models.metadata.InputContract`), the contract's
   scaling, or one clear error when the contract says ``refuse``; a percentile stretch is computed here from a
@@ -28,7 +28,8 @@ from segpipe.core.bands import BandMatch, match_bands, scene_band_names
 from segpipe.core.errors import ConfigError, InputError, ModelError
 from segpipe.core.pixels import PixelMap, Scaling, fits, pixel_map
 from segpipe.core.pyramid import parse_resolution, plan_read
-from segpipe.pipeline.read import SceneInfo, Selection, open_source, sample_scene
+from segpipe.pipeline.read import open_source, sample_scene
+from segpipe.pipeline.scene import SceneInfo, Selection
 
 if TYPE_CHECKING:
     from segpipe.models.metadata import ModelMetadata

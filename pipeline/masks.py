@@ -17,7 +17,7 @@ from segpipe.pipeline.store import MASK_NODATA, PROBABILITY_NODATA, PROBABILITY_
 
 def _open_lazy(path: str) -> Any:
     """The COG at ``path`` as a dask-backed DataArray (band, y, x), one dask chunk per block."""
-    import rioxarray
+    import rioxarray  # lazy: the optional xarray extra
 
     with open_raster(path, role="mask", hint="give a mask COG that segpipe wrote") as src:
         rows, cols = src.block_shapes[0]

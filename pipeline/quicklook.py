@@ -17,7 +17,8 @@ from segpipe.core.errors import InputError
 from segpipe.core.pixels import stretch
 from segpipe.core.raster import open_raster
 from segpipe.core.tiles import Window
-from segpipe.pipeline.read import Selection, open_source
+from segpipe.pipeline.read import open_source
+from segpipe.pipeline.scene import Selection
 
 
 def _shape(width: int, height: int, max_size: int) -> tuple[int, int]:

@@ -34,7 +34,7 @@ _API = ("Session", "open_mask", "segment", "segment_dataset")
 
 def __getattr__(name: str) -> Any:
     if name in _API:
-        from segpipe import api
+        from segpipe import api  # lazy: the API loads the pipeline and torch (2.5 s); segpipe.core users need none
 
         return getattr(api, name)
     raise AttributeError(f"module 'segpipe' has no attribute {name!r}")

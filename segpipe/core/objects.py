@@ -23,7 +23,12 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import obstore
+from obstore.exceptions import AlreadyExistsError
+from obstore.store import AzureStore, GCSStore, S3Store
+
 from segpipe.core.errors import InputError, OutputError
+from segpipe.core.files import atomic_output
 from segpipe.core.secrets import redact_tree
 
 if TYPE_CHECKING:
@@ -120,8 +125,6 @@ def store_for(url: str | ObjectUrl, *, prefix: bool = False) -> Any:
         url: An object-storage URL.
         prefix: Root the store at the URL's key (for a zarr group), instead of at the bucket.
     """
-    from obstore.store import AzureStore, GCSStore, S3Store
-
     parsed = url if isinstance(url, ObjectUrl) else ObjectUrl.parse(url)
     root = (parsed.key or None) if prefix else None
     if parsed.scheme == "s3":
@@ -150,8 +153,6 @@ def read_bytes(url: str) -> bytes:
     Raises:
         InputError: it does not exist or cannot be read (after the retries).
     """
-    import obstore
-
     parsed = ObjectUrl.parse(url)
     try:
         return bytes(obstore.get(store_for(parsed), parsed.key).bytes())
@@ -163,8 +164,6 @@ def read_bytes(url: str) -> bytes:
 
 def head(url: str) -> dict[str, Any] | None:
     """Size, ETag and modification time of one object, or None when it does not exist."""
-    import obstore
-
     parsed = ObjectUrl.parse(url)
     try:
         meta = obstore.head(store_for(parsed), parsed.key)
@@ -182,8 +181,6 @@ def upload_file(local: str | Path, url: str) -> None:
     Raises:
         OutputError: the upload failed after the retries.
     """
-    import obstore
-
     parsed = ObjectUrl.parse(url)
     try:
         with open(local, "rb") as f:
@@ -203,9 +200,6 @@ def write_bytes(url: str, data: bytes | str, *, create_only: bool = False) -> bo
     Raises:
         OutputError: the write failed after the retries.
     """
-    import obstore
-    from obstore.exceptions import AlreadyExistsError
-
     parsed = ObjectUrl.parse(url)
     payload = data.encode("utf-8") if isinstance(data, str) else data
     try:
@@ -225,8 +219,6 @@ def write_json(url: str, data: Any) -> None:
 
 def delete(url: str) -> None:
     """Delete one object (nothing happens when it does not exist)."""
-    import obstore
-
     parsed = ObjectUrl.parse(url)
     try:
         obstore.delete(store_for(parsed), parsed.key)
@@ -238,8 +230,6 @@ def delete(url: str) -> None:
 
 def download(url: str, local: str | Path) -> Path:
     """Copy one object to a local file, atomically (a hidden temporary name, then a rename)."""
-    from segpipe.core.files import atomic_output
-
     target = Path(local)
     target.parent.mkdir(parents=True, exist_ok=True)
     data = read_bytes(url)
