@@ -37,9 +37,9 @@ from segpipe.pipeline.night import (
     night_report,
     plan_night,
     prepare_folders,
+    rebuild_collection,
     run_night,
-    segment_scene,
-    write_collection,
+    segment_job,
 )
 from segpipe.pipeline.session import Session
 from segpipe.pipeline.settings import DatasetOptions, RunOptions
@@ -62,7 +62,7 @@ def _no_retry_for_bad_input(task_: Any, task_run: Any, state: Any) -> bool:
 def segment_one(job: SceneJob, output_dir: str, session: Session, loaded: LoadedModel) -> dict[str, Any]:
     """Segment one scene of the data set (its stages as tasks) and write its STAC Item; returns its row of the
     night's report, and publishes it as an artifact."""
-    row, summary = segment_scene(job, output_dir, session, loaded, wrap=as_task)
+    row, summary = segment_job(job, output_dir, session, loaded, wrap=as_task)
     _scene_artifact(job, row, summary)
     return row
 
@@ -153,7 +153,7 @@ def segment_dataset(
             return row
 
         rows = run_night(jobs, segment, at_once=dataset.scenes_at_once)
-    write_collection(output_dir, source)
+    rebuild_collection(output_dir, source)
     report = night_report(rows, source, output_dir, time.perf_counter() - started)
     try:
         _night_artifacts(report)

@@ -21,7 +21,7 @@ from segpipe.pipeline.infer import ModelSpec
 from segpipe.pipeline.merge import merger_type
 from segpipe.pipeline.recipe import Recipe
 from segpipe.pipeline.session import Session
-from segpipe.pipeline.tile import plan_tiles, work_units
+from segpipe.pipeline.tile import TilePlan, plan_tiles, work_units
 
 log = logging.getLogger(__name__)
 
@@ -94,26 +94,12 @@ def run_inference(
                 store, grid, recipe, model, classes=classes, session=own, workers=workers, progress=progress
             )
     start = time.perf_counter()
-    key = recipe.digest()
-    reusable = store.prepare_run(
-        key,
-        grid,
-        classes,
-        probabilities=recipe.probabilities,
-        tile_probabilities=merger_type(recipe.blend).tile_probabilities,
-    )
-    damaged = recheck_done(store, grid, recipe) if reusable else []
-    plan = plan_tiles(store, grid, recipe.batch_size)
-    session.driver_bytes += 9 * len(grid)  # the driver read valid_pixels (int64) and done (uint8) per tile
-    if progress:
-        progress(plan.skipped_nodata + plan.reused)
-    if reusable and not plan.batches:
-        log.info("all tiles already done in %s", store.url)
+    plan, damaged = _resume(store, grid, recipe, classes, session, progress)
     device = session.device(model.device)
     n_workers, threads, resources = session.plan_pool(device, workers)
     spec = replace(model, device=device, threads=threads if session.uses_ray else model.threads)
-    stats = _segment(session, spec, store.url, recipe, plan.batches, n_workers, resources, progress)
-    store.finish_run(key)
+    stats = _run_units(session, spec, store.url, recipe, plan.batches, n_workers, resources, progress)
+    store.finish_run(recipe.digest())
     return InferResult(
         tiles_total=len(grid),
         tiles_skipped_nodata=plan.skipped_nodata,
@@ -127,7 +113,35 @@ def run_inference(
     )
 
 
-def _segment(
+def _resume(
+    store: ws.WorkStore,
+    grid: TileGrid,
+    recipe: Recipe,
+    classes: int,
+    session: Session,
+    progress: Callable[[int], Any] | None,
+) -> tuple[TilePlan, list[tuple[int, int]]]:
+    """Prepare the store for the recipe's results (earlier ones kept when they were made by the same recipe of the
+    same scene, then checked), and plan the batches of the tiles still to compute; returns the plan and the tiles
+    found damaged."""
+    reusable = store.prepare_run(
+        recipe.digest(),
+        grid,
+        classes,
+        probabilities=recipe.probabilities,
+        tile_probabilities=merger_type(recipe.blend).tile_probabilities,
+    )
+    damaged = recheck_done(store, grid, recipe) if reusable else []
+    plan = plan_tiles(store, grid, recipe.batch_size)
+    session.driver_bytes += 9 * len(grid)  # the driver read valid_pixels (int64) and done (uint8) per tile
+    if progress:
+        progress(plan.skipped_nodata + plan.reused)
+    if reusable and not plan.batches:
+        log.info("all tiles already done in %s", store.url)
+    return plan, damaged
+
+
+def _run_units(
     session: Session,
     spec: ModelSpec,
     store_url: str,

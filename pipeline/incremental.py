@@ -24,7 +24,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-import segpipe
+from segpipe.core.version import VERSION
 from segpipe.pipeline.recipe import Recipe
 
 
@@ -55,7 +55,7 @@ def output_key(
 ) -> OutputKey:
     """The key of an output made of the scene with fingerprint ``scene`` by ``recipe``; ``vector``: how its
     polygons are made (None: none are); ``cog``: the COG creation options given (``--co``)."""
-    settings = {**recipe.settings(), "segpipe": segpipe.__version__, "vector": vector, "cog": dict(cog or {})}
+    settings = {**recipe.settings(), "segpipe": VERSION, "vector": vector, "cog": dict(cog or {})}
     return OutputKey(scene, recipe.model, settings)
 
 

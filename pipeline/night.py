@@ -5,7 +5,7 @@ decides, from the key its outputs would be made with (:func:`segpipe.pipeline.pl
 in its summary (:func:`segpipe.pipeline.incremental.decide`), whether to segment it and why. :func:`run_night`
 segments the scenes to do, some at once, each through the caller's ``segment`` (the Prefect flow
 :func:`segpipe.flows.dataset.segment_dataset` passes a task with retries; a plain call passes
-:func:`segment_scene`), and keeps going when one fails. :func:`night_report` is what the night did, one row per
+:func:`segment_job`), and keeps going when one fails. :func:`night_report` is what the night did, one row per
 scene. Nothing here knows Prefect.
 
 A whole-slide image's mask is a pyramidal OME-TIFF (``<scene>.mask.ome.tif``), every other scene's a COG
@@ -130,7 +130,7 @@ def plan_night(
     return jobs
 
 
-def segment_scene(
+def segment_job(
     job: SceneJob, output_dir: str, session: Session, loaded: LoadedModel, *, wrap: Callable[[Stage], Stage]
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Segment one scene of the night on the night's session and write its STAC Item; returns its row of the
@@ -211,7 +211,7 @@ def night_report(rows: Sequence[dict[str, Any]], source: str, output_dir: str, s
     }
 
 
-def write_collection(output_dir: str, source: str) -> None:
+def rebuild_collection(output_dir: str, source: str) -> None:
     """The output folder's STAC Collection, rebuilt from every Item in it, whenever it holds one (also when no scene
     was done this night: the night before may have been killed before its Collection)."""
     items = stac.read_items(output_dir)

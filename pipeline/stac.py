@@ -31,8 +31,9 @@ from pystac.extensions.raster import DataType, RasterBand, RasterExtension
 from rasterio.crs import CRS
 from rasterio.warp import transform_geom
 
-import segpipe
+from segpipe.core.errors import SegpipeError
 from segpipe.core.location import Location
+from segpipe.core.version import VERSION
 from segpipe.pipeline.scene import is_slide_name
 
 PROCESSING_EXTENSION = "https://stac-extensions.github.io/processing/v1.2.0/schema.json"
@@ -126,7 +127,7 @@ def _item(
         datetime=when,
         properties={
             "created": dt.datetime.now(dt.UTC).isoformat().replace("+00:00", "Z"),
-            "processing:software": {"segpipe": segpipe.__version__},
+            "processing:software": {"segpipe": VERSION},
             "segpipe:model": {k: model[k] for k in ("name", "architecture", "sha256")},
             "segpipe:key": summary["key"]["digest"],
             "segpipe:class_shares": summary["class_histogram"],
@@ -197,7 +198,7 @@ def _file_meta(asset: pystac.Asset, href: str) -> None:
     """The file extension's checksum (SHA-256 multihash) and size of an output that can be read."""
     try:
         data = Location(href).read_bytes()
-    except segpipe.SegpipeError:
+    except SegpipeError:
         return
     file = FileExtension.ext(asset, add_if_missing=True)
     file.checksum, file.size = "1220" + hashlib.sha256(data).hexdigest(), len(data)

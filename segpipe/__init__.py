@@ -13,6 +13,7 @@ The import namespace, from the ground up (each layer imports only the layers lis
 from typing import Any
 
 from segpipe.core.errors import ConfigError, InputError, ModelError, OutputError, SegpipeError
+from segpipe.core.version import VERSION
 
 __all__ = [
     "ConfigError",
@@ -25,7 +26,7 @@ __all__ = [
     "segment",
     "segment_dataset",
 ]
-__version__ = "0.1.0"
+__version__ = VERSION
 
 #: The Python API (:mod:`segpipe.api`), imported when first used: a Ray worker or the CLI importing
 #: ``segpipe.core`` must not load the pipeline, torch and xarray for it.
