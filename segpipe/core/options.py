@@ -58,6 +58,21 @@ def option(
     return dataclasses.field(default=default, metadata=meta)
 
 
+def same_option(cls: type, name: str) -> Any:
+    """A dataclass field declared as the option ``name`` of ``cls`` is: the same default, help and spelling, for an
+    option that several commands take (``--model``), so that it is stated once.
+
+    Raises:
+        TypeError: ``cls`` has no option field ``name``.
+    """
+    for f in dataclasses.fields(cls):
+        if f.name == name and "option" in f.metadata:
+            if f.default_factory is not dataclasses.MISSING:
+                return dataclasses.field(default_factory=f.default_factory, metadata=f.metadata)
+            return dataclasses.field(default=f.default, metadata=f.metadata)
+    raise TypeError(f"{cls.__name__} has no option field {name!r}")
+
+
 @dataclass(frozen=True)
 class OptionField:
     """A field of a configuration class seen as an option: name, type, default and :class:`Option`."""
