@@ -15,7 +15,7 @@ Records to ``benchmarks/results/gpu.json`` (``--out``):
    shipped model, the same with the null model (the pipeline's own ceiling with all cores), and the I/O floor.
    GPU busy share: ``nvidia-smi``'s utilisation sampled every 0.2 s during the shipped model's run, and the
    segmenters' compute seconds (CUDA-synchronised) over the infer stage's.
-4. **Training on CUDA**: a few optimizer steps of ``segpipe train``'s loop (``models.training.loop.train``) on
+4. **Training on CUDA**: a few optimizer steps of ``segpipe train``'s loop (``segpipe.models.training.loop.train``) on
    the Dubai pair in ``tests/data/dubai``, with the precision it picks; seconds per step and the losses.
 
 Exit status 1 when a check fails. Without a GPU the full check refuses to start (use ``--cpu-sized``).
