@@ -96,8 +96,7 @@ def build_scene(source: Path, side: int, scratch: Path, *, window: int = 2048, b
     Returns:
         ``(path, reused)``.
     """
-    import rasterio
-    from rasterio.windows import Window
+    import rasterio  # lazy: measured workers import this module (see its docstring)
 
     scratch.mkdir(parents=True, exist_ok=True)
     path = scratch / f"{source.stem}-mirror-{side}x{side}.tif"
@@ -117,16 +116,29 @@ def build_scene(source: Path, side: int, scratch: Path, *, window: int = 2048, b
                 return path, True
     with rasterio.open(source) as src:
         data = src.read()
-        crs, transform, dtype, count = src.crs, src.transform, src.dtypes[0], src.count
-    _, height, width = data.shape
+        profile = _scene_profile(src, side, block)
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.unlink(missing_ok=True)
+    try:
+        _write_mirrored(tmp, data, profile, window)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    sidecar.write_text(json.dumps(spec, indent=2) + "\n")
+    return path, False
+
+
+def _scene_profile(src: Any, side: int, block: int) -> dict[str, Any]:
+    """The GeoTIFF profile of a ``side`` x ``side`` scene with the bands, CRS and transform of the open ``src``:
+    tiled in ``block`` px, DEFLATE with horizontal predictor (lossless)."""
     profile = {
         "driver": "GTiff",
         "width": side,
         "height": side,
-        "count": count,
-        "dtype": dtype,
-        "crs": crs,
-        "transform": transform,
+        "count": src.count,
+        "dtype": src.dtypes[0],
+        "crs": src.crs,
+        "transform": src.transform,
         "tiled": True,
         "blockxsize": block,
         "blockysize": block,
@@ -136,25 +148,27 @@ def build_scene(source: Path, side: int, scratch: Path, *, window: int = 2048, b
         "bigtiff": "IF_SAFER",
         "num_threads": "ALL_CPUS",
     }
-    if count == 3:
+    if src.count == 3:
         profile["photometric"] = "RGB"
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.unlink(missing_ok=True)
-    try:
-        with rasterio.open(tmp, "w", **profile) as dst:
-            for r0 in range(0, side, window):
-                rows = mirror_indices(r0, min(window, side - r0), height)
-                for c0 in range(0, side, window):
-                    cols = mirror_indices(c0, min(window, side - c0), width)
-                    dst.write(
-                        data[:, rows[:, None], cols[None, :]],
-                        window=Window(c0, r0, len(cols), len(rows)),
-                    )
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    sidecar.write_text(json.dumps(spec, indent=2) + "\n")
-    return path, False
+    return profile
+
+
+def _write_mirrored(path: Path, data: np.ndarray, profile: dict[str, Any], window: int) -> None:
+    """Write the endless mirror tiling of ``data`` (bands, h, w) onto the profile's grid, ``window`` px at a time."""
+    import rasterio  # lazy: measured workers import this module (see its docstring)
+    from rasterio.windows import Window  # lazy: as rasterio
+
+    side = profile["width"]
+    _, height, width = data.shape
+    with rasterio.open(path, "w", **profile) as dst:
+        for r0 in range(0, side, window):
+            rows = mirror_indices(r0, min(window, side - r0), height)
+            for c0 in range(0, side, window):
+                cols = mirror_indices(c0, min(window, side - c0), width)
+                dst.write(
+                    data[:, rows[:, None], cols[None, :]],
+                    window=Window(c0, r0, len(cols), len(rows)),
+                )
 
 
 # --------------------------------------------------------------------------------------------------- memory
