@@ -8,6 +8,7 @@ default and help per option, wherever it is used.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import tomllib
@@ -129,8 +130,6 @@ def _plain(value: Any) -> Any:
 
 def whole_number(text: str) -> int:
     """argparse type: an integer >= 0."""
-    import argparse
-
     try:
         value = int(text)
     except ValueError:
@@ -170,8 +169,6 @@ def add_arguments(
     Returns:
         The fields added, for :func:`given`.
     """
-    import argparse
-
     added = []
     for f in options_of(cls):
         if (only is not None and f.name not in only) or f.name in exclude:
@@ -245,7 +242,7 @@ def read_options_file(path: str) -> dict[str, Any]:
         elif suffix == ".json":
             data = json.loads(text)
         else:
-            import yaml  # only for YAML files: not loaded by every command
+            import yaml  # lazy: YAML files only (pyyaml, 0.02 s, comes with prefect)
 
             data = yaml.safe_load(text)
     except (ValueError, tomllib.TOMLDecodeError) as exc:
