@@ -1,5 +1,8 @@
 """``segpipe run`` (one scene), ``segpipe dataset`` (every scene of a folder, now) and ``segpipe serve`` (the same
-on a cron schedule). Their run options come from :class:`~segpipe.pipeline.settings.RunOptions`."""
+on a cron schedule). Their run options come from :class:`~segpipe.pipeline.settings.RunOptions` (and
+:class:`~segpipe.pipeline.settings.DatasetOptions`, :class:`~segpipe.pipeline.settings.ScheduleOptions`), ``--config``
+from :class:`ConfigFile`, and ``run``'s own flags from :class:`RunCommandOptions` and
+:class:`~segpipe.cli.options.Printing`."""
 
 from __future__ import annotations
 
