@@ -85,10 +85,10 @@ class ModelInitOptions:
         return tuple(str(b) for b in bands)
 
     def dtype(self) -> np.dtype:
-        """The numpy dtype of ``--input-dtype``.
+        """The numpy dtype of ``--input-dtype`` (given).
 
         Raises:
-            ConfigError: not a numpy dtype name, or not given.
+            ConfigError: not a numpy dtype name.
         """
         try:
             return np.dtype(self.input_dtype)
@@ -124,8 +124,9 @@ class ModelInitOptions:
         return resolution
 
     def missing(self) -> list[str]:
-        """The flags of what the model cannot say and the options do not, in the order they are asked for."""
-        return ["--" + name.replace("_", "-") for name in USER_STATED if getattr(self, name) is None]
+        """The flags of what the model cannot say and the options do not (or leave empty), in the order they are
+        asked for."""
+        return ["--" + name.replace("_", "-") for name in USER_STATED if not getattr(self, name)]
 
 
 def check_model_file(model: Path) -> None:
