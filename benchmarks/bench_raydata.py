@@ -44,8 +44,8 @@ class _Read:
         self.scene, self.grid, self.mean, self.std = scene, grid, mean, std
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from segpipe.core.pixels import normalise
-        from segpipe.pipeline.tile_reader import SceneTiles
+        from segpipe.core.pixels import normalise  # lazy: timed, in run_raydata's validate
+        from segpipe.pipeline.tile_reader import SceneTiles  # lazy: timed, in run_raydata's validate
 
         reader = SceneTiles(self.scene)
         try:
@@ -63,7 +63,7 @@ class _Segment:
     """Ray Data actor body: the model (a segpipe segmenter) runs each batch and aggregates it into the store."""
 
     def __init__(self, spec: Any, job: Any) -> None:
-        from segpipe.pipeline.infer import TileSegmenter
+        from segpipe.pipeline.infer import TileSegmenter  # lazy: timed, in run_raydata's validate
 
         self.segmenter = TileSegmenter(spec)
         self.segmenter._open(job)
@@ -81,15 +81,15 @@ class _Segment:
 def run_raydata(scene: str, model: str, out: str, work: str) -> dict[str, Any]:
     """The Ray Data method, in this process; returns its stage seconds."""
     t0 = time.perf_counter()
-    import ray
+    import ray  # lazy: timed, in run_raydata's validate
 
-    from segpipe.pipeline import store as ws
-    from segpipe.pipeline.infer import InferJob
-    from segpipe.pipeline.ingest import index_scene
-    from segpipe.pipeline.plan import make_plan
-    from segpipe.pipeline.session import ModelSpec, Session
-    from segpipe.pipeline.settings import RunSettings
-    from segpipe.pipeline.tile import plan_tiles
+    from segpipe.pipeline import store as ws  # lazy: timed, in run_raydata's validate
+    from segpipe.pipeline.infer import InferJob  # lazy: timed, in run_raydata's validate
+    from segpipe.pipeline.ingest import index_scene  # lazy: timed, in run_raydata's validate
+    from segpipe.pipeline.plan import make_plan  # lazy: timed, in run_raydata's validate
+    from segpipe.pipeline.session import ModelSpec, Session  # lazy: timed, in run_raydata's validate
+    from segpipe.pipeline.settings import RunSettings  # lazy: timed, in run_raydata's validate
+    from segpipe.pipeline.tile import plan_tiles  # lazy: timed, in run_raydata's validate
 
     plan = make_plan(RunSettings(input=scene, output=out, model=model, ingest="never", overwrite=True))
     meta_mean, meta_std = _normalisation(plan.model.path)
@@ -129,7 +129,7 @@ def run_raydata(scene: str, model: str, out: str, work: str) -> dict[str, Any]:
 
 
 def _normalisation(path: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    from segpipe.models.metadata import find_metadata, read_metadata
+    from segpipe.models.metadata import find_metadata, read_metadata  # lazy: timed, in run_raydata's validate
 
     meta = read_metadata(find_metadata(path))
     return tuple(meta.mean), tuple(meta.std)

@@ -30,9 +30,12 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from segpipe.core.colours import parse_colour
 from segpipe.core.errors import ModelError
 from segpipe.core.files import write_json_atomically
+from segpipe.core.objects import is_object_url, read_bytes
 from segpipe.core.pixels import Scaling
 from segpipe.core.pyramid import Resolution
 
@@ -171,8 +174,6 @@ class InputContract:
     scaling: str = "refuse"
 
     def __post_init__(self) -> None:
-        import numpy as np
-
         try:
             np.dtype(self.dtype)
         except TypeError:
@@ -208,8 +209,6 @@ def input_contract(dtype: Any) -> InputContract:
     """The contract of a model trained on imagery of ``dtype``: integer imagery's full range (uint8: 0..255); a
     scene of another dtype is stretched per band (2-98 % percentiles) onto that range for 8-bit models, whose
     training imagery was itself display-stretched, and refused for others (their scaling must be stated)."""
-    import numpy as np
-
     kind = np.dtype(dtype)
     if np.issubdtype(kind, np.integer):
         info = np.iinfo(kind)
@@ -409,8 +408,6 @@ def read_metadata(path: str | Path) -> ModelMetadata:
     Raises:
         ModelError: If the file is missing, is not JSON, or a field is invalid.
     """
-    from segpipe.core.objects import is_object_url, read_bytes
-
     if is_object_url(str(path)):
         try:
             text = read_bytes(str(path)).decode("utf-8")
