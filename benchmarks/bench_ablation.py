@@ -80,7 +80,7 @@ import torch
 
 from benchmarks.bench_models import machine
 from benchmarks.bench_recipes import CLASSES, REPO
-from segpipe.core.files import write_json_atomically
+from segpipe.core.location import Location
 from segpipe.core.runtime import retain_freed_memory
 from segpipe.models.data import split_folders
 from segpipe.models.registry import build_model
@@ -651,7 +651,7 @@ class Ledger:
             steps=self.steps,
             failed=self.failed,
         )
-        write_json_atomically(self.out, report)
+        Location(self.out).write_json(report)
 
     def record(self, spec: RunSpec, future: Future[dict[str, Any]], planned: Sequence[RunSpec]) -> None:
         """Record a finished run (or its failure: one run's failure must not lose the others' results)."""

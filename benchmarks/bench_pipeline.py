@@ -759,9 +759,9 @@ def plan_setup(scene: Path, model: str, device: str, plain_allocator: bool = Fal
     return Setup(
         scene=str(scene),
         model=model,
-        tile_size=plan.tile_size,
-        halo=plan.halo,
-        batch_size=plan.batch_size,
+        tile_size=plan.recipe.tile_size,
+        halo=plan.recipe.halo,
+        batch_size=plan.recipe.batch_size,
         width=plan.scene.width,
         height=plan.scene.height,
         bands=plan.scene.count,

@@ -62,11 +62,11 @@ class _Read:
 class _Segment:
     """Ray Data actor body: the model (a segpipe segmenter) runs each batch and aggregates it into the store."""
 
-    def __init__(self, spec: Any, job: Any) -> None:
+    def __init__(self, spec: Any, store_url: str, recipe: Any) -> None:
         from segpipe.pipeline.infer import TileSegmenter  # lazy: timed, in run_raydata's validate
 
         self.segmenter = TileSegmenter(spec)
-        self.segmenter._open(job)
+        self.segmenter._open(store_url, recipe)
         self.compute = 0.0
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -84,10 +84,9 @@ def run_raydata(scene: str, model: str, out: str, work: str) -> dict[str, Any]:
     import ray  # lazy: timed, in run_raydata's validate
 
     from segpipe.pipeline import store as ws  # lazy: timed, in run_raydata's validate
-    from segpipe.pipeline.infer import InferJob  # lazy: timed, in run_raydata's validate
     from segpipe.pipeline.ingest import index_scene  # lazy: timed, in run_raydata's validate
     from segpipe.pipeline.plan import make_plan  # lazy: timed, in run_raydata's validate
-    from segpipe.pipeline.session import ModelSpec, Session  # lazy: timed, in run_raydata's validate
+    from segpipe.pipeline.session import Session  # lazy: timed, in run_raydata's validate
     from segpipe.pipeline.settings import RunSettings  # lazy: timed, in run_raydata's validate
     from segpipe.pipeline.tile import plan_tiles  # lazy: timed, in run_raydata's validate
 
@@ -97,13 +96,13 @@ def run_raydata(scene: str, model: str, out: str, work: str) -> dict[str, Any]:
     with Session(ray=True) as session:
         seconds["session"] = time.perf_counter() - t0 - sum(seconds.values())
         store = ws.WorkStore(ws.store_url(work, scene))
-        index_scene(plan.scene, store, chunk_size=plan.tile_size)
-        store.prepare_run(plan.run_key, plan.grid, len(plan.model.classes), probabilities=False,
+        recipe = plan.recipe
+        index_scene(plan.scene, store, chunk_size=recipe.tile_size)
+        store.prepare_run(recipe.digest(), plan.grid, len(plan.model.classes), probabilities=False,
                           tile_probabilities=False)  # fmt: skip
-        tiles = [i for batch in plan_tiles(store, plan.grid, plan.batch_size).batches for i in batch]
+        tiles = [i for batch in plan_tiles(store, plan.grid, recipe.batch_size).batches for i in batch]
         cores = int(session.ray.cluster_resources().get("CPU", 1))
-        spec = ModelSpec(plan.model.ref, plan.model.checksum, "cpu", cores)
-        job = InferJob(store.url, plan.tile_size, plan.halo, "crop")
+        spec = plan.model.spec("cpu", cores)
         context = ray.data.DataContext.get_current()
         context.execution_options.preserve_order = True
         context.enable_progress_bars = False
@@ -111,12 +110,12 @@ def run_raydata(scene: str, model: str, out: str, work: str) -> dict[str, Any]:
         results = (
             ray.data.from_items([{"index": i} for i in tiles])
             .map_batches(_Read, fn_constructor_args=(plan.scene, plan.grid, meta_mean, meta_std),
-                         batch_size=plan.batch_size, num_cpus=1, concurrency=max(1, cores - 1))
-            .map_batches(_Segment, fn_constructor_args=(spec, job), batch_size=plan.batch_size, num_cpus=1,
-                         concurrency=1)
+                         batch_size=recipe.batch_size, num_cpus=1, concurrency=max(1, cores - 1))
+            .map_batches(_Segment, fn_constructor_args=(spec, store.url, recipe), batch_size=recipe.batch_size,
+                         num_cpus=1, concurrency=1)
             .take_all()
         )  # fmt: skip
-        store.finish_run(plan.run_key)
+        store.finish_run(recipe.digest())
         seconds["infer"] = time.perf_counter() - t
         t = time.perf_counter()
         with tempfile.TemporaryDirectory() as scratch:

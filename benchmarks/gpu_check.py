@@ -47,7 +47,8 @@ from segpipe.core.pixels import normalise
 from segpipe.models.checkpoint import load_model
 from segpipe.models.training import TrainConfig, train
 from segpipe.models.training.optim import pick_precision
-from segpipe.pipeline.session import ModelSpec, Session
+from segpipe.pipeline.infer import ModelSpec
+from segpipe.pipeline.session import Session
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "gpu.json"

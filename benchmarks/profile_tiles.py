@@ -41,11 +41,12 @@ from segpipe.core.runtime import available_cores
 from segpipe.core.tiles import TileGrid
 from segpipe.models.checkpoint import load_model
 from segpipe.pipeline import store as ws
-from segpipe.pipeline.infer import InferJob, TileSegmenter
+from segpipe.pipeline.infer import ModelSpec, TileSegmenter
 from segpipe.pipeline.ingest import index_scene, ingest
 from segpipe.pipeline.merge import class_ids
 from segpipe.pipeline.read import describe_scene
-from segpipe.pipeline.session import ModelSpec
+from segpipe.pipeline.recipe import Recipe
+from segpipe.pipeline.scene import Selection
 from segpipe.pipeline.tile_reader import SceneTiles, StoreTiles
 
 REPO = Path(__file__).resolve().parents[1]
@@ -121,11 +122,14 @@ def _profile(scene: str, model: str, tiles: int, work: Path) -> str:
     index_scene(info, store, chunk_size=meta.tile_size)
 
     grid = TileGrid(info.width, info.height, meta.tile_size, meta.halo)
-    store.prepare_run("profile", grid, len(meta.classes), probabilities=False, tile_probabilities=False)
-    job = InferJob(store.url, meta.tile_size, meta.halo, "crop")
+    recipe = Recipe(
+        model=segmenter.loaded.identity, tile_size=meta.tile_size, halo=meta.halo, blend="crop", batch_size=1,
+        probabilities=False, selection=Selection(), scaling=None,
+    )  # fmt: skip
+    store.prepare_run(recipe.digest(), grid, len(meta.classes), probabilities=False, tile_probabilities=False)
     profiler = cProfile.Profile()
     profiler.enable()
-    stats = segmenter.process(job, [[i] for i in range(min(tiles, len(grid)))])
+    stats = segmenter.process(store.url, recipe, [[i] for i in range(min(tiles, len(grid)))])
     profiler.disable()
     out = io.StringIO()
     pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(20)

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from segpipe.core.errors import ConfigError, ModelError
 from segpipe.core.files import write_atomically
-from segpipe.core.objects import is_object_url
+from segpipe.core.location import Location
 from segpipe.models.cache import fetch_model
 from segpipe.models.external import OnnxModel, TorchScriptModel
 from segpipe.models.metadata import (
@@ -208,7 +208,7 @@ def resolve_model_path(name_or_path: str | Path, *, checksum: str | None = None)
         ModelError: If nothing matches, the choice is ambiguous, or the file is a pickle.
     """
     text = str(name_or_path)
-    if is_object_url(text):
+    if not Location(text).is_local:
         if Path(text).suffix.lower() in PICKLE_SUFFIXES:
             raise _refusal(Path(text), "a pickle-based checkpoint")
         return fetch_model(text, checksum=checksum)

@@ -60,7 +60,7 @@ class SamplePair:
     mask: Path
 
 
-def find_pairs(folder: str | Path) -> list[SamplePair]:
+def find_sample_pairs(folder: str | Path) -> list[SamplePair]:
     """List the image/mask pairs of one data folder (``images/`` and ``masks/`` matched by file stem).
 
     Raises:
@@ -292,7 +292,7 @@ def load_folders(
     masks: list[np.ndarray] = []
     pairs: list[SamplePair] = []
     for folder in folders:
-        for pair in find_pairs(folder):
+        for pair in find_sample_pairs(folder):
             image, mask = load_pair(
                 pair,
                 colour_table=colour_table,

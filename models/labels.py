@@ -100,7 +100,7 @@ def read_polygon_labels(
     if values is None:
         ids = np.ones(len(geometries), dtype=np.uint8)
     else:
-        ids = class_ids(
+        ids = label_class_ids(
             values[polygonal],
             class_names,
             where=f"{path}: attribute {field!r}",
@@ -136,7 +136,7 @@ def _read_layer(path: Path, field: str | None, layer: str | None) -> tuple[dict[
     return meta, wkb, data[0] if field is not None else None
 
 
-def class_ids(
+def label_class_ids(
     values: np.ndarray,
     class_names: Sequence[str],
     *,

@@ -475,7 +475,7 @@ def written_twice(paths: list[Path], *, min_statements: int = 5) -> list[str]:
             fingerprint, statements = shape(function)
             where = f"{_label(path)}:{function.lineno} {function.name}"
             keys = [("shape", fingerprint)] if statements >= min_statements else []
-            if id(function) in top:
+            if id(function) in top and function.name not in SHARED_NAMES:
                 keys.append((function.name, fingerprint))
             for key in keys:
                 if key in seen and seen[key].split(":")[0] != where.split(":")[0]:
@@ -538,7 +538,7 @@ def test_each_environment_variable_is_read_in_one_place() -> None:
 
 
 #: Flags the CLI declares by hand: the root parser's own, and ``--config``, which names where the options come from.
-HAND_FLAGS = {"--verbose", "--version", "--config"}
+HAND_FLAGS = {"-v", "--verbose", "--version", "--config"}
 
 
 def hand_declared_flags(path: Path) -> list[str]:

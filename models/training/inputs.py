@@ -28,7 +28,15 @@ from segpipe.core.bands import band_numbers, parse_bands, scene_band_names
 from segpipe.core.colours import ColourTable
 from segpipe.core.errors import ConfigError, InputError, ModelError
 from segpipe.models.checkpoint import resolve_model_path
-from segpipe.models.data import ImageBands, SamplePair, find_images, find_pairs, image_bands, load_pair, read_image
+from segpipe.models.data import (
+    ImageBands,
+    SamplePair,
+    find_images,
+    find_sample_pairs,
+    image_bands,
+    load_pair,
+    read_image,
+)
 from segpipe.models.labels import PolygonLabels, image_grid, rasterise_labels, read_polygon_labels
 from segpipe.models.metadata import ModelMetadata, find_metadata, read_metadata
 from segpipe.models.training.config import TrainConfig
@@ -278,7 +286,7 @@ def _samples(folders: Sequence[Path], polygons: bool) -> list[tuple[Path, Path |
         if polygons:
             found += [(image, None) for image in find_images(folder)]
         else:
-            found += [(pair.image, pair.mask) for pair in find_pairs(folder)]
+            found += [(pair.image, pair.mask) for pair in find_sample_pairs(folder)]
     return found
 
 

@@ -46,7 +46,6 @@ class Parser(argparse.ArgumentParser):
 def _quiet_environment(verbose: bool) -> None:
     """Keep third-party chatter off the terminal; must run before prefect or ray are imported."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "CRITICAL")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     # Prefect's ephemeral API server gets 20 s to start by default, which a busy machine misses; a user's value wins

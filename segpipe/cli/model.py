@@ -18,7 +18,7 @@ from typing import Any
 from segpipe.cli.options import parsed
 from segpipe.cli.process import EXIT_OK
 from segpipe.core.errors import ConfigError
-from segpipe.core.files import write_json_atomically
+from segpipe.core.location import Location
 from segpipe.core.options import add_arguments
 from segpipe.models.metadata import ModelMetadata, metadata_path
 from segpipe.models.sidecar import ModelInitOptions, check_bands, check_model_file, external_metadata
@@ -55,7 +55,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
     for name, question in _questions(signature):
         options = _ask(options, name, question)
     metadata = external_metadata(model, options, signature)
-    write_json_atomically(out, metadata.to_dict())
+    Location(out).write_json(metadata.to_dict())
     print(_written(out, metadata))
     return EXIT_OK
 

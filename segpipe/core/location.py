@@ -219,10 +219,10 @@ class Location:
         else:
             write_atomically(self._text, data)
 
-    def write_json(self, data: Any) -> None:
-        """Write ``data`` as JSON (indented, a trailing newline), atomically, secrets redacted
-        (:func:`segpipe.core.secrets.redact_tree`)."""
-        self.write_atomically(json.dumps(redact_tree(data), indent=2) + "\n")
+    def write_json(self, data: Any, *, indent: int | None = 2) -> None:
+        """Write ``data`` as JSON (a trailing newline), atomically, secrets redacted
+        (:func:`segpipe.core.secrets.redact_tree`): segpipe's one JSON writer."""
+        self.write_atomically(json.dumps(redact_tree(data), indent=indent) + "\n")
 
     def remove(self) -> None:
         """Remove the file or object; nothing happens when it is not there."""

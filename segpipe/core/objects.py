@@ -16,7 +16,6 @@ both. Every request is retried with exponential backoff on connection errors, ti
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -29,7 +28,6 @@ from obstore.store import AzureStore, GCSStore, S3Store
 
 from segpipe.core.errors import InputError, OutputError
 from segpipe.core.files import atomic_output
-from segpipe.core.secrets import redact_tree
 
 if TYPE_CHECKING:
     from obstore.store import ClientConfig, RetryConfig, S3Config
@@ -209,12 +207,6 @@ def write_bytes(url: str, data: bytes | str, *, create_only: bool = False) -> bo
     except Exception as exc:
         raise _fail(OutputError, url, "write", exc) from None
     return True
-
-
-def write_json(url: str, data: Any) -> None:
-    """Write ``data`` as a JSON object (a trailing newline), in one request, secrets redacted
-    (:func:`segpipe.core.secrets.redact_tree`)."""
-    write_bytes(url, json.dumps(redact_tree(data), indent=2) + "\n")
 
 
 def delete(url: str) -> None:
