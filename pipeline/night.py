@@ -1,6 +1,6 @@
 """A night: every scene of a data set, decided by key and segmented when new, changed or incomplete.
 
-:func:`plan_night` names each scene's outputs in the output folder (:func:`mask_path`, :func:`vector_path`) and
+:func:`plan_night` names each scene's outputs in the output folder (:mod:`segpipe.pipeline.names`) and
 decides, from the key its outputs would be made with (:func:`segpipe.pipeline.plan.scene_output_key`) and the key
 in its summary (:func:`segpipe.pipeline.incremental.decide`), whether to segment it and why. :func:`run_night`
 segments the scenes to do, some at once, each through the caller's ``segment`` (the Prefect flow
@@ -30,7 +30,8 @@ from segpipe.models.checkpoint import LoadedModel
 from segpipe.pipeline import stac
 from segpipe.pipeline.catalog import SceneRef
 from segpipe.pipeline.incremental import Decision, decide
-from segpipe.pipeline.plan import make_plan, scene_output_key, summary_path
+from segpipe.pipeline.names import mask_path, summary_path, vector_path
+from segpipe.pipeline.plan import make_plan, scene_output_key
 from segpipe.pipeline.read import describe_scene
 from segpipe.pipeline.run import Stage, run_scene
 from segpipe.pipeline.session import Session
@@ -66,18 +67,6 @@ def prepare_folders(output_dir: str, options: RunOptions, dataset: DatasetOption
     if options.work_dir:
         Location(options.work_dir).make_folder()
     folder.child(OPTIONS_FILE).write_json(resolved_options(options, dataset))
-
-
-def mask_path(output_dir: str, scene_id: str, *, slide: bool = False) -> str:
-    """Where a scene's mask goes: ``<output_dir>/<scene id>.mask.tif`` (a COG), or for a whole-slide image
-    ``<scene id>.mask.ome.tif`` (a pyramidal OME-TIFF, what slide viewers open); its summary beside it as
-    ``<scene id>.mask.summary.json``."""
-    return str(Location(output_dir).child(f"{scene_id}.mask.ome.tif" if slide else f"{scene_id}.mask.tif"))
-
-
-def vector_path(output_dir: str, scene_id: str, suffix: str) -> str:
-    """Where a scene's polygons go: ``<output_dir>/<scene id>.polygons<suffix>``."""
-    return str(Location(output_dir).child(f"{scene_id}.polygons{suffix}"))
 
 
 def scene_settings(

@@ -26,6 +26,7 @@ from segpipe.pipeline.incremental import OutputKey, output_key
 from segpipe.pipeline.infer import ModelSpec
 from segpipe.pipeline.ingest import reads_in_place
 from segpipe.pipeline.merge import merger_type
+from segpipe.pipeline.names import summary_path
 from segpipe.pipeline.read import describe_scene
 from segpipe.pipeline.recipe import Recipe
 from segpipe.pipeline.scene import SceneInfo
@@ -98,18 +99,6 @@ def _output_key(recipe: Recipe, scene: SceneInfo, options: RunOptions) -> Output
     return output_key(
         recipe, scene=scene.fingerprint, vector=vector_key(options), cog=parse_cog_options(options.cog_options)
     )
-
-
-def summary_path(output: str) -> str:
-    """Where the summary of a run writing ``output`` goes: ``<output stem>.summary.json`` beside it (the stem of
-    ``mask.ome.tif`` is ``mask``)."""
-    out = Location(output)
-    return str(out.beside(_stem(out.name) + ".summary.json"))
-
-
-def _stem(name: str) -> str:
-    stem = Path(name).stem
-    return stem[:-4] if name.lower().endswith((".ome.tif", ".ome.tiff")) else stem
 
 
 def vector_key(settings: RunOptions) -> dict[str, Any] | None:

@@ -20,7 +20,7 @@ from segpipe.core.errors import InputError
 from segpipe.core.pixels import stretch
 from segpipe.core.raster import open_raster
 from segpipe.core.tiles import Window
-from segpipe.pipeline.plan import summary_path
+from segpipe.pipeline.names import summary_path
 from segpipe.pipeline.read import open_source
 from segpipe.pipeline.scene import Selection
 

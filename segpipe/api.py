@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from segpipe.core.errors import ConfigError, InputError
 from segpipe.core.location import Location
-from segpipe.pipeline.masks import mask_array, probabilities_path, probability_array
+from segpipe.pipeline.masks import open_mask
 from segpipe.pipeline.plan import make_plan
 from segpipe.pipeline.read import describe_scene
 from segpipe.pipeline.run import run_scene
@@ -225,30 +225,6 @@ def _segment_path(
     if not opened:
         return summary
     return open_mask(output, probabilities=probabilities or None)
-
-
-def open_mask(path: str | os.PathLike[str], *, probabilities: str | os.PathLike[str] | None = None) -> xarray.Dataset:
-    """A mask COG (and its probabilities) as a lazy, dask-backed, georeferenced ``xarray.Dataset``; no pixel is
-    read until asked.
-
-    Variables: ``mask`` (y, x) uint8 class ids, ``_FillValue`` 255 (nodata), ``class_names`` and ``colours``
-    attributes; ``probabilities`` (class, y, x) uint8, probability x 254, 255 nodata, when given (or named in the
-    mask's summary). Coordinates ``x``/``y`` are pixel centres in the scene's CRS (``.rio.crs``).
-
-    Raises:
-        InputError: the file is not a mask segpipe wrote.
-    """
-    import rioxarray  # noqa: F401  # lazy: the optional xarray extra; the .rio accessor
-    import xarray as xr  # lazy: the optional xarray extra
-
-    mask = mask_array(str(path))
-    data = {"mask": mask}
-    chosen = str(probabilities) if probabilities is not None else probabilities_path(str(path))
-    if chosen:
-        data["probabilities"] = probability_array(chosen, mask.attrs.get("class_names", ()))
-    ds = xr.Dataset(data)
-    ds.attrs["source"] = str(path)
-    return ds
 
 
 def segment_dataset(

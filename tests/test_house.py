@@ -2,8 +2,9 @@
 
 Layers, from the ground up (a module may import its own layer and the layers below it, never one above):
 
-    segpipe.core (segpipe/core/, and segpipe/__init__.py) < segpipe.models (models/) < segpipe.pipeline (pipeline/)
-    < segpipe.flows (flows/) < segpipe.cli (segpipe/cli/)
+    segpipe.core (segpipe/core/) < segpipe.models (models/) < segpipe.pipeline (pipeline/) < segpipe.flows (flows/)
+    < segpipe.cli (segpipe/cli/), segpipe.api (segpipe/api.py) and the package root (segpipe/__init__.py, the front
+    door: it hands out the API)
 
 Every import is read from the source with ``ast``, those inside functions and ``TYPE_CHECKING`` blocks included.
 """
@@ -33,7 +34,8 @@ LAYER_OF_PREFIX = {prefix: layer for prefix, layer in FOLDERS.values()}
 
 def package_files() -> list[tuple[Path, str, int]]:
     """(file, module name, layer) of every module of the package."""
-    found = [(REPO / "segpipe" / "__init__.py", "segpipe", 0)]
+    roof = FOLDERS["segpipe/cli"][1]
+    found = [(REPO / "segpipe" / "__init__.py", "segpipe", roof), (REPO / "segpipe" / "api.py", "segpipe.api", roof)]
     for folder, (prefix, layer) in FOLDERS.items():
         for path in sorted((REPO / folder).rglob("*.py")):
             parts = path.relative_to(REPO / folder).with_suffix("").parts
@@ -65,7 +67,7 @@ def layer_of(name: str) -> int | None:
     for prefix, layer in sorted(LAYER_OF_PREFIX.items(), key=lambda kv: -len(kv[0])):
         if name == prefix or name.startswith(prefix + "."):
             return layer
-    return 0 if name == "segpipe" else None
+    return FOLDERS["segpipe/cli"][1] if name in ("segpipe", "segpipe.api") else None
 
 
 def test_package_layout_is_what_the_test_reads() -> None:
@@ -269,7 +271,7 @@ SHARED_NAMES = {
 
 def source_files(*, benchmarks: bool = False) -> list[Path]:
     """The package's modules (and the benchmarks' when asked)."""
-    found = [path for path, _, _ in package_files()] + [REPO / "segpipe" / "api.py"]
+    found = [path for path, _, _ in package_files()]
     if benchmarks:
         found += sorted((REPO / "benchmarks").glob("*.py"))
     return found
@@ -318,7 +320,7 @@ def _type_checking_lines(tree: ast.AST) -> set[int]:
 def import_graph() -> dict[str, set[str]]:
     """Module -> the package modules it imports, at the top or inside functions (``TYPE_CHECKING`` imports left
     out). ``from package import name`` counts as an import of ``package.name`` when that is a module."""
-    modules = {name: path for path, name, _ in package_files()} | {"segpipe.api": REPO / "segpipe" / "api.py"}
+    modules = {name: path for path, name, _ in package_files()}
     graph: dict[str, set[str]] = {}
     for name, path in modules.items():
         tree = ast.parse(path.read_text())

@@ -17,7 +17,7 @@ from segpipe.core.errors import ConfigError, SegpipeError
 from segpipe.core.locks import exclusive_lock
 from segpipe.flows.dataset import segment_dataset
 from segpipe.pipeline.catalog import scenes_of
-from segpipe.pipeline.night import mask_path
+from segpipe.pipeline.names import mask_path
 from segpipe.pipeline.settings import DatasetOptions, RunOptions
 
 LOCAL = {"executor": "local", "tile_size": 64, "halo": 16}

@@ -16,7 +16,7 @@ import tifffile
 from segpipe.core.errors import ConfigError, InputError
 from segpipe.flows.dataset import segment_dataset
 from segpipe.pipeline.catalog import scenes_of
-from segpipe.pipeline.night import mask_path
+from segpipe.pipeline.names import mask_path
 from segpipe.pipeline.reach import cluster_paths_problem
 from segpipe.pipeline.read import describe_scene
 from segpipe.pipeline.settings import DatasetOptions, RunOptions, RunSettings
