@@ -75,7 +75,19 @@ from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
+from benchmarks.bench_models import machine
 from benchmarks.bench_recipes import CLASSES, REPO
+from segpipe.core.location import Location
+from segpipe.core.runtime import retain_freed_memory
+from segpipe.models.data import split_folders
+from segpipe.models.registry import build_model
+from segpipe.models.train_default import ARGUMENTS, DEFAULT_DATA, HYPERPARAMETERS, build_config
+from segpipe.models.training.config import TrainConfig
+from segpipe.models.training.loop import train
+from segpipe.models.training.optim import pick_precision
 
 log = logging.getLogger("benchmarks.bench_ablation")
 
@@ -318,8 +330,6 @@ def bootstrap_interval(
     values: Sequence[float], *, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED, level: float = 0.95
 ) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean of ``values`` (resampled with replacement; deterministic)."""
-    import numpy as np
-
     if not values:
         raise ValueError("bootstrap_interval of no values")
     data = np.asarray(values, dtype=np.float64)
@@ -412,8 +422,6 @@ def all_tests(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 def split_for(data: Path, held_out: str) -> tuple[list[Path], list[Path]]:
     """(training folders, [held-out folder]): all tiles but ``held_out`` and :data:`NEVER_TRAINED`."""
-    from segpipe.models.data import split_folders
-
     left_out = {held_out, NEVER_TRAINED}
     train_dirs, val_dirs = split_folders(data, validation=sorted(left_out))
     return train_dirs, [p for p in val_dirs if p.name == held_out]
@@ -422,40 +430,15 @@ def split_for(data: Path, held_out: str) -> tuple[list[Path], list[Path]]:
 def variant_arguments(variant: str) -> tuple[str, dict[str, Any]]:
     """(architecture, full architecture arguments) of ``variant``: the default run's width and depth, plus the
     variant's switches."""
-    from segpipe.models.train_default import ARGUMENTS
-
     architecture, switches = VARIANTS[variant]
     return architecture, {**ARGUMENTS, **switches}
 
 
 def train_run(spec: RunSpec, threads: int, work_root: str, data: str) -> dict[str, Any]:
     """Train one run (or read back a finished one, or resume an interrupted one); returns its record."""
-    import torch
-
-    from segpipe.models.train_default import build_config
-    from segpipe.models.training import train
-    from segpipe.models.training.optim import pick_precision
-
     architecture, arguments = variant_arguments(spec.variant)
-    train_dirs, val_dirs = split_for(Path(data), spec.held_out)
-    config = build_config(
-        architecture,
-        data=Path(data),
-        work_dir=spec.work_dir(Path(work_root)),
-        resume=True,
-        num_threads=threads,
-        device="cpu",
-        progress=False,
-    )
-    config = dataclasses.replace(
-        config,
-        train_dirs=tuple(train_dirs),
-        val_dirs=tuple(val_dirs),
-        arguments=arguments,
-        epochs=spec.epochs,
-        steps_per_epoch=spec.steps_per_epoch,
-        seed=spec.seed,
-    )
+    config = run_config(spec, threads, Path(work_root), Path(data))
+    train_dirs = config.train_dirs
     log.info("run %s/%s/seed %d: training on %s", spec.variant, spec.held_out, spec.seed, [p.name for p in train_dirs])
     started = time.perf_counter()
     result = train(config)
@@ -487,20 +470,39 @@ def train_run(spec: RunSpec, threads: int, work_root: str, data: str) -> dict[st
         "wall_seconds": result.train_seconds,
         "cpu_seconds": result.cpu_seconds,
         "this_call_seconds": round(time.perf_counter() - started, 1),
-        "work_dir": str(spec.work_dir(Path(work_root))),
+        "work_dir": str(spec.work_dir(work_root)),
     }
+
+
+def run_config(spec: RunSpec, threads: int, work_root: Path, data: Path) -> TrainConfig:
+    """The default recipe's configuration for one run: its variant's network, its training and held-out tiles,
+    the shared schedule and its seed, on the CPU with ``threads`` torch threads."""
+    architecture, arguments = variant_arguments(spec.variant)
+    train_dirs, val_dirs = split_for(data, spec.held_out)
+    config = build_config(
+        architecture,
+        data=data,
+        work_dir=spec.work_dir(work_root),
+        resume=True,
+        num_threads=threads,
+        device="cpu",
+        progress=False,
+    )
+    return dataclasses.replace(
+        config,
+        train_dirs=tuple(train_dirs),
+        val_dirs=tuple(val_dirs),
+        arguments=arguments,
+        epochs=spec.epochs,
+        steps_per_epoch=spec.steps_per_epoch,
+        seed=spec.seed,
+    )
 
 
 def measure_forward(variant: str, threads: int, size: int = FORWARD_SIZE, repeats: int = 3) -> dict[str, Any]:
     """Parameters and forward seconds per megapixel of input of ``variant``: batch 1 of ``size`` x ``size`` px,
     eval and inference mode, the training precision (bf16 autocast on CPUs with bf16), ``threads`` torch threads,
     malloc thresholds raised as in segpipe's segmenters; median of ``repeats`` passes after one warm-up."""
-    import torch
-
-    from segpipe.core.runtime import retain_freed_memory
-    from segpipe.models.registry import build_model
-    from segpipe.models.training.optim import pick_precision
-
     torch.set_num_threads(threads)
     retain_freed_memory()
     architecture, arguments = variant_arguments(variant)
@@ -580,11 +582,7 @@ def _print_report(report: Mapping[str, Any]) -> None:
         )
 
 
-def main(argv: list[str] | None = None) -> int:
-    from benchmarks.bench_models import machine
-    from segpipe.core.files import write_json_atomically
-    from segpipe.models.train_default import DEFAULT_DATA, HYPERPARAMETERS
-
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_ablation", description=__doc__.split("\n")[0])
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
     parser.add_argument("--held-out", default=",".join(HELD_OUT), help=f"comma-separated, of {', '.join(HELD_OUT)}")
@@ -598,95 +596,132 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-dir", type=Path, default=REPO / "out" / "ablation")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "ablation.json")
     parser.add_argument("--report", action="store_true", help="only print the table and tests of --out")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(process)d %(name)s: %(message)s")
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    areas = [t.strip() for t in args.held_out.split(",") if t.strip()]
+    return parser
+
+
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def _problem(args: argparse.Namespace, previous: Mapping[str, Any]) -> str | None:
+    """What is wrong with the command line (and the results file it names), or None."""
+    variants, areas = _names(args.variants), _names(args.held_out)
     bad = sorted(set(variants) - set(VARIANTS)) + sorted(set(areas) - set(HELD_OUT))
     if bad or not variants or not areas or args.epochs < SETTLED_EPOCHS or min(args.steps, args.seeds) < 1:
-        print(
-            f"error: expected variants among {', '.join(VARIANTS)}, held-out areas among {', '.join(HELD_OUT)}, "
+        return (
+            f"expected variants among {', '.join(VARIANTS)}, held-out areas among {', '.join(HELD_OUT)}, "
             f"--epochs >= {SETTLED_EPOCHS}, --steps >= 1 and --seeds >= 1; got unknown {bad}, {args.epochs}, "
-            f"{args.steps}, {args.seeds}",
-            file=sys.stderr,
+            f"{args.steps}, {args.seeds}"
         )
-        return 2
     if args.threads < 1 or args.jobs < 1:
-        print(f"error: expected --threads >= 1 and --jobs >= 1, got {args.threads} and {args.jobs}", file=sys.stderr)
-        return 2
-
-    previous: dict[str, Any] = json.loads(args.out.read_text()) if args.out.is_file() else {}
+        return f"expected --threads >= 1 and --jobs >= 1, got {args.threads} and {args.jobs}"
     if args.report:
-        if not previous:
-            print(f"error: {args.out} does not exist", file=sys.stderr)
-            return 2
-        _print_report(previous)
-        return 0
+        return None if previous else f"{args.out} does not exist"
     conflicts = schedule_conflicts(previous, args.epochs, args.steps)
     if conflicts:
-        print(
-            f"error: {args.out} holds runs of another schedule ({'; '.join(conflicts[:3])}"
+        return (
+            f"{args.out} holds runs of another schedule ({'; '.join(conflicts[:3])}"
             f"{', ...' if len(conflicts) > 3 else ''}), not {args.epochs} x {args.steps}; one file holds one "
-            "schedule: pass another --out (and --work-dir)",
-            file=sys.stderr,
+            "schedule: pass another --out (and --work-dir)"
         )
-        return 2
+    return None
 
-    command = "python -m benchmarks.bench_ablation " + " ".join(argv if argv is not None else sys.argv[1:])
-    where = machine()
-    runs: list[dict[str, Any]] = list(previous.get("runs", []))
-    forward: dict[str, Any] = dict(previous.get("forward", {}))
-    failed: list[dict[str, Any]] = []
-    planned = plan(variants, areas, seeds_for(args.seeds, args.first_seed), args.epochs, args.steps)
-    todo = pending(planned, runs)
-    measure = [v for v in variants if v not in forward]
-    print(f"{len(todo)} runs to train ({len(runs)} recorded), forward time of {len(measure)} variants to measure")
 
-    def save() -> None:
+@dataclasses.dataclass
+class Ledger:
+    """What the benchmark has recorded (runs, forward measurements, failures), written to ``out`` after every
+    change (:func:`build_report`)."""
+
+    out: Path
+    command: str
+    machine: dict[str, Any]
+    epochs: int
+    steps: int
+    runs: list[dict[str, Any]]
+    forward: dict[str, Any]
+    failed: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+    def save(self) -> None:
         report = build_report(
-            runs, command=command, machine=where, forward=forward, epochs=args.epochs, steps=args.steps, failed=failed
+            self.runs,
+            command=self.command,
+            machine=self.machine,
+            forward=self.forward,
+            epochs=self.epochs,
+            steps=self.steps,
+            failed=self.failed,
         )
-        write_json_atomically(args.out, report)
+        Location(self.out).write_json(report)
 
+    def record(self, spec: RunSpec, future: Future[dict[str, Any]], planned: Sequence[RunSpec]) -> None:
+        """Record a finished run (or its failure: one run's failure must not lose the others' results)."""
+        try:
+            record = future.result()
+        except Exception as exc:
+            self.failed.append(
+                {"variant": spec.variant, "held_out": spec.held_out, "seed": spec.seed, "error": repr(exc)}
+            )
+            print(f"error: run {spec.key}: {exc}", file=sys.stderr)
+            self.save()
+            return
+        record.update(self.forward.get(spec.variant, {}), machine=self.machine)
+        self.runs = merge_run(self.runs, record)
+        self.save()
+        log.info(
+            "recorded %s/%s/seed %d: best %.3f (epoch %s), settled %s, %.0f s (%d of %d planned runs done)",
+            spec.variant,
+            spec.held_out,
+            spec.seed,
+            record["best_miou"] or float("nan"),
+            record["best_epoch"],
+            "–" if record["settled_miou"] is None else f"{record['settled_miou']:.3f}",
+            record["wall_seconds"],
+            len(planned) - len(pending(planned, self.runs)),
+            len(planned),
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(process)d %(name)s: %(message)s")
+    previous: dict[str, Any] = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    problem = _problem(args, previous)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    if args.report:
+        _print_report(previous)
+        return 0
+    ledger = Ledger(
+        out=args.out,
+        command="python -m benchmarks.bench_ablation " + " ".join(argv if argv is not None else sys.argv[1:]),
+        machine=machine(),
+        epochs=args.epochs,
+        steps=args.steps,
+        runs=list(previous.get("runs", [])),
+        forward=dict(previous.get("forward", {})),
+    )
+    variants = _names(args.variants)
+    planned = plan(variants, _names(args.held_out), seeds_for(args.seeds, args.first_seed), args.epochs, args.steps)
+    todo = pending(planned, ledger.runs)
+    measure = [v for v in variants if v not in ledger.forward]
+    print(
+        f"{len(todo)} runs to train ({len(ledger.runs)} recorded), forward time of {len(measure)} variants to measure"
+    )
     context = multiprocessing.get_context("spawn")  # fresh interpreters: no torch state inherited through fork
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=context, initializer=_init_worker) as pool:
         for variant in measure:  # one at a time, before any training, so that nothing else runs beside it
-            forward[variant] = pool.submit(measure_forward, variant, args.threads).result()
-            log.info("forward %s: %s", variant, forward[variant])
-        save()
+            ledger.forward[variant] = pool.submit(measure_forward, variant, args.threads).result()
+            log.info("forward %s: %s", variant, ledger.forward[variant])
+        ledger.save()
         futures: dict[Future[dict[str, Any]], RunSpec] = {
             pool.submit(train_run, spec, args.threads, str(args.work_dir), str(args.data)): spec for spec in todo
         }
         for future in as_completed(futures):
-            spec = futures[future]
-            try:
-                record = future.result()
-            except Exception as exc:  # one run's failure must not lose the others' results
-                failed.append(
-                    {"variant": spec.variant, "held_out": spec.held_out, "seed": spec.seed, "error": repr(exc)}
-                )
-                print(f"error: run {spec.key}: {exc}", file=sys.stderr)
-                save()
-                continue
-            record.update(forward.get(spec.variant, {}), machine=where)
-            runs = merge_run(runs, record)
-            save()
-            log.info(
-                "recorded %s/%s/seed %d: best %.3f (epoch %s), settled %s, %.0f s (%d of %d planned runs done)",
-                spec.variant,
-                spec.held_out,
-                spec.seed,
-                record["best_miou"] or float("nan"),
-                record["best_epoch"],
-                "–" if record["settled_miou"] is None else f"{record['settled_miou']:.3f}",
-                record["wall_seconds"],
-                len(planned) - len(pending(planned, runs)),
-                len(planned),
-            )
-    report = json.loads(args.out.read_text())
-    _print_report(report)
+            ledger.record(futures[future], future, planned)
+    _print_report(json.loads(args.out.read_text()))
     print(f"\nJSON: {args.out}")
-    return 1 if failed else 0
+    return 1 if ledger.failed else 0
 
 
 if __name__ == "__main__":

@@ -12,7 +12,9 @@ Masks must be identical between the rows; the run fails otherwise.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import rasterio
 
 from benchmarks.bench_pipeline import DEFAULT_SOURCE, TreeMemorySampler, build_scene, machine_description, scene_side
 
@@ -30,9 +33,9 @@ ROWS = ("file", "dask array", "numpy array", "ingest: segpipe regions", "ingest:
 
 
 def _segment_row(row: str, scene: Path, out: Path, chunk: int, model: str) -> dict[str, Any]:
-    import rioxarray
+    import rioxarray  # lazy: each row's process loads only what it measures
 
-    import segpipe
+    import segpipe  # lazy: each row's process loads only what it measures
 
     options = {"model": model, "executor": "local", "work_dir": str(out.parent / f"work-{row.replace(' ', '-')}")}
     t = time.perf_counter()
@@ -48,13 +51,13 @@ def _segment_row(row: str, scene: Path, out: Path, chunk: int, model: str) -> di
 
 
 def _ingest_row(row: str, scene: Path, out: Path, chunk: int) -> dict[str, Any]:
-    import dask.array as da
-    import rioxarray
+    import dask.array as da  # lazy: each row's process loads only what it measures
+    import rioxarray  # lazy: each row's process loads only what it measures
 
-    from segpipe.pipeline import store as ws
-    from segpipe.pipeline.ingest import ingest
-    from segpipe.pipeline.read import describe_scene
-    from segpipe.pipeline.sources.array import stage_array
+    from segpipe.pipeline import store as ws  # lazy: each row's process loads only what it measures
+    from segpipe.pipeline.ingest import ingest  # lazy: each row's process loads only what it measures
+    from segpipe.pipeline.read import describe_scene  # lazy: each row's process loads only what it measures
+    from segpipe.pipeline.sources.array import stage_array  # lazy: each row's process loads only what it measures
 
     array = rioxarray.open_rasterio(scene, chunks={"band": -1, "y": chunk, "x": chunk})
     staged = stage_array(array, out.parent)
@@ -82,16 +85,14 @@ def _stitch_row(scene: Path, out: Path, model: str, repeat: int = 3) -> dict[str
     """Blend (cosine) a segmented scene's tiles into its mask with segpipe's stitch (blocks of tiles on a thread
     pool) and with the same block function as dask delayed tasks on dask's threaded scheduler, alternately; the
     median of ``repeat`` each, and whether both masks are identical."""
-    import hashlib
-    import statistics
 
-    import dask
+    import dask  # lazy: each row's process loads only what it measures
 
-    from segpipe.pipeline import store as ws
-    from segpipe.pipeline.plan import make_plan
-    from segpipe.pipeline.run import run_scene
-    from segpipe.pipeline.settings import RunSettings
-    from segpipe.pipeline.stitch import stitch, stitch_block
+    from segpipe.pipeline import store as ws  # lazy: each row's process loads only what it measures
+    from segpipe.pipeline.plan import make_plan  # lazy: each row's process loads only what it measures
+    from segpipe.pipeline.run import run_scene  # lazy: each row's process loads only what it measures
+    from segpipe.pipeline.settings import RunSettings  # lazy: each row's process loads only what it measures
+    from segpipe.pipeline.stitch import stitch, stitch_block  # lazy: each row's process loads only what it measures
 
     work = out.parent / "work"
     settings = RunSettings(
@@ -148,7 +149,6 @@ def _child(row: str, scene: Path, out: Path, chunk: int, model: str) -> dict[str
 
 
 def _same_masks(paths: Sequence[Path]) -> bool:
-    import rasterio
 
     masks = []
     for path in paths:

@@ -35,6 +35,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.bench_pipeline import DEFAULT_SOURCE, build_scene
+from segpipe.core import objects
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 OUT = REPO / "benchmarks" / "results" / "cluster.json"
@@ -120,9 +123,7 @@ def warm_session(count: int, scratch: Path) -> dict[str, Any]:
 
 
 def cluster_runs(scratch: Path) -> dict[str, Any]:
-    from benchmarks.bench_pipeline import DEFAULT_SOURCE, build_scene
-    from segpipe.core import objects
-    from tests.cluster.conftest import S3_ENV, S3Server
+    from tests.cluster.conftest import S3_ENV, S3Server  # lazy: the test extra (moto's S3 server)
 
     scene, _ = build_scene(DEFAULT_SOURCE, 4096, scratch / "scenes")
     server = S3Server()
@@ -151,55 +152,20 @@ def ingest_compare(scratch: Path, repeat: int) -> dict[str, Any]:
     tasks (segpipe's way, :meth:`Session.map`) and as a dask graph of the same region tasks run by Ray's dask
     scheduler (``ray.util.dask.ray_dask_get``, which needs pandas)."""
     os.environ.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="token", RAY_USAGE_STATS_ENABLED="0")
-    import dask
-    import ray
-    from ray._private import ray_constants
-    from ray.cluster_utils import Cluster
-    from ray.util.dask import ray_dask_get
+    import ray  # lazy: 0.5 s; bench_slides and bench_nightly import this module, and bench_slides measures its worker
 
-    from benchmarks.bench_pipeline import DEFAULT_SOURCE, build_scene
-    from segpipe.core import objects
-    from segpipe.pipeline import store as ws
-    from segpipe.pipeline.ingest import copy_region, ingest, regions
-    from segpipe.pipeline.read import describe_scene
-    from segpipe.pipeline.session import Session
-    from tests.cluster.conftest import S3_ENV, S3Server
+    from segpipe.pipeline.read import describe_scene  # lazy: bench_slides' worker times the pipeline's imports
+    from tests.cluster.conftest import S3_ENV, S3Server  # lazy: the test extra (moto's S3 server)
 
     scene_path, _ = build_scene(DEFAULT_SOURCE, 4096, scratch / "scenes")
     server = S3Server()
     os.environ.update({**S3_ENV, "AWS_ENDPOINT_URL": server.url})
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="rb", dir="/tmp")
-    cluster = Cluster(
-        initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1", "include_dashboard": False}
-    )
-    cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
-    cluster.wait_for_nodes()
-    timings: dict[str, list[float]] = {"ray tasks": [], "dask on ray": []}
+    cluster = start_cluster([1, 1])
     try:
         server.bucket("work")
         server.bucket("scenes")
         objects.upload_file(scene_path, "s3://scenes/in/mirror4096.tif")
-        scene = describe_scene("s3://scenes/in/mirror4096.tif")
-        with Session(address=cluster.address) as session:
-            for k in range(repeat):
-                store = ws.WorkStore(f"s3://work/ray-{k}.zarr")
-                started = time.perf_counter()
-                ingest(scene, store, chunk_size=1024, session=session)
-                timings["ray tasks"].append(time.perf_counter() - started)
-                store = ws.WorkStore(f"s3://work/dask-{k}.zarr")
-                started = time.perf_counter()
-                store.create_scene_arrays(
-                    shape=(scene.count, scene.height, scene.width), dtype=scene.dtype, chunk=1024, region=2048
-                )
-                tasks = [dask.delayed(copy_region)(scene, store.url, w, 1024) for w in regions(4096, 4096, 2048)]
-                dask.compute(*tasks, scheduler=ray_dask_get)
-                timings["dask on ray"].append(time.perf_counter() - started)
-                print(
-                    f"ingest 16.8 MP: ray tasks {timings['ray tasks'][-1]:.2f} s, "
-                    f"dask on ray {timings['dask on ray'][-1]:.2f} s",
-                    flush=True,
-                )
+        timings = ingest_both_ways(describe_scene("s3://scenes/in/mirror4096.tif"), cluster.address, repeat)
     finally:
         if ray.is_initialized():
             ray.shutdown()
@@ -211,13 +177,10 @@ def ingest_compare(scratch: Path, repeat: int) -> dict[str, Any]:
     }
 
 
-def one_cluster_run(layout: list[int], scratch: Path) -> dict[str, Any]:
-    import ray
-    from ray._private import ray_constants
-    from ray.cluster_utils import Cluster
-
-    from segpipe.pipeline.run import run_scene
-    from segpipe.pipeline.settings import RunSettings
+def start_cluster(layout: list[int]) -> Any:
+    """Ray's multi-node harness on this machine: one raylet per entry of ``layout`` (its CPUs), on 127.0.0.1."""
+    from ray._private import ray_constants  # lazy: as ray in ingest_compare
+    from ray.cluster_utils import Cluster  # lazy: as ray in ingest_compare
 
     ray_constants.ENABLE_RAY_CLUSTER = False
     os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="rb", dir="/tmp")
@@ -228,6 +191,49 @@ def one_cluster_run(layout: list[int], scratch: Path) -> dict[str, Any]:
     for cpus in layout[1:]:
         cluster.add_node(num_cpus=cpus, node_ip_address="127.0.0.1")
     cluster.wait_for_nodes()
+    return cluster
+
+
+def ingest_both_ways(scene: Any, address: str, repeat: int) -> dict[str, list[float]]:
+    """Seconds of each ingest of ``scene`` (a SceneInfo) on the cluster at ``address``, ``repeat`` times: as Ray
+    tasks of a segpipe session, and as a dask graph of the same region tasks on Ray's dask scheduler."""
+    import dask  # lazy: the bench extra (dask[dataframe]), for --compare-dask only
+    from ray.util.dask import ray_dask_get  # lazy: needs dask and pandas, for --compare-dask only
+
+    from segpipe.pipeline import store as ws  # lazy: bench_slides' worker times the pipeline's imports
+    from segpipe.pipeline.ingest import copy_region, ingest, regions  # lazy: as the store above
+    from segpipe.pipeline.session import Session  # lazy: as the store above
+
+    timings: dict[str, list[float]] = {"ray tasks": [], "dask on ray": []}
+    with Session(address=address) as session:
+        for k in range(repeat):
+            store = ws.WorkStore(f"s3://work/ray-{k}.zarr")
+            started = time.perf_counter()
+            ingest(scene, store, chunk_size=1024, session=session)
+            timings["ray tasks"].append(time.perf_counter() - started)
+            store = ws.WorkStore(f"s3://work/dask-{k}.zarr")
+            started = time.perf_counter()
+            store.create_scene_arrays(
+                shape=(scene.count, scene.height, scene.width), dtype=scene.dtype, chunk=1024, region=2048
+            )
+            tasks = [dask.delayed(copy_region)(scene, store.url, w, 1024) for w in regions(4096, 4096, 2048)]
+            dask.compute(*tasks, scheduler=ray_dask_get)
+            timings["dask on ray"].append(time.perf_counter() - started)
+            print(
+                f"ingest 16.8 MP: ray tasks {timings['ray tasks'][-1]:.2f} s, "
+                f"dask on ray {timings['dask on ray'][-1]:.2f} s",
+                flush=True,
+            )
+    return timings
+
+
+def one_cluster_run(layout: list[int], scratch: Path) -> dict[str, Any]:
+    import ray  # lazy: as in ingest_compare
+
+    from segpipe.pipeline.run import run_scene  # lazy: bench_slides' worker times the pipeline's imports
+    from segpipe.pipeline.settings import RunSettings  # lazy: as run_scene above
+
+    cluster = start_cluster(layout)
     try:
         out = f"s3://out/{len(layout)}-nodes/mask.tif"
         summary = run_scene(

@@ -22,6 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import rasterio
+from rasterio.windows import Window
+
+from benchmarks.bench_pipeline import machine_description
 
 MIB = 2**20
 SOURCES = ("RGB.byte.tif", "lausanne-1091-322_00.tif")
@@ -31,8 +35,6 @@ DATA = Path(__file__).resolve().parents[1] / "tests" / "data"
 def cut_scenes(folder: Path, count: int, size: int = 256, step: int = 24) -> list[Path]:
     """``count`` GeoTIFFs of ``size`` px windows of the real rasters in tests/data, each at its own offset (so each
     is a scene of its own content), georeferenced as the window."""
-    import rasterio
-    from rasterio.windows import Window
 
     folder.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
@@ -57,7 +59,7 @@ def cut_scenes(folder: Path, count: int, size: int = 256, step: int = 24) -> lis
 
 def _tree(pid: int) -> tuple[int, int, int]:
     """(RSS bytes, open descriptors, processes) of ``pid`` and its descendants."""
-    import psutil
+    import psutil  # lazy: the bench extra (psutil)
 
     try:
         procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
@@ -134,7 +136,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--from-scene", type=int, default=20, help="the slopes start here (warm-up before)")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
-    from benchmarks.bench_pipeline import machine_description
 
     with tempfile.TemporaryDirectory(prefix="long-night-") as tmp:
         scenes = Path(tmp) / "scenes"

@@ -16,11 +16,17 @@ import argparse
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import torch
+
+from segpipe.core.runtime import retain_freed_memory
+from segpipe.models.registry import build_model
 
 NETWORKS: dict[str, tuple[str, dict[str, Any]]] = {
     "unet (plain, ablation)": ("unet", {}),
@@ -40,12 +46,6 @@ NETWORKS: dict[str, tuple[str, dict[str, Any]]] = {
 
 def measure(architecture: str, extra: dict[str, Any], size: int, repeats: int, device: str) -> dict[str, Any]:
     """Run in the child process: build, warm up, time, and report peak memory."""
-    import resource
-
-    import torch
-
-    from segpipe.core.runtime import retain_freed_memory
-    from segpipe.models.registry import build_model
 
     threads = len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
@@ -89,7 +89,6 @@ def _rss_bytes() -> int:
 
 
 def machine() -> dict[str, Any]:
-    import torch
 
     cpu = platform.processor()
     try:

@@ -31,6 +31,10 @@ method's output is compared with it: the fraction of pixels whose class differs.
 
 Checks (not timings; a failure makes the run exit 1): segpipe's output is on exactly the input's grid (size,
 CRS, transform); every output covers every pixel with a class.
+
+Imports: every method's worker process imports this module (``python -m benchmarks.bench_pipeline _worker``), and
+so does bench_slides' tissue worker, which times its own imports; so rasterio, torch and segpipe's stages are
+imported by the functions that use them, and a worker loads only what it measures (the floor worker no torch).
 """
 
 from __future__ import annotations
@@ -96,8 +100,7 @@ def build_scene(source: Path, side: int, scratch: Path, *, window: int = 2048, b
     Returns:
         ``(path, reused)``.
     """
-    import rasterio
-    from rasterio.windows import Window
+    import rasterio  # lazy: measured workers import this module (see its docstring)
 
     scratch.mkdir(parents=True, exist_ok=True)
     path = scratch / f"{source.stem}-mirror-{side}x{side}.tif"
@@ -117,16 +120,29 @@ def build_scene(source: Path, side: int, scratch: Path, *, window: int = 2048, b
                 return path, True
     with rasterio.open(source) as src:
         data = src.read()
-        crs, transform, dtype, count = src.crs, src.transform, src.dtypes[0], src.count
-    _, height, width = data.shape
+        profile = _scene_profile(src, side, block)
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.unlink(missing_ok=True)
+    try:
+        _write_mirrored(tmp, data, profile, window)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    sidecar.write_text(json.dumps(spec, indent=2) + "\n")
+    return path, False
+
+
+def _scene_profile(src: Any, side: int, block: int) -> dict[str, Any]:
+    """The GeoTIFF profile of a ``side`` x ``side`` scene with the bands, CRS and transform of the open ``src``:
+    tiled in ``block`` px, DEFLATE with horizontal predictor (lossless)."""
     profile = {
         "driver": "GTiff",
         "width": side,
         "height": side,
-        "count": count,
-        "dtype": dtype,
-        "crs": crs,
-        "transform": transform,
+        "count": src.count,
+        "dtype": src.dtypes[0],
+        "crs": src.crs,
+        "transform": src.transform,
         "tiled": True,
         "blockxsize": block,
         "blockysize": block,
@@ -136,25 +152,27 @@ def build_scene(source: Path, side: int, scratch: Path, *, window: int = 2048, b
         "bigtiff": "IF_SAFER",
         "num_threads": "ALL_CPUS",
     }
-    if count == 3:
+    if src.count == 3:
         profile["photometric"] = "RGB"
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.unlink(missing_ok=True)
-    try:
-        with rasterio.open(tmp, "w", **profile) as dst:
-            for r0 in range(0, side, window):
-                rows = mirror_indices(r0, min(window, side - r0), height)
-                for c0 in range(0, side, window):
-                    cols = mirror_indices(c0, min(window, side - c0), width)
-                    dst.write(
-                        data[:, rows[:, None], cols[None, :]],
-                        window=Window(c0, r0, len(cols), len(rows)),
-                    )
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    sidecar.write_text(json.dumps(spec, indent=2) + "\n")
-    return path, False
+    return profile
+
+
+def _write_mirrored(path: Path, data: np.ndarray, profile: dict[str, Any], window: int) -> None:
+    """Write the endless mirror tiling of ``data`` (bands, h, w) onto the profile's grid, ``window`` px at a time."""
+    import rasterio  # lazy: measured workers import this module (see its docstring)
+    from rasterio.windows import Window  # lazy: as rasterio
+
+    side = profile["width"]
+    _, height, width = data.shape
+    with rasterio.open(path, "w", **profile) as dst:
+        for r0 in range(0, side, window):
+            rows = mirror_indices(r0, min(window, side - r0), height)
+            for c0 in range(0, side, window):
+                cols = mirror_indices(c0, min(window, side - c0), width)
+                dst.write(
+                    data[:, rows[:, None], cols[None, :]],
+                    window=Window(c0, r0, len(cols), len(rows)),
+                )
 
 
 # --------------------------------------------------------------------------------------------------- memory
@@ -171,7 +189,7 @@ class TreeMemorySampler:
     """
 
     def __init__(self, pid: int | None = None, interval: float = 0.2, pss_every: int = 5) -> None:
-        import psutil
+        import psutil  # lazy: the bench extra (psutil)
 
         self._psutil = psutil
         self.root = psutil.Process(pid or os.getpid())
@@ -302,13 +320,13 @@ _ALLOCATOR: dict[str, Any] = {"retain_freed_memory": None}
 def _torch_setup(device: str, plain_allocator: bool = False) -> Any:
     """torch with segpipe's CPU process setup: threads = cores and, unless ``plain_allocator``, the same malloc
     thresholds as segpipe's segmenters (so the limit and the peers get the same allocator as segpipe)."""
-    import torch
+    import torch  # lazy: the floor worker must not load torch (RSS measured)
 
     if device == "cpu":
         torch.set_num_threads(cores())
         if not plain_allocator:
             try:
-                from segpipe.core.runtime import retain_freed_memory
+                from segpipe.core.runtime import retain_freed_memory  # lazy: older segpipes lack it (guarded)
             except ImportError:  # a segpipe without it
                 _ALLOCATOR["retain_freed_memory"] = False
             else:
@@ -319,7 +337,7 @@ def _torch_setup(device: str, plain_allocator: bool = False) -> Any:
 def _load(setup: Setup) -> tuple[Any, Any, np.ndarray, np.ndarray]:
     """(torch, module, mean (bands,1,1), std (bands,1,1))."""
     torch = _torch_setup(setup.device, setup.plain_allocator)
-    from segpipe.models.checkpoint import load_model
+    from segpipe.models.checkpoint import load_model  # lazy: the floor worker must not load torch (RSS measured)
 
     loaded = load_model(setup.model, device=setup.device)
     module = loaded.module
@@ -342,7 +360,7 @@ def _forward(torch: Any, module: Any, x: Any, device: str) -> Any:
 
 def _read_padded(src: Any, row: int, col: int, size: int) -> np.ndarray:
     """``size x size`` pixels at (row, col) (may leave the scene), mirror-padded ("reflect") outside it."""
-    from rasterio.windows import Window
+    from rasterio.windows import Window  # lazy: workers import this module (see its docstring)
 
     r0, c0 = max(0, row), max(0, col)
     r1, c1 = min(src.height, row + size), min(src.width, col + size)
@@ -355,7 +373,7 @@ def _read_padded(src: Any, row: int, col: int, size: int) -> np.ndarray:
 
 def worker_limit(setup: Setup, config: dict[str, Any]) -> dict[str, Any]:
     """Model-only limit: time ``batches`` forward passes of a (B, bands, S, S) in-memory batch; extrapolate."""
-    import rasterio
+    import rasterio  # lazy: workers import this module (see its docstring)
 
     torch, module, mean, std = _load(setup)
     s, b = setup.input_size, setup.batch_size
@@ -410,7 +428,7 @@ def crop_window(width: int, height: int, size: int = 2048, multiple: int = 16) -
 def worker_reference(setup: Setup, config: dict[str, Any]) -> dict[str, Any]:
     """Whole-image inference on the crop: one forward pass over the crop plus ``margin`` pixels of real scene
     context (mirror-padded where the margin leaves the scene); saves the crop's class ids as .npy."""
-    import rasterio
+    import rasterio  # lazy: workers import this module (see its docstring)
 
     torch, module, mean, std = _load(setup)
     row, col, side = config["crop"]
@@ -451,8 +469,8 @@ def monai_memory_bytes(pixels: int, bands: int, classes: int) -> int:
 
 def worker_monai(setup: Setup, config: dict[str, Any]) -> dict[str, Any]:
     """MONAI's sliding_window_inference on the whole scene in memory, then a GeoTIFF with rasterio."""
-    import rasterio
-    from monai.inferers import sliding_window_inference
+    import rasterio  # lazy: workers import this module (see its docstring)
+    from monai.inferers import sliding_window_inference  # lazy: the bench extra (monai, a peer)
 
     torch, module, mean, std = _load(setup)
     t0 = time.perf_counter()
@@ -493,8 +511,8 @@ def worker_monai(setup: Setup, config: dict[str, Any]) -> dict[str, Any]:
 def worker_loop(setup: Setup, config: dict[str, Any]) -> dict[str, Any]:
     """Plain rasterio window loop without overlap: read a batch of S x S windows (mirror-padded at the
     edge), forward, argmax, write each window's classes."""
-    import rasterio
-    from rasterio.windows import Window
+    import rasterio  # lazy: workers import this module (see its docstring)
+    from rasterio.windows import Window  # lazy: workers import this module (see its docstring)
 
     torch, module, mean, std = _load(setup)
     s, b = setup.input_size, setup.batch_size
@@ -521,9 +539,9 @@ def worker_floor(setup: Setup, config: dict[str, Any]) -> dict[str, Any]:
     """The I/O floor: read the scene once, window by window (2048 px, aligned to its blocks), one per-pixel op
     (band 1 > band 2), write a tiled GeoTIFF (512 px, ZSTD 1, as segpipe's scratch file), then the COG with
     overviews (DEFLATE, MODE), GDAL threads = cores. What any pipeline must pay to turn the scene into a mask."""
-    import rasterio
-    import rasterio.shutil
-    from rasterio.windows import Window
+    import rasterio  # lazy: workers import this module (see its docstring)
+    import rasterio.shutil  # lazy: workers import this module (see its docstring)
+    from rasterio.windows import Window  # lazy: workers import this module (see its docstring)
 
     n = str(cores())
     scratch = Path(config["output"]).with_suffix(".scratch.tif")
@@ -573,7 +591,7 @@ def worker_main(argv: Sequence[str]) -> int:
 
 
 def grid_of(path: str | Path) -> dict[str, Any]:
-    import rasterio
+    import rasterio  # lazy: workers import this module (see its docstring)
 
     with rasterio.open(path) as src:
         return {
@@ -595,8 +613,8 @@ def same_grid(a: str | Path, b: str | Path) -> tuple[bool, str]:
 
 def output_stats(path: str | Path, crop: tuple[int, int, int], reference: np.ndarray | None) -> dict[str, Any]:
     """Disagreement with the reference on the crop, and the count of nodata (255) pixels, block by block."""
-    import rasterio
-    from rasterio.windows import Window
+    import rasterio  # lazy: workers import this module (see its docstring)
+    from rasterio.windows import Window  # lazy: workers import this module (see its docstring)
 
     row, col, side = crop
     nodata = 0
@@ -616,9 +634,9 @@ def output_stats(path: str | Path, crop: tuple[int, int, int], reference: np.nda
 
 def machine_description() -> dict[str, Any]:
     """CPU model, cores, RAM, library versions, GPU (if any)."""
-    import psutil
-    import rasterio
-    import torch
+    import psutil  # lazy: the bench extra (psutil)
+    import rasterio  # lazy: workers import this module (see its docstring)
+    import torch  # lazy: the floor worker must not load torch (RSS measured)
 
     cpu = platform.processor() or ""
     with contextlib.suppress(OSError):
@@ -733,17 +751,17 @@ def segpipe_command() -> list[str]:
 
 def plan_setup(scene: Path, model: str, device: str, plain_allocator: bool = False) -> Setup:
     """segpipe's own resolution of tile size, halo and batch size for this scene and model."""
-    from segpipe.pipeline.plan import make_plan
-    from segpipe.pipeline.settings import RunSettings
+    from segpipe.pipeline.plan import make_plan  # lazy: workers import this module (see its docstring)
+    from segpipe.pipeline.settings import RunSettings  # lazy: workers import this module (see its docstring)
 
     with tempfile.TemporaryDirectory() as tmp:
         plan = make_plan(RunSettings(input=str(scene), output=str(Path(tmp) / "plan.tif"), model=model))
     return Setup(
         scene=str(scene),
         model=model,
-        tile_size=plan.tile_size,
-        halo=plan.halo,
-        batch_size=plan.batch_size,
+        tile_size=plan.recipe.tile_size,
+        halo=plan.recipe.halo,
+        batch_size=plan.recipe.batch_size,
         width=plan.scene.width,
         height=plan.scene.height,
         bands=plan.scene.count,
@@ -988,7 +1006,7 @@ def _peer_rows(
     scene: Path,
 ) -> None:
     """MONAI's sliding window (skipped when the scene would not fit in memory) and the plain window loop."""
-    import psutil
+    import psutil  # lazy: the bench extra (psutil)
 
     outputs = bench.scratch / "outputs"
     need = monai_memory_bytes(setup.pixels, setup.bands, 6)
@@ -1055,7 +1073,7 @@ def peer(
 
 
 def _cuda() -> bool:
-    import torch
+    import torch  # lazy: the floor worker must not load torch (RSS measured)
 
     return bool(torch.cuda.is_available())
 

@@ -17,7 +17,7 @@
    blocks) and union at the end; any class that covers a scene in one connected piece (a background class) does the
    same. Without water no polygon spans the mask, and memory is bounded by a row of blocks and the polygons crossing
    it.
-3. **Polygonising**: :func:`segpipe.pipeline.polygons.write_vector` (what ``--vector`` runs after the mask is
+3. **Polygonising**: :func:`segpipe.pipeline.sinks.vector.write_vector` (what ``--vector`` runs after the mask is
    written: GDAL's polygoniser block by block, cut polygons grouped and each unioned once, features written to a
    GeoPackage in batches) in a fresh process per mask. Time of the call, features written, the file's size, and
    memory: the process's peak RSS (VmHWM) and its RSS before the call (the imports: numpy, rasterio, shapely,
@@ -34,15 +34,21 @@ import argparse
 import contextlib
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import rasterio
+import rasterio.shutil
+from rasterio.windows import Window
+
 from benchmarks.bench_cluster import ENV, REPO, SHARED, machine
 from benchmarks.bench_pipeline import DEFAULT_SCRATCH, mirror_indices, run_measured
 from segpipe.core.files import sha256_file
+from segpipe.pipeline.sinks.vector import write_vector
 
 OUT = REPO / "benchmarks" / "results" / "polygons.json"
 SOURCE = SHARED / "rasterio" / "cogeo.tif"
@@ -83,7 +89,6 @@ def source_mask(scratch: Path) -> tuple[Path, float]:
         str(Path(sys.executable).with_name("segpipe")), "run", str(SOURCE), str(path), "--no-prefect",
         "--executor", "local", "--device", "cpu", "--overwrite",
     ]  # fmt: skip
-    import subprocess
 
     subprocess.run(cmd, check=True, env=ENV, capture_output=True)
     path.with_name(path.name + ".json").write_text(json.dumps(spec, indent=2) + "\n")
@@ -94,9 +99,6 @@ def build_mask(source: Path, side: int, scratch: Path, *, drop: int | None = Non
     """Write (or reuse) the ``side`` x ``side`` mirror tiling of the mask ``source`` as a COG (see the module
     docstring), class ``drop`` (if any) made nodata: (path, reused, seconds). Memory: the source mask and one
     window."""
-    import rasterio
-    import rasterio.shutil
-    from rasterio.windows import Window
 
     path = scratch / f"mask-mirror-{side}x{side}{'' if drop is None else f'-no{drop}'}.tif"
     spec: dict[str, Any] = {"source": sha256_file(source), "side": side, "window": WINDOW, "version": MASK_VERSION}
@@ -143,7 +145,6 @@ def build_mask(source: Path, side: int, scratch: Path, *, drop: int | None = Non
 
 def worker(mask: str, output: str, block: int) -> dict[str, Any]:
     """In a fresh process: ``write_vector`` of ``mask`` into ``output``, timed, with this process's memory."""
-    from segpipe.pipeline.polygons import write_vector
 
     before = _status_kib("VmRSS")
     started = time.perf_counter()

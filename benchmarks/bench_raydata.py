@@ -44,8 +44,8 @@ class _Read:
         self.scene, self.grid, self.mean, self.std = scene, grid, mean, std
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from segpipe.core.pixels import normalise
-        from segpipe.pipeline.tile_reader import SceneTiles
+        from segpipe.core.pixels import normalise  # lazy: timed, in run_raydata's validate
+        from segpipe.pipeline.tile_reader import SceneTiles  # lazy: timed, in run_raydata's validate
 
         reader = SceneTiles(self.scene)
         try:
@@ -62,11 +62,11 @@ class _Read:
 class _Segment:
     """Ray Data actor body: the model (a segpipe segmenter) runs each batch and aggregates it into the store."""
 
-    def __init__(self, spec: Any, job: Any) -> None:
-        from segpipe.pipeline.infer import TileSegmenter
+    def __init__(self, spec: Any, store_url: str, recipe: Any) -> None:
+        from segpipe.pipeline.infer import TileSegmenter  # lazy: timed, in run_raydata's validate
 
         self.segmenter = TileSegmenter(spec)
-        self.segmenter._open(job)
+        self.segmenter._open(store_url, recipe)
         self.compute = 0.0
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -81,15 +81,14 @@ class _Segment:
 def run_raydata(scene: str, model: str, out: str, work: str) -> dict[str, Any]:
     """The Ray Data method, in this process; returns its stage seconds."""
     t0 = time.perf_counter()
-    import ray
+    import ray  # lazy: timed, in run_raydata's validate
 
-    from segpipe.pipeline import store as ws
-    from segpipe.pipeline.infer import InferJob
-    from segpipe.pipeline.ingest import index_scene
-    from segpipe.pipeline.plan import make_plan
-    from segpipe.pipeline.session import ModelSpec, Session
-    from segpipe.pipeline.settings import RunSettings
-    from segpipe.pipeline.tile import plan_tiles
+    from segpipe.pipeline import store as ws  # lazy: timed, in run_raydata's validate
+    from segpipe.pipeline.ingest import index_scene  # lazy: timed, in run_raydata's validate
+    from segpipe.pipeline.plan import make_plan  # lazy: timed, in run_raydata's validate
+    from segpipe.pipeline.session import Session  # lazy: timed, in run_raydata's validate
+    from segpipe.pipeline.settings import RunSettings  # lazy: timed, in run_raydata's validate
+    from segpipe.pipeline.tile import plan_tiles  # lazy: timed, in run_raydata's validate
 
     plan = make_plan(RunSettings(input=scene, output=out, model=model, ingest="never", overwrite=True))
     meta_mean, meta_std = _normalisation(plan.model.path)
@@ -97,13 +96,13 @@ def run_raydata(scene: str, model: str, out: str, work: str) -> dict[str, Any]:
     with Session(ray=True) as session:
         seconds["session"] = time.perf_counter() - t0 - sum(seconds.values())
         store = ws.WorkStore(ws.store_url(work, scene))
-        index_scene(plan.scene, store, chunk_size=plan.tile_size)
-        store.prepare_run(plan.run_key, plan.grid, len(plan.model.classes), probabilities=False,
+        recipe = plan.recipe
+        index_scene(plan.scene, store, chunk_size=recipe.tile_size)
+        store.prepare_run(recipe.digest(), plan.grid, len(plan.model.classes), probabilities=False,
                           tile_probabilities=False)  # fmt: skip
-        tiles = [i for batch in plan_tiles(store, plan.grid, plan.batch_size).batches for i in batch]
+        tiles = [i for batch in plan_tiles(store, plan.grid, recipe.batch_size).batches for i in batch]
         cores = int(session.ray.cluster_resources().get("CPU", 1))
-        spec = ModelSpec(plan.model.ref, plan.model.checksum, "cpu", cores)
-        job = InferJob(store.url, plan.tile_size, plan.halo, "crop")
+        spec = plan.model.spec("cpu", cores)
         context = ray.data.DataContext.get_current()
         context.execution_options.preserve_order = True
         context.enable_progress_bars = False
@@ -111,12 +110,12 @@ def run_raydata(scene: str, model: str, out: str, work: str) -> dict[str, Any]:
         results = (
             ray.data.from_items([{"index": i} for i in tiles])
             .map_batches(_Read, fn_constructor_args=(plan.scene, plan.grid, meta_mean, meta_std),
-                         batch_size=plan.batch_size, num_cpus=1, concurrency=max(1, cores - 1))
-            .map_batches(_Segment, fn_constructor_args=(spec, job), batch_size=plan.batch_size, num_cpus=1,
-                         concurrency=1)
+                         batch_size=recipe.batch_size, num_cpus=1, concurrency=max(1, cores - 1))
+            .map_batches(_Segment, fn_constructor_args=(spec, store.url, recipe), batch_size=recipe.batch_size,
+                         num_cpus=1, concurrency=1)
             .take_all()
         )  # fmt: skip
-        store.finish_run(plan.run_key)
+        store.finish_run(recipe.digest())
         seconds["infer"] = time.perf_counter() - t
         t = time.perf_counter()
         with tempfile.TemporaryDirectory() as scratch:
@@ -129,7 +128,7 @@ def run_raydata(scene: str, model: str, out: str, work: str) -> dict[str, Any]:
 
 
 def _normalisation(path: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    from segpipe.models.metadata import find_metadata, read_metadata
+    from segpipe.models.metadata import find_metadata, read_metadata  # lazy: timed, in run_raydata's validate
 
     meta = read_metadata(find_metadata(path))
     return tuple(meta.mean), tuple(meta.std)

@@ -31,6 +31,10 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from benchmarks.bench_models import machine
+from segpipe.models.train_default import ARGUMENTS, DEFAULT_DATA, build_config
+from segpipe.models.training import train
+
 REPO = Path(__file__).resolve().parents[1]
 
 #: Variant name -> (architecture, training-config overrides, architecture-argument overrides).
@@ -59,8 +63,6 @@ DESCRIPTIONS: dict[str, str] = {
 
 def run_variant(name: str, epochs: int, threads: int, work_dir: str, data: str) -> dict[str, Any]:
     """Train one variant (or read it back / resume it); returns its summary and per-epoch history."""
-    from segpipe.models.train_default import ARGUMENTS, build_config
-    from segpipe.models.training import train
 
     architecture, overrides, arguments = VARIANTS[name]
     config = build_config(
@@ -133,8 +135,6 @@ def oracle(histories: list[list[dict[str, Any]]]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchmarks.bench_models import machine
-    from segpipe.models.train_default import DEFAULT_DATA
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_recipes", description=__doc__.split("\n")[0])
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")

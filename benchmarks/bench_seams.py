@@ -28,19 +28,29 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import rasterio
+import torch
+from torch import nn
+
+from benchmarks.bench_pipeline import mirror_indices
+from segpipe.core.blend import weights_2d
+from segpipe.core.pixels import normalise
+from segpipe.core.tiles import Tile, TileGrid, read_tile_input
+from segpipe.models.checkpoint import load_model
+from segpipe.models.metadata import ModelMetadata
+from segpipe.pipeline.stitch import blend_core
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SOURCE = REPO.parent / "shared" / "data" / "rasterio" / "cogeo.tif"
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "seams.json"
 
+#: Tile predictions of a configuration: (row, col) -> (tile, softmax (classes, S, S) over the tile's input).
+Predictions = dict[tuple[int, int], tuple[Tile, np.ndarray]]
+
 
 def mirrored(source: Path, side: int) -> np.ndarray:
     """A (bands, side, side) scene: ``source`` mirror-tiled as the pipeline benchmark's scenes are
     (:func:`benchmarks.bench_pipeline.mirror_indices`), held in memory."""
-    import rasterio
-
-    from benchmarks.bench_pipeline import mirror_indices
-
     with rasterio.open(source) as src:
         data = src.read()
     _, h, w = data.shape
@@ -55,7 +65,7 @@ def parse_configs(text: str) -> list[tuple[int, int]]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.bench_seams", description=__doc__.split("\n")[0])
     p.add_argument("--scene", type=Path, default=DEFAULT_SOURCE, help="real image, mirror-tiled to --side")
     p.add_argument("--side", type=int, default=2048, help="scene side in pixels (a multiple of every tile size)")
@@ -64,29 +74,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--margin", type=int, default=256, help="interior = this many pixels away from the edge")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    args = p.parse_args(argv)
+    return p
 
-    import torch
 
-    from segpipe.core.blend import weights_2d
-    from segpipe.core.pixels import normalise
-    from segpipe.core.tiles import TileGrid, read_tile_input
-    from segpipe.models.checkpoint import load_model
-    from segpipe.pipeline.stitch import blend_core
-
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     loaded = load_model(args.model)
-    meta, model = loaded.metadata, loaded.module
     scene = mirrored(args.scene, args.side)
     valid = np.ones(scene.shape[1:], dtype=np.uint8)
-
-    def forward(x: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            return torch.softmax(model(torch.from_numpy(x)[None]).float(), dim=1)[0].numpy()
-
     t = time.perf_counter()
-    reference = forward(normalise(scene, meta.mean, meta.std, valid)).argmax(0)
+    reference = softmax(loaded.module, normalise(scene, loaded.metadata.mean, loaded.metadata.std, valid)).argmax(0)
     reference_s = time.perf_counter() - t
     m = args.margin
     inner = (slice(m, args.side - m), slice(m, args.side - m))
@@ -94,24 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     for tile_size, halo in args.configs:
         grid = TileGrid(args.side, args.side, tile_size, halo)
         t = time.perf_counter()
-        predictions = {}
-        for tile in grid:
-            pixels, ok = read_tile_input(scene, valid, tile)
-            predictions[(tile.row, tile.col)] = (tile, forward(normalise(pixels, meta.mean, meta.std, ok)))
+        predictions = tile_predictions(loaded.module, loaded.metadata, scene, valid, grid)
         seconds = time.perf_counter() - t
         for blend in ("crop", "cosine"):
             if blend == "cosine" and halo == 0:
                 continue  # no overlap: identical to crop
-            out = np.zeros((args.side, args.side), dtype=np.uint8)
-            weights = weights_2d(grid.input_size, halo, blend)
-            for tile in grid:
-                if blend == "crop":
-                    c = tile.core_in_input
-                    probs = predictions[(tile.row, tile.col)][1][:, c.row_slice, c.col_slice]
-                else:
-                    near = {(n.row, n.col): predictions[(n.row, n.col)] for n in grid.neighbours(tile.row, tile.col)}
-                    probs = blend_core(tile, near, weights)
-                out[tile.core.row_slice, tile.core.col_slice] = probs.argmax(0)
+            out = stitched(grid, predictions, blend, args.side)
             rows.append(
                 {
                     "tile_size": tile_size,
@@ -123,17 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                     "forward_seconds": seconds,
                 }
             )
-    lines = [
-        "| tile | halo | blend | compute x | differs (interior) | differs (all) | tile forwards (s) |",
-        "|---:|---:|---|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['tile_size']} | {r['halo']} | {r['blend']} | {r['compute_factor']:.2f} | "
-            f"{100 * r['disagreement_interior']:.2f} % | {100 * r['disagreement_all']:.2f} % | "
-            f"{r['forward_seconds']:.0f} |"
-        )
-    print("\n".join(lines))
+    print(table(rows))
     result = {
         "benchmark": "seams",
         "command": ["python", "-m", "benchmarks.bench_seams", *(argv if argv is not None else sys.argv[1:])],
@@ -148,6 +125,54 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
     return 0
+
+
+def softmax(model: nn.Module, x: np.ndarray) -> np.ndarray:
+    """The model's class probabilities (classes, H, W) of one normalised image (bands, H, W)."""
+    with torch.inference_mode():
+        return torch.softmax(model(torch.from_numpy(x)[None]).float(), dim=1)[0].numpy()
+
+
+def tile_predictions(
+    model: nn.Module, meta: ModelMetadata, scene: np.ndarray, valid: np.ndarray, grid: TileGrid
+) -> Predictions:
+    """Every tile's softmax, each tile read with its halo as segpipe reads it (mirror-padded at the edge)."""
+    predictions = {}
+    for tile in grid:
+        pixels, ok = read_tile_input(scene, valid, tile)
+        predictions[(tile.row, tile.col)] = (tile, softmax(model, normalise(pixels, meta.mean, meta.std, ok)))
+    return predictions
+
+
+def stitched(grid: TileGrid, predictions: Predictions, blend: str, side: int) -> np.ndarray:
+    """The class ids (side, side) of the tile predictions merged as ``blend`` merges them: each tile's core
+    (``crop``), or the weighted mean of the overlapping tiles (``cosine``)."""
+    out = np.zeros((side, side), dtype=np.uint8)
+    weights = weights_2d(grid.input_size, grid.halo, blend)
+    for tile in grid:
+        if blend == "crop":
+            c = tile.core_in_input
+            probs = predictions[(tile.row, tile.col)][1][:, c.row_slice, c.col_slice]
+        else:
+            near = {(n.row, n.col): predictions[(n.row, n.col)] for n in grid.neighbours(tile.row, tile.col)}
+            probs = blend_core(tile, near, weights)
+        out[tile.core.row_slice, tile.core.col_slice] = probs.argmax(0)
+    return out
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """The rows as a Markdown table."""
+    lines = [
+        "| tile | halo | blend | compute x | differs (interior) | differs (all) | tile forwards (s) |",
+        "|---:|---:|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['tile_size']} | {r['halo']} | {r['blend']} | {r['compute_factor']:.2f} | "
+            f"{100 * r['disagreement_interior']:.2f} % | {100 * r['disagreement_all']:.2f} % | "
+            f"{r['forward_seconds']:.0f} |"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -79,7 +79,7 @@ def slide_side(gigapixels: float) -> int:
 
 def _level0(path: Path) -> np.ndarray:
     """Level 0 of a slide as (h, w, 3) uint8, transparent (unscanned) pixels composited onto glass."""
-    import openslide
+    import openslide  # lazy: the tissue worker's process imports nothing before its timer (import_seconds)
 
     slide = openslide.OpenSlide(str(path))
     try:
@@ -145,7 +145,7 @@ def build_slide(side: int, scratch: Path, cell: list[np.ndarray]) -> tuple[Path,
     Returns:
         ``(path, reused, seconds)``.
     """
-    import tifffile
+    import tifffile  # lazy: the tissue worker's process imports nothing before its timer (import_seconds)
 
     scratch.mkdir(parents=True, exist_ok=True)
     path = scratch / f"slide-mirror-{side}x{side}.tiff"
@@ -232,9 +232,9 @@ def _hwm_kib() -> int:
 def tissue_worker(path: str, resolutions: list[float], tile: int) -> dict[str, Any]:
     """In a fresh process: the tissue detection a run does, timed, with the background tiles per grid."""
     started = time.perf_counter()
-    from segpipe.core.pyramid import plan_read
-    from segpipe.pipeline.read import Selection
-    from segpipe.pipeline.sources.slide import SlideSource
+    from segpipe.core.pyramid import plan_read  # lazy: timed, the worker's import_seconds
+    from segpipe.pipeline.scene import Selection  # lazy: timed, the worker's import_seconds
+    from segpipe.pipeline.sources.slide import SlideSource  # lazy: timed, the worker's import_seconds
 
     imported = time.perf_counter()
     with SlideSource(path, Selection(tissue="otsu")) as src:
@@ -296,7 +296,7 @@ def _fmt_share(part: int, whole: int) -> str:
     return f"{part} of {whole} ({part / whole:.0%})" if whole else "-"
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_slides", description=__doc__.split("\n")[0])
     parser.add_argument("--gigapixels", type=float, default=1.0, help="nominal size of the whole slide")
     parser.add_argument("--crops", default="0.025,0.1", help="nominal gigapixels of the crops run at level 0")
@@ -307,7 +307,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-runs", action="store_true", help="only build the slide and detect tissue")
     parser.add_argument("--_tissue", dest="tissue_path", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--_resolutions", dest="resolutions", default="0.5,2", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.tissue_path:  # the worker of step 2
         resolutions = [float(v) for v in args.resolutions.split(",")]
         print(json.dumps(tissue_worker(args.tissue_path, resolutions, args.tile)))
@@ -316,23 +320,10 @@ def main(argv: list[str] | None = None) -> int:
     coarse = float(args.coarse.removesuffix("um"))
     report: dict[str, Any] = {"machine": machine(), "load_average": list(os.getloadavg()), "slides": [], "runs": []}
     started = time.perf_counter()
-    cell: list[np.ndarray] = []
-    slides: dict[float, Path] = {}
-    for gp in sorted({*crops, args.gigapixels}):
-        side = slide_side(gp)
-        path, reused, seconds = build_slide(side, args.scratch, cell)
-        slides[gp] = path
-        row = {"gigapixels": gp, "side": side, "megapixels": round(side * side / 1e6, 1), "path": str(path),
-               "levels": level_sides(side), "file_mib": round(path.stat().st_size / MIB, 1),
-               "reused": reused, "build_s": round(seconds, 1)}  # fmt: skip
-        report["slides"].append(row)
-        print(f"slide {side} x {side}: {row['file_mib']} MiB, {'reused' if reused else f'built in {seconds:.0f} s'}",
-              flush=True)  # fmt: skip
-    cell.clear()
-    whole = slides[args.gigapixels]
+    slides = build_slides(sorted({*crops, args.gigapixels}), args.scratch, report["slides"])
     measured = run_measured(
-        [sys.executable, "-m", "benchmarks.bench_slides", "--_tissue", str(whole), "--tile", str(args.tile),
-         "--_resolutions", f"0.5,{coarse:g}"], env=ENV,
+        [sys.executable, "-m", "benchmarks.bench_slides", "--_tissue", str(slides[args.gigapixels]), "--tile",
+         str(args.tile), "--_resolutions", f"0.5,{coarse:g}"], env=ENV,
     )  # fmt: skip
     if measured.returncode != 0:
         print(measured.stderr[-2000:])
@@ -342,25 +333,59 @@ def main(argv: list[str] | None = None) -> int:
     report["tissue"] = tissue
     print(f"tissue detection: {tissue['seconds']} s, {tissue['tissue_share']:.1%} tissue", flush=True)
     if not args.skip_runs:
-        with tempfile.TemporaryDirectory(prefix="bench-slides-") as tmp:
-            plan = [(gp, "0.5um") for gp in crops if gp != args.gigapixels] + [(args.gigapixels, f"{coarse:g}um")]
-            for gp, resolution in plan:
-                for mode in ("otsu", "none"):
-                    row = segpipe_run(slides[gp], Path(tmp) / "mask.ome.tif", resolution, mode)
-                    row["gigapixels"] = gp
-                    report["runs"].append(row)
-                    t = row["tiles"]
-                    print(
-                        f"run {gp:g} GP at {resolution}, tissue {mode}: {row['wall_s']} s, "
-                        f"{t['skipped_nodata']} of {t['total']} tiles skipped, peak RSS {row['peak_rss_mib']} MiB",
-                        flush=True,
-                    )
+        plan = [(gp, "0.5um") for gp in crops if gp != args.gigapixels] + [(args.gigapixels, f"{coarse:g}um")]
+        report["runs"] = end_to_end(slides, plan)
     report["total_s"] = round(time.perf_counter() - started, 1)
+    whole = next(s for s in report["slides"] if s["gigapixels"] == args.gigapixels)
+    lines = tissue_table(whole, tissue, args.tile) + (runs_table(report["runs"]) if report["runs"] else [])
+    print("\n".join(lines))
+    report["table"] = lines
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out} ({report['total_s']:.0f} s in all)")
+    return 0
 
-    whole_row = next(s for s in report["slides"] if s["gigapixels"] == args.gigapixels)
+
+def build_slides(sizes: list[float], scratch: Path, rows: list[dict[str, Any]]) -> dict[float, Path]:
+    """Build (or reuse) a slide of each nominal size (gigapixels); append each one's row to ``rows``."""
+    cell: list[np.ndarray] = []
+    slides: dict[float, Path] = {}
+    for gp in sizes:
+        side = slide_side(gp)
+        path, reused, seconds = build_slide(side, scratch, cell)
+        slides[gp] = path
+        row = {"gigapixels": gp, "side": side, "megapixels": round(side * side / 1e6, 1), "path": str(path),
+               "levels": level_sides(side), "file_mib": round(path.stat().st_size / MIB, 1),
+               "reused": reused, "build_s": round(seconds, 1)}  # fmt: skip
+        rows.append(row)
+        print(f"slide {side} x {side}: {row['file_mib']} MiB, {'reused' if reused else f'built in {seconds:.0f} s'}",
+              flush=True)  # fmt: skip
+    return slides
+
+
+def end_to_end(slides: dict[float, Path], plan: list[tuple[float, str]]) -> list[dict[str, Any]]:
+    """``segpipe run`` of each (slide, resolution) of ``plan``, with tissue detection and without."""
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-slides-") as tmp:
+        for gp, resolution in plan:
+            for mode in ("otsu", "none"):
+                row = segpipe_run(slides[gp], Path(tmp) / "mask.ome.tif", resolution, mode)
+                row["gigapixels"] = gp
+                rows.append(row)
+                t = row["tiles"]
+                print(
+                    f"run {gp:g} GP at {resolution}, tissue {mode}: {row['wall_s']} s, "
+                    f"{t['skipped_nodata']} of {t['total']} tiles skipped, peak RSS {row['peak_rss_mib']} MiB",
+                    flush=True,
+                )
+    return rows
+
+
+def tissue_table(whole: dict[str, Any], tissue: dict[str, Any], tile: int) -> list[str]:
+    """The lines of the tissue detection's table (Markdown), on the whole slide ``whole``."""
     lines = [
-        f"Tissue detection alone on the {whole_row['side']} x {whole_row['side']} slide "
-        f"({whole_row['megapixels'] / 1000:.2f} GP, {whole_row['file_mib'] / 1024:.2f} GiB on disk):",
+        f"Tissue detection alone on the {whole['side']} x {whole['side']} slide "
+        f"({whole['megapixels'] / 1000:.2f} GP, {whole['file_mib'] / 1024:.2f} GiB on disk):",
         "",
         "| figure | value |",
         "|---|---:|",
@@ -371,30 +396,29 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for grid in tissue["grids"]:
         lines.append(
-            f"| {args.tile} px tiles without tissue at {grid['resolution_um']:g} um "
+            f"| {tile} px tiles without tissue at {grid['resolution_um']:g} um "
             f"({grid['grid'][0]} x {grid['grid'][1]}) | {_fmt_share(grid['background'], grid['tiles'])} |"
         )
-    if report["runs"]:
-        lines += [
-            "",
-            "| slide | read at | grid (MP) | tissue | tiles computed | tiles skipped | wall (s) | MP/s | "
-            "peak RSS (MiB) | peak PSS (MiB) |",
-            "|---|---|---:|---|---:|---:|---:|---:|---:|---:|",
-        ]
-        for row in report["runs"]:
-            t = row["tiles"]
-            side = slide_side(row["gigapixels"])
-            lines.append(
-                f"| {side} x {side} | {row['resolution']} | {row['megapixels']:.1f} | {row['tissue']} | "
-                f"{t['computed']} | {_fmt_share(t['skipped_nodata'], t['total'])} | {row['wall_s']:.1f} | "
-                f"{row['mp_per_s']:.2f} | {row['peak_rss_mib']} | {row['peak_pss_mib']} |"
-            )
-    print("\n".join(lines))
-    report["table"] = lines
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out} ({report['total_s']:.0f} s in all)")
-    return 0
+    return lines
+
+
+def runs_table(runs: list[dict[str, Any]]) -> list[str]:
+    """The lines of the end-to-end runs' table (Markdown), after a blank line."""
+    lines = [
+        "",
+        "| slide | read at | grid (MP) | tissue | tiles computed | tiles skipped | wall (s) | MP/s | "
+        "peak RSS (MiB) | peak PSS (MiB) |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in runs:
+        t = row["tiles"]
+        side = slide_side(row["gigapixels"])
+        lines.append(
+            f"| {side} x {side} | {row['resolution']} | {row['megapixels']:.1f} | {row['tissue']} | "
+            f"{t['computed']} | {_fmt_share(t['skipped_nodata'], t['total'])} | {row['wall_s']:.1f} | "
+            f"{row['mp_per_s']:.2f} | {row['peak_rss_mib']} | {row['peak_pss_mib']} |"
+        )
+    return lines
 
 
 if __name__ == "__main__":

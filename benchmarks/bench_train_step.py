@@ -27,6 +27,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import nn
+
+from benchmarks.bench_models import machine
+from segpipe.core.runtime import cpu_has_bf16, retain_freed_memory
+from segpipe.models.registry import ARCHITECTURES, build_model
+from segpipe.models.train_default import ARGUMENTS
+
 REPO = Path(__file__).resolve().parents[1]
 BATCH, TILE, WARMUP = 8, 256, 2
 
@@ -35,12 +43,6 @@ def time_steps(
     architecture: str, *, malloc: bool, channels_last: bool, precision: str, steps: int, threads: int
 ) -> list[float]:
     """Seconds of each of ``steps`` training steps (after the warm-up), in this process."""
-    import torch
-    from torch import nn
-
-    from segpipe.core.runtime import retain_freed_memory
-    from segpipe.models.registry import build_model
-    from segpipe.models.train_default import ARGUMENTS
 
     torch.set_num_threads(threads)
     if malloc:
@@ -112,10 +114,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.one:
         print(json.dumps(time_steps(**json.loads(args.one), steps=args.steps, threads=args.threads)))
         return 0
-
-    from benchmarks.bench_models import machine
-    from segpipe.core.runtime import cpu_has_bf16
-    from segpipe.models.registry import ARCHITECTURES
 
     architectures = [a.strip() for a in args.architectures.split(",") if a.strip()]
     unknown = sorted(set(architectures) - set(ARCHITECTURES))

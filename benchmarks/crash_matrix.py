@@ -24,6 +24,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from segpipe.models.checkpoint import ClassInfo, ModelMetadata, save_checkpoint
+from segpipe.models.registry import build_model
 from tests.reliability.crash_matrix import KINDS, POINTS, CaseResult, Matrix, Point, lock_folder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,10 +36,6 @@ RESULTS = REPO / "benchmarks" / "results" / "crash-matrix.json"
 
 def build_checkpoint(folder: Path) -> Path:
     """The tests' ``rgb_checkpoint`` (``tests/conftest.py``): a seeded, untrained RGB U-Net, base 4, depth 2."""
-    import torch
-
-    from segpipe.models.checkpoint import ClassInfo, ModelMetadata, save_checkpoint
-    from segpipe.models.registry import build_model
 
     torch.manual_seed(0)
     arguments = {"in_channels": 3, "num_classes": 3, "base_channels": 4, "depth": 2}

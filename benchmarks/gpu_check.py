@@ -15,7 +15,7 @@ Records to ``benchmarks/results/gpu.json`` (``--out``):
    shipped model, the same with the null model (the pipeline's own ceiling with all cores), and the I/O floor.
    GPU busy share: ``nvidia-smi``'s utilisation sampled every 0.2 s during the shipped model's run, and the
    segmenters' compute seconds (CUDA-synchronised) over the infer stage's.
-4. **Training on CUDA**: a few optimizer steps of ``segpipe train``'s loop (``models.training.loop.train``) on
+4. **Training on CUDA**: a few optimizer steps of ``segpipe train``'s loop (``segpipe.models.training.loop.train``) on
    the Dubai pair in ``tests/data/dubai``, with the precision it picks; seconds per step and the losses.
 
 Exit status 1 when a check fails. Without a GPU the full check refuses to start (use ``--cpu-sized``).
@@ -38,8 +38,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import rasterio
+import torch
+from rasterio.windows import Window
 
 from benchmarks import bench_pipeline as bp
+from segpipe.core.pixels import normalise
+from segpipe.models.checkpoint import load_model
+from segpipe.models.training import TrainConfig, train
+from segpipe.models.training.optim import pick_precision
+from segpipe.pipeline.infer import ModelSpec
+from segpipe.pipeline.session import Session
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "gpu.json"
@@ -50,7 +59,6 @@ MIN_AGREEMENT = 0.995
 
 def check_segmenters(device: str) -> dict[str, Any]:
     """Start the segmenters a run would start on this node and ask each what it holds."""
-    from segpipe.pipeline.session import ModelSpec, Session
 
     with Session(ray=True) as session:
         resolved = session.device(device)
@@ -72,8 +80,6 @@ def check_segmenters(device: str) -> dict[str, Any]:
 
 def _tiles(scene: str, size: int, count: int) -> np.ndarray:
     """``count`` real windows of ``size`` pixels spread along the scene's diagonal, (count, bands, size, size)."""
-    import rasterio
-    from rasterio.windows import Window
 
     with rasterio.open(scene) as src:
         side = min(size, src.width // 16 * 16, src.height // 16 * 16)  # the model's size multiple
@@ -83,10 +89,6 @@ def _tiles(scene: str, size: int, count: int) -> np.ndarray:
 
 def check_precision(scene: str, device: str, tiles: int) -> dict[str, Any]:
     """Class ids of the shipped model in fp32 and with bf16 autocast on real tiles, compared pixel by pixel."""
-    import torch
-
-    from segpipe.core.pixels import normalise
-    from segpipe.models.checkpoint import load_model
 
     loaded = load_model("default", device=device)
     meta = loaded.metadata
@@ -160,10 +162,6 @@ def check_throughput(bench: bp.Bench, nominal: float) -> dict[str, Any]:
 
 def check_training(device: str, steps: int, scratch: Path) -> dict[str, Any]:
     """A few optimizer steps of the training loop on ``device``, with the precision it picks."""
-    import torch
-
-    from segpipe.models.training import TrainConfig, train
-    from segpipe.models.training.optim import pick_precision
 
     data = scratch / "dubai"
     for kind, suffix in (("images", ".jpg"), ("masks", ".png")):
@@ -227,7 +225,6 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _resolve(build_parser().parse_args(argv))
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    import torch
 
     cuda = torch.cuda.is_available()
     if not cuda and not args.cpu_sized:

@@ -33,8 +33,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from benchmarks import bench_pipeline as bp
+from segpipe.core.pixels import normalise
+from segpipe.core.runtime import available_cores
+from segpipe.core.tiles import TileGrid
+from segpipe.models.checkpoint import load_model
+from segpipe.pipeline import store as ws
+from segpipe.pipeline.infer import ModelSpec, TileSegmenter
+from segpipe.pipeline.ingest import index_scene, ingest
+from segpipe.pipeline.merge import class_ids
+from segpipe.pipeline.read import describe_scene
+from segpipe.pipeline.recipe import Recipe
+from segpipe.pipeline.scene import Selection
+from segpipe.pipeline.tile_reader import SceneTiles, StoreTiles
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "tiles.json"
@@ -50,17 +63,6 @@ def _median_ms(fn: Callable[[int], Any], repeats: int) -> float:
 
 
 def _steps(scene: str, model: str, repeats: int, work: Path) -> dict[str, float]:
-    import torch
-
-    from segpipe.core.pixels import normalise
-    from segpipe.core.runtime import available_cores
-    from segpipe.core.tiles import TileGrid
-    from segpipe.models.checkpoint import load_model
-    from segpipe.pipeline import store as ws
-    from segpipe.pipeline.ingest import ingest
-    from segpipe.pipeline.merge import class_ids
-    from segpipe.pipeline.read import describe_scene
-    from segpipe.pipeline.tile_reader import SceneTiles, StoreTiles
 
     torch.set_num_threads(available_cores())
     loaded = load_model(model)
@@ -112,26 +114,22 @@ def _steps(scene: str, model: str, repeats: int, work: Path) -> dict[str, float]
 
 def _profile(scene: str, model: str, tiles: int, work: Path) -> str:
     """cProfile of ``tiles`` tiles through the in-process segmenter (scene read in place)."""
-    from segpipe.core.runtime import available_cores
-    from segpipe.pipeline import store as ws
-    from segpipe.pipeline.infer import InferJob, TileSegmenter
-    from segpipe.pipeline.ingest import index_scene
-    from segpipe.pipeline.read import describe_scene
-    from segpipe.pipeline.session import ModelSpec
 
     segmenter = TileSegmenter(ModelSpec(model, None, "cpu", available_cores()))
     meta = segmenter.loaded.metadata
     info = describe_scene(scene)
     store = ws.WorkStore(str(work / "profile.zarr"))
     index_scene(info, store, chunk_size=meta.tile_size)
-    from segpipe.core.tiles import TileGrid
 
     grid = TileGrid(info.width, info.height, meta.tile_size, meta.halo)
-    store.prepare_run("profile", grid, len(meta.classes), probabilities=False, tile_probabilities=False)
-    job = InferJob(store.url, meta.tile_size, meta.halo, "crop")
+    recipe = Recipe(
+        model=segmenter.loaded.identity, tile_size=meta.tile_size, halo=meta.halo, blend="crop", batch_size=1,
+        probabilities=False, selection=Selection(), scaling=None,
+    )  # fmt: skip
+    store.prepare_run(recipe.digest(), grid, len(meta.classes), probabilities=False, tile_probabilities=False)
     profiler = cProfile.Profile()
     profiler.enable()
-    stats = segmenter.process(job, [[i] for i in range(min(tiles, len(grid)))])
+    stats = segmenter.process(store.url, recipe, [[i] for i in range(min(tiles, len(grid)))])
     profiler.disable()
     out = io.StringIO()
     pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(20)

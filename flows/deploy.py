@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from prefect.schedules import Cron
+
 from segpipe.core.options import values_of
 from segpipe.flows.dataset import segment_dataset
 from segpipe.pipeline.settings import DatasetOptions, RunOptions, ScheduleOptions
@@ -36,8 +38,6 @@ def serve_nightly(
 ) -> None:
     """Register the deployment ``segment_dataset/<name>`` with its cron schedule in its time zone (see
     :class:`~segpipe.pipeline.settings.ScheduleOptions`) and serve it (blocks; Ctrl-C or SIGTERM stops it)."""
-    from prefect.schedules import Cron
-
     when = schedule or ScheduleOptions()
     segment_dataset.serve(
         name=when.name,

@@ -20,6 +20,7 @@ from pathlib import Path
 from segpipe.core.errors import ModelError
 from segpipe.core.files import sha256_file, write_atomically
 from segpipe.core.objects import ObjectUrl, read_bytes
+from segpipe.models.metadata import METADATA_SUFFIX
 
 
 def cache_root() -> Path:
@@ -38,8 +39,6 @@ def sidecar_url(url: str, suffix: str = ".json") -> str:
 
 def _read_sidecar(url: str) -> tuple[bytes, str]:
     """The model's metadata (``<stem>.segpipe.json``, else ``<stem>.json``) and the suffix it was found under."""
-    from segpipe.models.metadata import METADATA_SUFFIX
-
     for suffix in (METADATA_SUFFIX, ".json"):
         try:
             return read_bytes(sidecar_url(url, suffix)), suffix

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from segpipe.core.errors import ConfigError, ModelError
 from segpipe.core.files import write_atomically
-from segpipe.core.objects import is_object_url
+from segpipe.core.location import Location
 from segpipe.models.cache import fetch_model
 from segpipe.models.external import OnnxModel, TorchScriptModel
 from segpipe.models.metadata import (
@@ -208,7 +208,7 @@ def resolve_model_path(name_or_path: str | Path, *, checksum: str | None = None)
         ModelError: If nothing matches, the choice is ambiguous, or the file is a pickle.
     """
     text = str(name_or_path)
-    if is_object_url(text):
+    if not Location(text).is_local:
         if Path(text).suffix.lower() in PICKLE_SUFFIXES:
             raise _refusal(Path(text), "a pickle-based checkpoint")
         return fetch_model(text, checksum=checksum)
@@ -374,13 +374,43 @@ def load_model(
             architecture, a missing onnxruntime.
         ConfigError: An unknown device.
     """
+    target = _torch_device(device)
+    path = resolve_model_path(name_or_path, checksum=checksum).resolve()
+    data = _model_bytes(path)
+    sidecar = metadata if metadata is not None else find_metadata(path)
+    meta = read_metadata(sidecar)
+    module = _module(data, path, meta, sidecar, target).to(target).eval()
+    found = hashlib.sha256(data).hexdigest()
+    if checksum is not None and found != checksum:
+        raise ModelError(
+            f"model file {path} has SHA-256 {found[:16]}... but the run was planned with {checksum[:16]}...; every "
+            "node must have the same model (a URL on object storage, or the same segpipe version for packaged models)"
+        )
+    logger.info("loaded model %s (%s, sha256 %s) on %s", path, meta.architecture, found[:12], target)
+    return LoadedModel(module=module, metadata=meta, path=str(path), checksum=found, metadata_path=str(sidecar))
+
+
+def _torch_device(device: str) -> torch.device:
+    """``device`` as a torch device that this machine has.
+
+    Raises:
+        ConfigError: not a torch device, or CUDA without a usable GPU.
+    """
     try:
         target = torch.device(device)
     except (RuntimeError, TypeError):
         raise ConfigError(f"device {device!r} is not a torch device; use 'cpu', 'cuda' or 'cuda:N'") from None
     if target.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {device!r} was requested but this machine has no usable CUDA GPU; use 'cpu'")
-    path = resolve_model_path(name_or_path, checksum=checksum).resolve()
+    return target
+
+
+def _model_bytes(path: Path) -> bytes:
+    """The bytes of the model file at ``path``, refused (before anything in them is interpreted) if they are a pickle.
+
+    Raises:
+        ModelError: the file cannot be read, or is a pickle or a zip of pickles.
+    """
     try:
         data = path.read_bytes()
     except OSError as error:
@@ -389,32 +419,28 @@ def load_model(
     kind = _pickle_kind(data) if suffix != ".safetensors" or not _safetensors_header_ok(data) else None
     if kind:
         raise _refusal(path, kind)
-    sidecar = metadata if metadata is not None else find_metadata(path)
-    meta = read_metadata(sidecar)
-    module: nn.Module
+    return data
+
+
+def _module(data: bytes, path: Path, meta: ModelMetadata, sidecar: str | Path, target: torch.device) -> nn.Module:
+    """The network of a model file's bytes: built from the registry and loaded with safetensors weights, or the
+    ONNX or TorchScript model wrapped as a module (on ``target``).
+
+    Raises:
+        ModelError: the sidecar's architecture does not fit the file's kind, or the weights do not fit it.
+    """
+    suffix = path.suffix.lower()
     if suffix == ".safetensors":
-        module = _load_safetensors(data, path, meta)
-    else:
-        expected = "onnx" if suffix == ".onnx" else "torchscript"
-        if meta.architecture != expected:
-            raise ModelError(
-                f"sidecar {sidecar}: 'architecture' must be {expected!r} for a {suffix} model file, "
-                f"got {meta.architecture!r}; fix the JSON sidecar"
-            )
-        if suffix == ".onnx":
-            module = OnnxModel(data, meta, str(path), target)
-        else:
-            module = TorchScriptModel(data, meta, str(path), target)
-    module = module.to(target).eval()
-    found = hashlib.sha256(data).hexdigest()
-    if checksum is not None and found != checksum:
+        return _load_safetensors(data, path, meta)
+    expected = "onnx" if suffix == ".onnx" else "torchscript"
+    if meta.architecture != expected:
         raise ModelError(
-            f"model file {path} has SHA-256 {found[:16]}... but the run was planned with {checksum[:16]}...; every "
-            "node must have the same model (a URL on object storage, or the same segpipe version for packaged models)"
+            f"sidecar {sidecar}: 'architecture' must be {expected!r} for a {suffix} model file, "
+            f"got {meta.architecture!r}; fix the JSON sidecar"
         )
-    checksum = found
-    logger.info("loaded model %s (%s, sha256 %s) on %s", path, meta.architecture, checksum[:12], target)
-    return LoadedModel(module=module, metadata=meta, path=str(path), checksum=checksum, metadata_path=str(sidecar))
+    if suffix == ".onnx":
+        return OnnxModel(data, meta, str(path), target)
+    return TorchScriptModel(data, meta, str(path), target)
 
 
 def _safetensors_header_ok(data: bytes) -> bool:

@@ -60,7 +60,7 @@ class SamplePair:
     mask: Path
 
 
-def find_pairs(folder: str | Path) -> list[SamplePair]:
+def find_sample_pairs(folder: str | Path) -> list[SamplePair]:
     """List the image/mask pairs of one data folder (``images/`` and ``masks/`` matched by file stem).
 
     Raises:
@@ -188,30 +188,45 @@ def read_mask(
         colormap = src.colormap(1) if paletted else None
     if not np.issubdtype(data.dtype, np.integer):
         raise InputError(f"{path}: expected an integer mask, got {data.dtype}; masks hold class ids or colours")
-    name = str(path)
     if data.shape[0] >= 3:
         if colour_table is None:
             raise ConfigError(f"{path}: is a colour-coded mask ({data.shape[0]} bands); pass a colour table")
         if data.dtype != np.uint8:
             raise InputError(f"{path}: expected 8-bit colours in an RGB mask, got {data.dtype}")
-        return colour_table.to_class_ids(data[:3], source=name, unknown=unknown, ignore_index=ignore_index)
-    band = data[0]
+        return colour_table.to_class_ids(data[:3], source=str(path), unknown=unknown, ignore_index=ignore_index)
     if colormap is not None and colour_table is not None:
-        # Palette index -> colour -> class id, through a 256-entry lookup table; unused palette entries
-        # (Dubai palettes carry an unused white) only matter if a pixel uses them.
-        lut_rgb = np.zeros((3, 1, 256), dtype=np.uint8)
-        for index, rgba in colormap.items():
-            if 0 <= index < 256:
-                lut_rgb[:, 0, index] = rgba[:3]
-        used = np.unique(band)
-        used_ids = colour_table.to_class_ids(
-            lut_rgb[:, :, used], source=name, unknown=unknown, ignore_index=ignore_index
-        )[0]
-        lut = np.full(256, ignore_index, dtype=np.uint8)
-        lut[used] = used_ids
-        return lut[band]
+        return _palette_ids(data[0], colormap, colour_table, path, unknown, ignore_index)
     if num_classes is None:
         raise ConfigError(f"{path}: is a class-id mask; pass num_classes or a colour table to check it")
+    return _checked_ids(data[0], num_classes, path, unknown, ignore_index)
+
+
+def _palette_ids(
+    band: np.ndarray,
+    colormap: dict[int, tuple[int, ...]],
+    colour_table: ColourTable,
+    path: Path,
+    unknown: Unknown,
+    ignore_index: int,
+) -> np.ndarray:
+    """Class ids (H, W) uint8 of a paletted mask: palette index -> colour -> class id, through a 256-entry lookup
+    table; unused palette entries (Dubai palettes carry an unused white) only matter if a pixel uses them."""
+    lut_rgb = np.zeros((3, 1, 256), dtype=np.uint8)
+    for index, rgba in colormap.items():
+        if 0 <= index < 256:
+            lut_rgb[:, 0, index] = rgba[:3]
+    used = np.unique(band)
+    used_ids = colour_table.to_class_ids(
+        lut_rgb[:, :, used], source=str(path), unknown=unknown, ignore_index=ignore_index
+    )[0]
+    lut = np.full(256, ignore_index, dtype=np.uint8)
+    lut[used] = used_ids
+    return lut[band]
+
+
+def _checked_ids(band: np.ndarray, num_classes: int, path: Path, unknown: Unknown, ignore_index: int) -> np.ndarray:
+    """Class ids (H, W) uint8 of a class-id mask, values outside 0..``num_classes``-1 (``ignore_index`` aside) an
+    error or, with ``unknown="ignore"``, set to ``ignore_index``."""
     values = band.astype(np.int64, copy=False)
     bad = (values < 0) | ((values >= num_classes) & (values != ignore_index))
     if bad.any():
@@ -277,7 +292,7 @@ def load_folders(
     masks: list[np.ndarray] = []
     pairs: list[SamplePair] = []
     for folder in folders:
-        for pair in find_pairs(folder):
+        for pair in find_sample_pairs(folder):
             image, mask = load_pair(
                 pair,
                 colour_table=colour_table,

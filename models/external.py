@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from segpipe.core.errors import ModelError
 from segpipe.models.metadata import ModelMetadata
+from segpipe.models.onnx_runtime import import_onnxruntime
 
 logger = logging.getLogger(__name__)
 
@@ -99,17 +100,6 @@ class TorchScriptModel(ExternalModel):
         return y
 
 
-def _import_onnxruntime() -> Any:
-    try:
-        import onnxruntime
-    except ImportError:
-        raise ModelError(
-            "ONNX models need onnxruntime, which is not installed; pip install onnxruntime "
-            "(or onnxruntime-gpu for CUDA)"
-        ) from None
-    return onnxruntime
-
-
 class OnnxModel(ExternalModel):
     """An ONNX network run by onnxruntime; ``forward`` takes and returns torch tensors.
 
@@ -119,7 +109,7 @@ class OnnxModel(ExternalModel):
 
     def __init__(self, data: bytes, metadata: ModelMetadata, source: str, device: torch.device) -> None:
         super().__init__(metadata, source)
-        ort = _import_onnxruntime()
+        ort = import_onnxruntime()
         options = ort.SessionOptions()
         providers: list[Any] = ["CPUExecutionProvider"]
         if device.type == "cuda":

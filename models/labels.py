@@ -100,7 +100,7 @@ def read_polygon_labels(
     if values is None:
         ids = np.ones(len(geometries), dtype=np.uint8)
     else:
-        ids = class_ids(
+        ids = label_class_ids(
             values[polygonal],
             class_names,
             where=f"{path}: attribute {field!r}",
@@ -113,8 +113,8 @@ def read_polygon_labels(
 
 def _read_layer(path: Path, field: str | None, layer: str | None) -> tuple[dict[str, Any], np.ndarray, Any]:
     """(layer metadata, WKB geometries, the field's values or None) of one layer of a vector file."""
-    import pyogrio
-    from pyogrio.raw import read
+    import pyogrio  # lazy: 0.5-0.8 s; only a run with --labels reads polygons
+    from pyogrio.raw import read  # lazy: as pyogrio above
 
     if not path.is_file():
         raise InputError(f"label file {path} does not exist; check the path")
@@ -136,7 +136,7 @@ def _read_layer(path: Path, field: str | None, layer: str | None) -> tuple[dict[
     return meta, wkb, data[0] if field is not None else None
 
 
-def class_ids(
+def label_class_ids(
     values: np.ndarray,
     class_names: Sequence[str],
     *,

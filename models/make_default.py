@@ -9,6 +9,7 @@ torch version.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -61,12 +62,18 @@ def make_default(output: Path | None = None) -> Path:
     return save_checkpoint(model, metadata, output or default_model_path())
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Command-line entry point."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+def run_maker(make: Callable[[Path | None], Path], doc: str | None, argv: list[str] | None) -> None:
+    """The command line of a packaged-model maker (``make``, described by ``doc``): ``--output`` (default: the
+    packaged path); prints where the model went."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0] if doc else None)
     parser.add_argument("--output", type=Path, default=None, help="where to write (default: packaged path)")
     args = parser.parse_args(argv)
-    print(make_default(args.output))
+    print(make(args.output))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command-line entry point."""
+    run_maker(make_default, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -9,13 +9,13 @@ gives bit-identical files on the same torch version.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from pathlib import Path
 
 import torch
 
 from segpipe.models.checkpoint import WEIGHTS_DIR, default_model_path, save_checkpoint
+from segpipe.models.make_default import run_maker
 from segpipe.models.metadata import ModelMetadata, read_metadata
 from segpipe.models.registry import build_model
 
@@ -52,10 +52,7 @@ def make_null(output: Path | None = None) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry point."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--output", type=Path, default=None, help="where to write (default: packaged path)")
-    args = parser.parse_args(argv)
-    print(make_null(args.output))
+    run_maker(make_null, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -30,9 +30,11 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from segpipe.core.colours import parse_colour
-from segpipe.core.errors import ModelError
-from segpipe.core.files import write_json_atomically
+from segpipe.core.errors import ModelError, SegpipeError
+from segpipe.core.location import Location
 from segpipe.core.pixels import Scaling
 from segpipe.core.pyramid import Resolution
 
@@ -171,8 +173,6 @@ class InputContract:
     scaling: str = "refuse"
 
     def __post_init__(self) -> None:
-        import numpy as np
-
         try:
             np.dtype(self.dtype)
         except TypeError:
@@ -208,8 +208,6 @@ def input_contract(dtype: Any) -> InputContract:
     """The contract of a model trained on imagery of ``dtype``: integer imagery's full range (uint8: 0..255); a
     scene of another dtype is stretched per band (2-98 % percentiles) onto that range for 8-bit models, whose
     training imagery was itself display-stretched, and refused for others (their scaling must be stated)."""
-    import numpy as np
-
     kind = np.dtype(dtype)
     if np.issubdtype(kind, np.integer):
         info = np.iinfo(kind)
@@ -409,24 +407,16 @@ def read_metadata(path: str | Path) -> ModelMetadata:
     Raises:
         ModelError: If the file is missing, is not JSON, or a field is invalid.
     """
-    from segpipe.core.objects import is_object_url, read_bytes
-
-    if is_object_url(str(path)):
-        try:
-            text = read_bytes(str(path)).decode("utf-8")
-        except Exception as error:
-            raise ModelError(f"model metadata {path} cannot be read ({error}); check the URL") from None
-        return _parse_metadata(text, str(path))
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
+    location = Location(path)
+    if location.is_local and not location.path.exists():
         raise ModelError(
             f"model metadata {path} is missing; every model needs segpipe metadata (see "
             "segpipe.models.metadata.ModelMetadata, or write it with segpipe model init)"
-        ) from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise ModelError(f"model metadata {path} cannot be read ({error}); check the file") from None
+        )
+    try:
+        text = location.read_bytes().decode("utf-8")
+    except (SegpipeError, UnicodeDecodeError) as error:
+        raise ModelError(f"model metadata {path} cannot be read ({error}); check the path or URL") from None
     return _parse_metadata(text, str(path))
 
 
@@ -446,5 +436,5 @@ def write_metadata(metadata: ModelMetadata, path: str | Path, *, suffix: str = "
     """
     path = Path(path)
     sidecar = path.with_name(path.stem + suffix) if suffix != ".json" else path.with_suffix(".json")
-    write_json_atomically(sidecar, metadata.to_dict())
+    Location(sidecar).write_json(metadata.to_dict())
     return sidecar

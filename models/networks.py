@@ -123,6 +123,62 @@ class UNet(nn.Module):
         downsample: int = 1,
     ) -> None:
         super().__init__()
+        self._keep_arguments(
+            in_channels,
+            num_classes,
+            base_channels,
+            depth,
+            channel_attention,
+            self_attention,
+            attention_gates,
+            heads,
+            window,
+            downsample,
+        )
+        widths = [base_channels * 2**level for level in range(depth + 1)]
+        kind: ChannelAttentionKind = channel_attention
+        inputs = [in_channels, *widths[:-2]]
+        self.encoders = nn.ModuleList(Stage(n, width, kind) for n, width in zip(inputs, widths[:-1], strict=True))
+        self.bottleneck = Stage(widths[-2], widths[-1], kind)
+        self.context: SelfAttention2d | WindowSelfAttention2d | None = None
+        if self_attention != "none":
+            divisible("UNet", "base_channels * 2**depth", widths[-1], "heads", heads)
+            if self_attention == "global":
+                self.context = SelfAttention2d(widths[-1], heads=heads)
+            else:
+                self.context = WindowSelfAttention2d(widths[-1], heads=heads, window=window)
+        self.gates = (
+            nn.ModuleList(
+                AttentionGate(widths[level + 1], widths[level], max(1, widths[level] // 2))
+                for level in range(depth)
+            )
+            if attention_gates
+            else None
+        )
+        self.decoders = nn.ModuleList(
+            Stage(widths[level + 1] + widths[level], widths[level], kind) for level in range(depth)
+        )
+        self.head = nn.Conv2d(widths[0], num_classes, 1)
+
+    def _keep_arguments(
+        self,
+        in_channels: int,
+        num_classes: int,
+        base_channels: int,
+        depth: int,
+        channel_attention: ChannelAttentionKind,
+        self_attention: SelfAttentionKind,
+        attention_gates: bool,
+        heads: int,
+        window: int,
+        downsample: int,
+    ) -> None:
+        """Check the arguments and keep them as attributes.
+
+        Raises:
+            ModelError: a width or count that is not a positive whole number, a depth or downsampling above 8, an
+                unknown kind of attention.
+        """
         owner = "UNet"
         self.in_channels = positive_int(owner, "in_channels", in_channels)
         self.num_classes = positive_int(owner, "num_classes", num_classes)
@@ -142,34 +198,6 @@ class UNet(nn.Module):
         self.downsample = positive_int(owner, "downsample", downsample)
         if downsample > 8:
             raise ModelError(f"UNet: 'downsample' must be at most 8, got {downsample}")
-
-        widths = [base_channels * 2**level for level in range(depth + 1)]
-        kind: ChannelAttentionKind = channel_attention
-        self.encoders = nn.ModuleList()
-        previous = in_channels
-        for width in widths[:-1]:
-            self.encoders.append(Stage(previous, width, kind))
-            previous = width
-        self.bottleneck = Stage(widths[-2], widths[-1], kind)
-        self.context: SelfAttention2d | WindowSelfAttention2d | None = None
-        if self_attention != "none":
-            divisible(owner, "base_channels * 2**depth", widths[-1], "heads", heads)
-            if self_attention == "global":
-                self.context = SelfAttention2d(widths[-1], heads=heads)
-            else:
-                self.context = WindowSelfAttention2d(widths[-1], heads=heads, window=window)
-        self.gates = (
-            nn.ModuleList(
-                AttentionGate(widths[level + 1], widths[level], max(1, widths[level] // 2))
-                for level in range(depth)
-            )
-            if attention_gates
-            else None
-        )
-        self.decoders = nn.ModuleList(
-            Stage(widths[level + 1] + widths[level], widths[level], kind) for level in range(depth)
-        )
-        self.head = nn.Conv2d(widths[0], num_classes, 1)
 
     @property
     def size_multiple(self) -> int:

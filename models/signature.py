@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from segpipe.core.errors import ModelError
+from segpipe.models.onnx_runtime import import_onnxruntime
 
 #: Size multiples probed, smallest first (a U-Net of depth d needs 2**d).
 PROBED_MULTIPLES = (1, 2, 4, 8, 16, 32, 64)
@@ -48,15 +49,13 @@ class _Runner:
         self.session: Any = None
         self.module: Any = None
         if self.architecture == "onnx":
-            from segpipe.models.external import _import_onnxruntime
-
-            ort = _import_onnxruntime()
+            ort = import_onnxruntime()
             try:
                 self.session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
             except Exception as error:  # onnxruntime's own exception types
                 raise ModelError(f"model {path}: cannot load as ONNX ({str(error)[:200]})") from None
         else:
-            import torch
+            import torch  # lazy: 2 s; ONNX models do without it, and segpipe --help imports this module
 
             try:
                 self.module = torch.jit.load(io.BytesIO(data), map_location="cpu").eval()
@@ -75,7 +74,7 @@ class _Runner:
         if self.session is not None:
             spec = self.session.get_inputs()[0]
             return np.asarray(self.session.run(None, {spec.name: x})[0])
-        import torch
+        import torch  # lazy: 2 s, for TorchScript models only
 
         with torch.inference_mode():
             y = self.module(torch.from_numpy(x))

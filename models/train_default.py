@@ -24,10 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from segpipe.core.errors import SegpipeError
-from segpipe.core.options import add_arguments, given
+from segpipe.core.options import OptionField, add_arguments, given
+from segpipe.models.checkpoint import load_model, save_checkpoint
 from segpipe.models.data import split_folders
 from segpipe.models.dubai import DEFAULT_VALIDATION_TILE, DUBAI_CLASSES, DUBAI_UNLABELED
-from segpipe.models.training.config import TrainConfig
+from segpipe.models.training.config import TrainConfig, TrainResult
+from segpipe.models.training.loop import train
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +102,36 @@ OVERRIDABLE = ("epochs", "colour_jitter", "scale_jitter", "dice_weight", "ema_de
 
 
 def main(argv: list[str] | None = None) -> int:
+    parser, fields = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # The ablation (unet) is not packaged: without --out its checkpoint stays in the work dir.
+    out: Path | None = args.out or (DEFAULT_OUT if args.architecture == "attention_unet" else None)
+    work_dir = args.work_dir or REPO / "out" / f"train-default-{args.architecture}"
+    try:
+        if args.fresh and work_dir.exists():
+            shutil.rmtree(work_dir)
+        overrides = given(args, fields)
+        config = build_config(
+            args.architecture,
+            data=args.data,
+            work_dir=work_dir,
+            resume=True,
+            num_threads=overrides.pop("num_threads", None),
+            device=overrides.pop("device", "auto"),
+            progress=not args.no_progress,
+            **overrides,
+        )
+        result, written = _train(config, args.architecture, out)
+    except SegpipeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    _log_done(result, written)
+    return 0
+
+
+def _parser() -> tuple[argparse.ArgumentParser, list[OptionField]]:
+    """The script's parser, and the TrainConfig fields it lets a run change (:data:`OVERRIDABLE`)."""
     parser = argparse.ArgumentParser(prog="python -m segpipe.models.train_default", description=__doc__.split("\n")[0])
     parser.add_argument(
         "--architecture", choices=("attention_unet", "unet"), default="attention_unet", help="the network trained"
@@ -120,45 +152,28 @@ def main(argv: list[str] | None = None) -> int:
     fields = add_arguments(parser, TrainConfig, only=OVERRIDABLE, show_defaults=False)
     parser.add_argument("--fresh", action="store_true", help="delete the work dir's state and start over")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (for log files)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return parser, fields
 
-    # The ablation (unet) is not packaged: without --out its checkpoint stays in the work dir.
-    out: Path | None = args.out or (DEFAULT_OUT if args.architecture == "attention_unet" else None)
-    work_dir = args.work_dir or REPO / "out" / f"train-default-{args.architecture}"
-    try:
-        from segpipe.models.checkpoint import load_model, save_checkpoint
-        from segpipe.models.training import train
 
-        if args.fresh and work_dir.exists():
-            shutil.rmtree(work_dir)
-        overrides = given(args, fields)
-        config = build_config(
-            args.architecture,
-            data=args.data,
-            work_dir=work_dir,
-            resume=True,
-            num_threads=overrides.pop("num_threads", None),
-            device=overrides.pop("device", "auto"),
-            progress=not args.no_progress,
-            **overrides,
-        )
-        log.info(
-            "default training run: %s %s %s -> %s",
-            args.architecture,
-            ARGUMENTS,
-            {k: getattr(config, k) for k in HYPERPARAMETERS},
-            out,
-        )
-        result = train(config)
-        written = result.checkpoint
-        if out is not None:
-            best = load_model(result.checkpoint)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            written = save_checkpoint(best.module, best.metadata, out)
-    except SegpipeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+def _train(config: TrainConfig, architecture: str, out: Path | None) -> tuple[TrainResult, Path]:
+    """Train (resuming what the work dir holds); copy the best checkpoint to ``out`` if given. Returns the result
+    and the checkpoint written."""
+    log.info(
+        "default training run: %s %s %s -> %s",
+        architecture,
+        ARGUMENTS,
+        {k: getattr(config, k) for k in HYPERPARAMETERS},
+        out,
+    )
+    result = train(config)
+    if out is None:
+        return result, result.checkpoint
+    best = load_model(result.checkpoint)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return result, save_checkpoint(best.module, best.metadata, out)
+
+
+def _log_done(result: TrainResult, written: Path) -> None:
     iou = ", ".join(f"{k} {v:.3f}" if v is not None else f"{k} -" for k, v in result.per_class_iou.items())
     log.info(
         "done: best epoch %d, val mIoU %.4f (%s); %.0f s wall, %.0f s CPU; checkpoint %s",
@@ -169,7 +184,6 @@ def main(argv: list[str] | None = None) -> int:
         result.cpu_seconds,
         written,
     )
-    return 0
 
 
 if __name__ == "__main__":

@@ -33,21 +33,24 @@ import glob
 import json
 import os
 import re
+import urllib.request
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import escape
 
-from segpipe.core import objects
+import pystac
+
 from segpipe.core.errors import ConfigError, InputError
-from segpipe.core.objects import ObjectUrl, is_object_url
-from segpipe.pipeline.read import SLIDE_SUFFIXES
+from segpipe.core.location import Location
+from segpipe.core.raster import gdal_path, open_raster
+from segpipe.pipeline.scene import SLIDE_SUFFIXES
+from segpipe.pipeline.settings import STAC_API_PREFIX, StacSearch
 
 #: File suffixes taken as rasters in folders, prefixes and globs without a suffix of their own: images GDAL reads,
-#: and whole-slide images (:data:`segpipe.pipeline.read.SLIDE_SUFFIXES`).
+#: and whole-slide images (:data:`segpipe.pipeline.scene.SLIDE_SUFFIXES`).
 RASTER_SUFFIXES = (".tif", ".tiff", ".jp2", ".vrt", ".img", ".png", ".jpg", ".jpeg", *SLIDE_SUFFIXES)
-STAC_API_PREFIX = "stac-api+"
 
 
 @dataclass(frozen=True)
@@ -65,18 +68,6 @@ class SceneRef:
     href: str
     source: str
     item: dict[str, Any] | None = field(default=None, compare=False)
-
-
-@dataclass(frozen=True)
-class StacSearch:
-    """A STAC API item search: the API's root URL, and what narrows the search."""
-
-    url: str
-    collections: tuple[str, ...] = ()
-    bbox: tuple[float, float, float, float] | None = None
-    datetime: str | None = None
-    query: dict[str, Any] | None = None
-    max_items: int | None = None
 
 
 @dataclass(frozen=True)
@@ -136,7 +127,7 @@ def _whole_slides(paths: Sequence[str]) -> list[str]:
     but the first, and the parts a ``.vms`` names."""
     parts: set[str] = set()
     for path in paths:
-        if path.lower().endswith(".vms") and not is_object_url(path):
+        if path.lower().endswith(".vms") and Location(path).is_local:
             parts |= _vms_parts(path)
     kept, dicom_folders = [], set()
     for path in paths:
@@ -159,7 +150,7 @@ def is_remote_href(href: str) -> bool:
     """Whether an asset href names something on the network (http(s), object storage, a remote GDAL path), not a
     file of this machine (a path, ``file://``, a local ``/vsi`` path, an inline VRT)."""
     text = href.strip()
-    if text.startswith(("http://", "https://")) or is_object_url(text):
+    if text.startswith(("http://", "https://")) or not Location(text).is_local:
         return True
     return text.startswith(REMOTE_VSI)
 
@@ -233,8 +224,8 @@ def scenes_of(
         check_items(items, source)
         check_assets(items, source, allow_local=allow_local_assets)
         refs = [ref for item in items if (ref := item_ref(item, choice)) is not None]
-    elif is_object_url(source):
-        refs = [_file_ref(url) for url in _whole_slides(_list_prefix(source, recursive=True))]
+    elif not Location(source).is_local:
+        refs = [_file_ref(url) for url in _whole_slides(_list_prefix(source))]
     elif any(ch in source for ch in "*?["):
         found = sorted(p for p in glob.glob(source, recursive=True) if os.path.isfile(p))
         refs = [_file_ref(p) for p in _whole_slides(found)]
@@ -260,25 +251,12 @@ def _list_file(path: str) -> list[str]:
     lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
     entries = [line for line in lines if line and not line.startswith("#")]
     base = Path(path).parent
-    return [e if (is_object_url(e) or "://" in e or os.path.isabs(e)) else str(base / e) for e in entries]
+    return [e if ("://" in e or os.path.isabs(e)) else str(base / e) for e in entries]
 
 
-def _list_prefix(url: str, *, recursive: bool) -> list[str]:
-    import obstore
-
-    parsed = ObjectUrl.parse(url if url.endswith("/") else url + "/")
-    store = objects.store_for(parsed)
-    prefix = parsed.key.rstrip("/")
-    found = []
-    try:
-        for page in obstore.list(store, prefix=prefix or None):
-            for meta in page:
-                key = meta["path"]
-                if _is_raster_name(key) and (recursive or "/" not in key[len(prefix) :].lstrip("/")):
-                    found.append(str(ObjectUrl(parsed.scheme, parsed.bucket, key)))
-    except Exception as exc:  # obstore's errors (credentials, endpoint, missing bucket)
-        raise InputError(f"input {url!r} cannot be listed ({str(exc).splitlines()[0][:200]}); check the URL") from None
-    return sorted(found)
+def _list_prefix(url: str) -> list[str]:
+    """The rasters under an object-storage prefix (its subfolders included), sorted."""
+    return [str(found) for found in Location(url).list(recursive=True) if _is_raster_name(found.name)]
 
 
 #: Largest STAC document read (bytes): a catalog or item collection bigger than this is refused, not loaded.
@@ -291,14 +269,10 @@ MAX_CATALOG_DEPTH = 32
 
 def _read_bytes(href: str) -> bytes:
     """At most :data:`MAX_STAC_BYTES` + 1 bytes of a local file, an http(s) URL or an object."""
-    if is_object_url(href):
-        return objects.read_bytes(href)[: MAX_STAC_BYTES + 1]
     if href.startswith(("http://", "https://")):
-        import urllib.request
-
         with urllib.request.urlopen(href, timeout=30) as response:
             return bytes(response.read(MAX_STAC_BYTES + 1))
-    with open(href, "rb") as f:
+    with Location(href).open() as f:
         return f.read(MAX_STAC_BYTES + 1)
 
 
@@ -320,8 +294,6 @@ def _read_json(href: str) -> dict[str, Any]:
 def stac_items(href: str) -> list[dict[str, Any]]:
     """The items of a STAC ItemCollection, Catalog or Collection (children walked), or the one Item, at ``href``;
     every asset href made absolute."""
-    import pystac
-
     data = _read_json(href)
     kind = data.get("type")
     if kind == "FeatureCollection":
@@ -343,7 +315,7 @@ def stac_items(href: str) -> list[dict[str, Any]]:
         return [_absolute_assets(data, href)]
     if kind in ("Catalog", "Collection"):
         try:
-            catalog = pystac.Catalog.from_dict(data, href=href) if is_object_url(href) else pystac.read_file(href)
+            catalog = pystac.read_dict(data, href=href)
         except Exception as exc:  # pystac's STACError, KeyError, TypeError on malformed documents
             raise InputError(f"STAC document {href!r} is not a valid catalog ({type(exc).__name__}: {exc})") from None
         if not isinstance(catalog, pystac.Catalog):
@@ -398,7 +370,7 @@ def _absolute_assets(item: dict[str, Any], base: str) -> dict[str, Any]:
 
 
 def _search(search: StacSearch) -> list[dict[str, Any]]:
-    from pystac_client import Client
+    from pystac_client import Client  # lazy: pystac_client takes 0.3 s; only STAC API searches need it
 
     try:
         client = Client.open(search.url)
@@ -486,8 +458,6 @@ def stacked_vrt(bands: Sequence[tuple[str, int]]) -> str:
     Raises:
         InputError: a source cannot be opened, or the sources' grids differ.
     """
-    from segpipe.core.raster import gdal_path, open_raster
-
     grids = []
     nodata = []
     for href, index in bands:

@@ -9,18 +9,19 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from segpipe.core.tiles import TileGrid
 from segpipe.pipeline import store as ws
-from segpipe.pipeline.infer import InferJob, InferOptions
+from segpipe.pipeline.infer import ModelSpec
 from segpipe.pipeline.merge import merger_type
-from segpipe.pipeline.session import ModelSpec, Session
-from segpipe.pipeline.tile import plan_tiles, work_units
+from segpipe.pipeline.recipe import Recipe
+from segpipe.pipeline.session import Session
+from segpipe.pipeline.tile import TilePlan, plan_tiles, work_units
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +42,12 @@ class InferResult:
     tiles_damaged: int = 0
 
 
-def recheck_done(store: ws.WorkStore, grid: TileGrid, options: InferOptions) -> list[tuple[int, int]]:
+def recheck_done(store: ws.WorkStore, grid: TileGrid, recipe: Recipe) -> list[tuple[int, int]]:
     """On resume, check every tile flagged done against its checksum (:meth:`Merger.damaged`): a chunk of its
     results missing, truncated or corrupt clears its flag, so the tile is computed again instead of exporting
     garbage. Returns those tiles (row, col)."""
     done = np.asarray(store.array(ws.DONE)[...]).astype(bool)
-    merger = merger_type(options.blend)(store, grid, probabilities=options.probabilities)
+    merger = merger_type(recipe.blend)(store, grid, probabilities=recipe.probabilities)
     damaged = merger.damaged(done)
     for r, c in damaged:
         store.array(ws.DONE)[r, c] = 0
@@ -61,10 +62,10 @@ def recheck_done(store: ws.WorkStore, grid: TileGrid, options: InferOptions) -> 
 def run_inference(
     store: ws.WorkStore,
     grid: TileGrid,
-    options: InferOptions,
+    recipe: Recipe,
+    model: ModelSpec,
     *,
     classes: int,
-    key: str,
     session: Session | None = None,
     executor: str = "ray",
     workers: int | None = None,
@@ -76,9 +77,10 @@ def run_inference(
     Args:
         store: The work store (the segmenters open it themselves from ``store.url``).
         grid: The tile grid.
-        options: Inference settings; ``options.device`` may be ``auto``.
+        recipe: How the pixels are made; its digest keys the results (others are discarded).
+        model: The model to load; its ``device`` may be ``auto`` (resolved where the work runs) and its
+            ``threads`` are those of a segmenter in this process (Ray segmenters get theirs from the session).
         classes: Number of output classes of the model.
-        key: Run key (see :func:`segpipe.pipeline.store.run_key`); results stored under another key are discarded.
         session: Where to run (kept by the caller across scenes); None: a session for this call, from ``executor``
             (``ray`` or ``local``) and ``ray_address``.
         workers: Number of segmenters (default: one per GPU, or one per machine on CPU).
@@ -89,43 +91,15 @@ def run_inference(
             raise ValueError(f"executor must be 'ray' or 'local', got {executor!r}")
         with Session(address=ray_address, ray=executor == "ray") as own:
             return run_inference(
-                store, grid, options, classes=classes, key=key, session=own, workers=workers, progress=progress
+                store, grid, recipe, model, classes=classes, session=own, workers=workers, progress=progress
             )
     start = time.perf_counter()
-    merger = merger_type(options.blend)
-    reusable = store.prepare_run(
-        key, grid, classes, probabilities=options.probabilities, tile_probabilities=merger.tile_probabilities
-    )
-    damaged = recheck_done(store, grid, options) if reusable else []
-    plan = plan_tiles(store, grid, options.batch_size)
-    session.driver_bytes += 9 * len(grid)  # the driver read valid_pixels (int64) and done (uint8) per tile
-    if progress:
-        progress(plan.skipped_nodata + plan.reused)
-    if reusable and not plan.batches:
-        log.info("all tiles already done in %s", store.url)
-    device = session.device(options.device)
+    plan, damaged = _resume(store, grid, recipe, classes, session, progress)
+    device = session.device(model.device)
     n_workers, threads, resources = session.plan_pool(device, workers)
-    if not session.uses_ray:
-        threads = options.threads
-    spec = ModelSpec(options.model, options.checksum, device, threads, options.metadata)
-    job = InferJob(store.url, options.tile_size, options.halo, options.blend, options.probabilities, options.pixel_map)
-    stats: list[dict[str, Any]] = []
-
-    def done(result: dict[str, Any]) -> None:
-        if progress:
-            progress(result["tiles"])
-
-    if plan.batches and session.uses_ray:
-        pool = session.segmenters(spec, n_workers, resources)
-        units = work_units(plan.batches, len(pool.actors))
-        stats = session.run_units(pool, lambda actor, unit: actor.process.remote(job, unit), units, done)
-    elif plan.batches:
-        with session.local_lock:
-            segmenter = session.local_segmenter(spec)
-            for unit in work_units(plan.batches, 1):
-                stats.append(segmenter.process(job, unit))
-                done(stats[-1])
-    store.finish_run(key)
+    spec = replace(model, device=device, threads=threads if session.uses_ray else model.threads)
+    stats = _run_units(session, spec, store.url, recipe, plan.batches, n_workers, resources, progress)
+    store.finish_run(recipe.digest())
     return InferResult(
         tiles_total=len(grid),
         tiles_skipped_nodata=plan.skipped_nodata,
@@ -137,3 +111,63 @@ def run_inference(
         device=device,
         worker_stats=stats,
     )
+
+
+def _resume(
+    store: ws.WorkStore,
+    grid: TileGrid,
+    recipe: Recipe,
+    classes: int,
+    session: Session,
+    progress: Callable[[int], Any] | None,
+) -> tuple[TilePlan, list[tuple[int, int]]]:
+    """Prepare the store for the recipe's results (earlier ones kept when they were made by the same recipe of the
+    same scene, then checked), and plan the batches of the tiles still to compute; returns the plan and the tiles
+    found damaged."""
+    reusable = store.prepare_run(
+        recipe.digest(),
+        grid,
+        classes,
+        probabilities=recipe.probabilities,
+        tile_probabilities=merger_type(recipe.blend).tile_probabilities,
+    )
+    damaged = recheck_done(store, grid, recipe) if reusable else []
+    plan = plan_tiles(store, grid, recipe.batch_size)
+    session.driver_bytes += 9 * len(grid)  # the driver read valid_pixels (int64) and done (uint8) per tile
+    if progress:
+        progress(plan.skipped_nodata + plan.reused)
+    if reusable and not plan.batches:
+        log.info("all tiles already done in %s", store.url)
+    return plan, damaged
+
+
+def _run_units(
+    session: Session,
+    spec: ModelSpec,
+    store_url: str,
+    recipe: Recipe,
+    batches: Sequence[list[int]],
+    workers: int,
+    resources: dict[str, float],
+    progress: Callable[[int], Any] | None,
+) -> list[dict[str, Any]]:
+    """Hand the batches, as work units, to the session's Ray segmenters of ``spec`` (started on first use), or to
+    its segmenter in this process; returns each unit's stats."""
+
+    def done(result: dict[str, Any]) -> None:
+        if progress:
+            progress(result["tiles"])
+
+    if not batches:
+        return []
+    if session.uses_ray:
+        pool = session.segmenters(spec, workers, resources)
+        units = work_units(batches, len(pool.actors))
+        return session.run_units(pool, lambda actor, unit: actor.process.remote(store_url, recipe, unit), units, done)
+    stats = []
+    with session.local_lock:
+        segmenter = session.local_segmenter(spec)
+        for unit in work_units(batches, 1):
+            stats.append(segmenter.process(store_url, recipe, unit))
+            done(stats[-1])
+    return stats

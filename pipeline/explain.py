@@ -1,7 +1,8 @@
 """``segpipe explain``: one tile's image, predicted mask and the model's attention maps, as a PNG.
 
 The tile is read through the scene's source (mirror-padded where it leaves the scene), normalised as the model
-says, and run once; the maps are those of :mod:`segpipe.models.explain`.
+says, and run once; the maps are those of :mod:`segpipe.models.explain`. The command's options are
+:class:`~segpipe.pipeline.figures.ExplainOptions`.
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
 from segpipe.core.colours import colourise
 from segpipe.core.errors import ConfigError
@@ -18,7 +22,15 @@ from segpipe.core.pixels import normalise, stretch
 from segpipe.core.tiles import Window
 from segpipe.models.checkpoint import LoadedModel, load_model
 from segpipe.models.explain import channel_rows, forward_with_attention, spatial_panels
+from segpipe.models.metadata import ModelMetadata
 from segpipe.pipeline.read import open_source
+
+#: Panels per row of the figure, at most.
+COLUMNS = 5
+#: A panel's width and height in inches (the figure is saved at 110 dpi).
+PANEL_INCHES = (3.2, 3.4)
+
+Panels = list[tuple[str, np.ndarray]]
 
 
 def read_tile(path: str, loaded: LoadedModel, x: int | None, y: int | None, size: int) -> tuple[np.ndarray, int, int]:
@@ -48,62 +60,92 @@ def explain(
     y: int | None = None,
     size: int | None = None,
 ) -> Path:
-    """Write a PNG of the tile's image, the predicted mask and the model's attention maps; return its path."""
-    import matplotlib
+    """Write a PNG of the tile's image, the predicted mask and the model's attention maps; return its path.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch
-
+    Args:
+        path: The scene.
+        output: The PNG to write.
+        model: Model name or checkpoint path.
+        x: The tile's left column in pixels (default: centred).
+        y: The tile's top row in pixels (default: centred).
+        size: The tile's side in pixels (default: the model's tile size); a multiple of the model's size multiple.
+    """
     loaded = load_model(model)
     meta = loaded.metadata
     size = size or meta.tile_size
     if size % meta.size_multiple:
         raise ConfigError(f"--size {size} must be a multiple of {meta.size_multiple}, which the model requires")
     pixels, x, y = read_tile(path, loaded, x, y, size)
-    batch = torch.from_numpy(normalise(pixels, meta.mean, meta.std))[None]
-    logits, maps = forward_with_attention(loaded.module, batch)
-    mask = torch.argmax(logits, dim=1)[0].numpy().astype(np.uint8)
-    panels = spatial_panels(maps, loaded.module, size)
-    rows = channel_rows(maps)
-
-    count = 2 + len(panels) + (1 if rows else 0)
-    cols = min(5, count)
-    nrows = math.ceil(count / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 3.4 * nrows), squeeze=False)
-    flat = list(axes.ravel())
-    flat[0].imshow(stretch(pixels))
-    flat[0].set_title(f"image ({x}, {y}) {size} px")
-    flat[1].imshow(colourise(mask, [c.colour for c in meta.classes]), interpolation="nearest")
-    flat[1].set_title("predicted mask")
-    flat[1].legend(
-        handles=[Patch(color=c.colour, label=c.name) for c in meta.classes],
-        fontsize=6,
-        loc="lower right",
-        framealpha=0.7,
-    )
-    for ax, (name, array) in zip(flat[2:], panels, strict=False):
+    mask, panels, rows = attention_maps(loaded, pixels)
+    fig = _figure(2 + len(panels) + (1 if rows else 0))
+    axes = fig.axes
+    _draw_tile(axes[0], axes[1], pixels, mask, meta, f"image ({x}, {y}) {size} px")
+    for ax, (name, array) in zip(axes[2:], panels, strict=False):
         ax.imshow(array, cmap="magma", interpolation="nearest")
         ax.set_title(name, fontsize=9)
     if rows:
-        ax = flat[2 + len(panels)]
-        width = max(len(v) for _, v in rows)
-        table = np.full((len(rows), width), np.nan, dtype=np.float32)
-        for i, (_, values) in enumerate(rows):
-            table[i, : len(values)] = values
-        ax.imshow(table, aspect="auto", cmap="viridis", interpolation="nearest", vmin=0, vmax=1)
-        ax.set_yticks(range(len(rows)), [k.removesuffix(".channel") for k, _ in rows], fontsize=5)
-        ax.set_title("channel attention", fontsize=9)
-    for ax in flat:
-        if ax.get_title() != "channel attention":
-            ax.set_xticks([])
-            ax.set_yticks([])
-        if not ax.get_images():
-            ax.axis("off")
+        _draw_channel_rows(axes[2 + len(panels)], rows)
+    _bare(axes)
     trained = "trained" if meta.provenance.get("trained", True) else "UNTRAINED"
     fig.suptitle(f"{Path(path).name} — {meta.architecture} ({trained})", fontsize=10)
     fig.tight_layout()
     out = Path(output)
     fig.savefig(out, dpi=110)
-    plt.close(fig)
     return out
+
+
+def attention_maps(loaded: LoadedModel, pixels: np.ndarray) -> tuple[np.ndarray, Panels, Panels]:
+    """Run the model once on a tile's ``pixels`` (bands, size, size), in the scene's units; return the predicted
+    mask (size, size) uint8, the spatial maps worth drawing and the channel-attention rows
+    (:mod:`segpipe.models.explain`)."""
+    meta = loaded.metadata
+    batch = torch.from_numpy(normalise(pixels, meta.mean, meta.std))[None]
+    logits, maps = forward_with_attention(loaded.module, batch)
+    mask = torch.argmax(logits, dim=1)[0].numpy().astype(np.uint8)
+    return mask, spatial_panels(maps, loaded.module, pixels.shape[-1]), channel_rows(maps)
+
+
+def _figure(count: int) -> Figure:
+    """A figure of ``count`` panels, at most :data:`COLUMNS` per row, each :data:`PANEL_INCHES`."""
+    cols = min(COLUMNS, count)
+    rows = math.ceil(count / cols)
+    fig = Figure(figsize=(PANEL_INCHES[0] * cols, PANEL_INCHES[1] * rows))
+    fig.subplots(rows, cols, squeeze=False)
+    return fig
+
+
+def _draw_tile(
+    image: Axes, predicted: Axes, pixels: np.ndarray, mask: np.ndarray, meta: ModelMetadata, title: str
+) -> None:
+    """The tile's image (stretched) and its predicted mask in the classes' colours, with a legend."""
+    image.imshow(stretch(pixels))
+    image.set_title(title)
+    predicted.imshow(colourise(mask, [c.colour for c in meta.classes]), interpolation="nearest")
+    predicted.set_title("predicted mask")
+    predicted.legend(
+        handles=[Patch(color=c.colour, label=c.name) for c in meta.classes],
+        fontsize=6,
+        loc="lower right",
+        framealpha=0.7,
+    )
+
+
+def _draw_channel_rows(ax: Axes, rows: Panels) -> None:
+    """Channel-attention weights as a table: one row per layer, channels along x, in [0, 1]."""
+    width = max(len(v) for _, v in rows)
+    table = np.full((len(rows), width), np.nan, dtype=np.float32)
+    for i, (_, values) in enumerate(rows):
+        table[i, : len(values)] = values
+    ax.imshow(table, aspect="auto", cmap="viridis", interpolation="nearest", vmin=0, vmax=1)
+    ax.set_yticks(range(len(rows)), [k.removesuffix(".channel") for k, _ in rows], fontsize=5)
+    ax.set_title("channel attention", fontsize=9)
+
+
+def _bare(axes: list[Axes]) -> None:
+    """No ticks on the image panels; no frame on the panels left empty."""
+    for ax in axes:
+        if ax.get_title() != "channel attention":
+            ax.set_xticks([])
+            ax.set_yticks([])
+        if not ax.get_images():
+            ax.axis("off")

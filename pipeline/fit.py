@@ -3,7 +3,7 @@
 :func:`fit_scene` takes the description of the whole file and the model's metadata and returns a :class:`SceneFit`:
 
 - the bands (:func:`segpipe.core.bands.match_bands`: ``--bands``, else by the bands' names, else in order) and
-  ``--nodata``, as the scene's :class:`~segpipe.pipeline.read.Selection` (ingest then reads only those bands);
+  ``--nodata``, as the scene's :class:`~segpipe.pipeline.scene.Selection` (ingest then reads only those bands);
 - the pixel map (:class:`~segpipe.core.pixels.PixelMap`): ``--scaling`` when given; else, when the scene's dtype
   does not fit the model's input contract (:class:`~segpipe.models.metadata.InputContract`), the contract's
   scaling, or one clear error when the contract says ``refuse``; a percentile stretch is computed here from a
@@ -28,7 +28,8 @@ from segpipe.core.bands import BandMatch, match_bands, scene_band_names
 from segpipe.core.errors import ConfigError, InputError, ModelError
 from segpipe.core.pixels import PixelMap, Scaling, fits, pixel_map
 from segpipe.core.pyramid import parse_resolution, plan_read
-from segpipe.pipeline.read import SceneInfo, Selection, open_source, sample_scene
+from segpipe.pipeline.read import open_source, sample_scene
+from segpipe.pipeline.scene import SceneInfo, Selection
 
 if TYPE_CHECKING:
     from segpipe.models.metadata import ModelMetadata
@@ -103,11 +104,52 @@ def fit_scene(
             the option).
         ConfigError: an option that contradicts the scene.
     """
+    warnings: list[str] = []
+    match, scene, slide = _select(file, meta, bands, nodata, resolution, tissue, mpp, warnings)
+    if slide is not None and compute and scene.selection.tissue != "none":
+        slide.update(_tissue_found(scene))
+    if match.how == "order" and scene.count > 1:
+        warnings.append(
+            f"the scene's bands are not named; taken in file order as {', '.join(meta.bands)} (--bands to choose)"
+        )
+    asked = Scaling.parse(scaling) if scaling is not None else None
+    chosen = asked if asked is not None else _contract_scaling(scene, meta)
+    if chosen is None or (chosen.kind == "none"):
+        return SceneFit(scene, match, None if chosen is None else str(chosen), None, tuple(warnings), slide)
+    if chosen.kind in ("minmax", "percentile") and meta.input is None:
+        raise ConfigError(
+            f"--scaling {chosen}: the model states no input range to map onto (no 'input' in its metadata); use "
+            "--scaling linear:SCALE,OFFSET"
+        )
+    if not compute:
+        return SceneFit(scene, match, str(chosen), None, tuple(warnings), slide)
+    mapped = _pixel_map(scene, meta, chosen, nodata, warnings)
+    if asked is None and mapped is not None:
+        contract = meta.input
+        warnings.insert(
+            0,
+            f"the scene is {scene.dtype} but the model takes {contract.dtype if contract else '?'} values; scaled "
+            f"by {chosen} as the model's input contract says ({_describe_map(mapped)}; --scaling to change)",
+        )
+    return SceneFit(scene, match, str(chosen), mapped, tuple(warnings), slide)
+
+
+def _select(
+    file: SceneInfo,
+    meta: ModelMetadata,
+    bands: str | None,
+    nodata: float | None,
+    resolution: str | None,
+    tissue: str,
+    mpp: float | None,
+    warnings: list[str],
+) -> tuple[BandMatch, SceneInfo, dict[str, Any] | None]:
+    """The bands matched to the model's, the description of what is read (the file with its selection) and, for a
+    slide, how it is read (see :func:`fit_scene`'s arguments)."""
     names = scene_band_names(file.band_descriptions, file.colour_interpretations)
     match = match_bands(
         meta.bands, names, descriptions=file.band_descriptions, asked=bands, where=f"the scene {file.path!r}"
     )
-    warnings: list[str] = []
     target, slide = _slide_read(file, meta, resolution, tissue, mpp, warnings)
     selection = Selection(
         None if match.is_identity(file.count) else match.indexes,
@@ -119,36 +161,43 @@ def fit_scene(
     scene = file.select(selection)
     if slide is not None:
         slide.update(width=scene.width, height=scene.height)
-        if compute and selection.tissue != "none":  # computed once per process; ingest reuses it
-            with open_source(scene.path, source=scene.source, selection=scene.selection) as src:
-                found = getattr(src, "tissue", None)
-            if found is not None:
-                slide.update(tissue_share=round(found.share, 4), tissue_threshold=found.threshold)
-    if match.how == "order" and scene.count > 1:
-        warnings.append(
-            f"the scene's bands are not named; taken in file order as {', '.join(meta.bands)} (--bands to choose)"
-        )
+    return match, scene, slide
+
+
+def _tissue_found(scene: SceneInfo) -> dict[str, Any]:
+    """The tissue share and Otsu threshold of a slide read with tissue detection (computed once per process; ingest
+    reuses it)."""
+    with open_source(scene.path, source=scene.source, selection=scene.selection) as src:
+        found = getattr(src, "tissue", None)
+    return {} if found is None else {"tissue_share": round(found.share, 4), "tissue_threshold": found.threshold}
+
+
+def _contract_scaling(scene: SceneInfo, meta: ModelMetadata) -> Scaling | None:
+    """The model's contract scaling for a scene whose dtype does not fit the model's input, else None.
+
+    Raises:
+        ModelError: the contract says ``refuse`` (the message names the ``--scaling`` choices).
+    """
     contract = meta.input
-    asked = Scaling.parse(scaling) if scaling is not None else None
-    chosen: Scaling | None = asked
-    if chosen is None and contract is not None and not fits(scene.dtype, contract.range, contract.dtype):
-        chosen = Scaling.parse(contract.scaling)
-        if chosen.kind == "refuse":
-            raise ModelError(
-                f"the scene is {scene.dtype} but the model takes {contract.dtype} values in "
-                f"{contract.range[0]:g}..{contract.range[1]:g}; say how to scale it: --scaling percentile "
-                "(a per-band stretch), --scaling minmax:MIN,MAX, --scaling linear:SCALE,OFFSET or --scaling product "
-                "(the product's own scale and offset)"
-            )
-    if chosen is None or (chosen.kind == "none"):
-        return SceneFit(scene, match, None if chosen is None else str(chosen), None, tuple(warnings), slide)
-    if chosen.kind in ("minmax", "percentile") and contract is None:
-        raise ConfigError(
-            f"--scaling {chosen}: the model states no input range to map onto (no 'input' in its metadata); use "
-            "--scaling linear:SCALE,OFFSET"
+    if contract is None or fits(scene.dtype, contract.range, contract.dtype):
+        return None
+    chosen = Scaling.parse(contract.scaling)
+    if chosen.kind == "refuse":
+        raise ModelError(
+            f"the scene is {scene.dtype} but the model takes {contract.dtype} values in "
+            f"{contract.range[0]:g}..{contract.range[1]:g}; say how to scale it: --scaling percentile "
+            "(a per-band stretch), --scaling minmax:MIN,MAX, --scaling linear:SCALE,OFFSET or --scaling product "
+            "(the product's own scale and offset)"
         )
-    if not compute:
-        return SceneFit(scene, match, str(chosen), None, tuple(warnings), slide)
+    return chosen
+
+
+def _pixel_map(
+    scene: SceneInfo, meta: ModelMetadata, chosen: Scaling, nodata: float | None, warnings: list[str]
+) -> PixelMap | None:
+    """What ``chosen`` gives for this scene, from a bounded sample of its pixels where the scaling needs one (or a
+    hint about a zero border is due: appended to ``warnings``)."""
+    contract = meta.input
     value_range = contract.range if contract is not None else (0.0, 1.0)
     sample = None
     if chosen.needs_sample or (nodata is None and scene.nodata is None):
@@ -158,20 +207,13 @@ def fit_scene(
                 f"{zero_share:.1%} of the sampled pixels are 0 in every band and the scene has no nodata value; "
                 "if they are nodata (a border), pass --nodata 0"
             )
-    mapped = pixel_map(
+    return pixel_map(
         chosen,
         bands=scene.count,
         value_range=value_range,
         sample=sample,
         product=(scene.scales, scene.offsets) if scene.scales else None,
     )
-    if asked is None and mapped is not None:
-        warnings.insert(
-            0,
-            f"the scene is {scene.dtype} but the model takes {contract.dtype if contract else '?'} values; scaled "
-            f"by {chosen} as the model's input contract says ({_describe_map(mapped)}; --scaling to change)",
-        )
-    return SceneFit(scene, match, str(chosen), mapped, tuple(warnings), slide)
 
 
 def _describe_map(mapped: PixelMap) -> str:

@@ -5,13 +5,12 @@ A key (:class:`OutputKey`) has three parts:
 
 - ``scene``: the scene's fingerprint (its header, and what identifies its bytes: a local file's size and
   modification time, an object's ETag, an HTTP resource's ETag and Last-Modified; see
-  :func:`segpipe.core.raster.identity`);
-- ``model``: the SHA-256 of the model file and a digest of its metadata (normalisation, bands, input contract);
-- ``settings``: every setting that changes pixels (tile size, halo, blend, batch size, probabilities, the scaling of
-  the scene's values) and segpipe's version; the bands and nodata read (``--bands``, ``--nodata``) are part of the
-  scene's fingerprint, and so are a slide's ``--resolution`` and ``--tissue`` (the selection read);
-- ``settings["vector"]``, only when polygons are written: their format, simplification and minimum area (a run
-  without polygons keeps the key it had before polygons existed).
+  :func:`segpipe.core.raster.identity`), with what is read of it (the selection: bands, nodata, a slide's
+  resolution and tissue detection);
+- ``model``: the model's identity, the SHA-256 of its file and a digest of its metadata (normalisation, bands,
+  input contract);
+- ``settings``: the run's :class:`~segpipe.pipeline.recipe.Recipe` settings (everything else that changes pixels),
+  segpipe's version, how polygons are made (``vector``, None without) and the COG creation options (``cog``).
 
 The run summary holds it (``"key"``), and :func:`decide` compares a scene's current key with the one in its
 summary, giving the reason of the decision: ``new``, ``incomplete`` (outputs without a readable summary),
@@ -25,10 +24,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-import segpipe
-
-#: Settings that change an output's pixels, recorded in its key.
-PIXEL_SETTINGS = ("tile_size", "halo", "blend", "batch_size", "probabilities", "scaling")
+from segpipe.core.version import VERSION
+from segpipe.pipeline.recipe import Recipe
 
 
 @dataclass(frozen=True)
@@ -54,27 +51,12 @@ class OutputKey:
 
 
 def output_key(
-    *, scene_fingerprint: str, model_checksum: str, tile_size: int, halo: int, blend: str, batch_size: int,
-    probabilities: bool, scaling: str | None = None, vector: dict[str, Any] | None = None,
-    cog: dict[str, str] | None = None,
-) -> OutputKey:  # fmt: skip
-    """The key of an output made with these inputs and settings (``model_checksum``: the model's identity, see
-    :attr:`segpipe.models.checkpoint.LoadedModel.identity`; ``vector``: how polygons are made, None without;
-    ``cog``: the COG creation options given, ``--co``)."""
-    settings = {
-        "tile_size": tile_size,
-        "halo": halo,
-        "blend": blend,
-        "batch_size": batch_size,
-        "probabilities": probabilities,
-        "scaling": scaling,
-        "segpipe": segpipe.__version__,
-    }
-    if vector is not None:
-        settings["vector"] = dict(vector)
-    if cog:  # only when set: the keys of outputs written with the defaults stay as they were
-        settings["cog"] = dict(cog)
-    return OutputKey(scene_fingerprint, model_checksum, settings)
+    recipe: Recipe, *, scene: str, vector: dict[str, Any] | None = None, cog: dict[str, str] | None = None
+) -> OutputKey:
+    """The key of an output made of the scene with fingerprint ``scene`` by ``recipe``; ``vector``: how its
+    polygons are made (None: none are); ``cog``: the COG creation options given (``--co``)."""
+    settings = {**recipe.settings(), "segpipe": VERSION, "vector": vector, "cog": dict(cog or {})}
+    return OutputKey(scene, recipe.model, settings)
 
 
 @dataclass(frozen=True)
@@ -96,7 +78,7 @@ def decide(current: OutputKey, summary: dict[str, Any] | None, *, outputs_exist:
     try:
         recorded = OutputKey.from_dict(summary["key"])
     except (KeyError, TypeError):
-        return Decision(True, "incomplete (a summary without a key, from an older segpipe)")
+        return Decision(True, "incomplete (a summary without a key)")
     if recorded.digest == current.digest:
         return Decision(False, "unchanged")
     if recorded.scene != current.scene:

@@ -15,6 +15,8 @@ group whose tiles are all marked done is skipped.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import sys
 import time
 from collections import deque
@@ -25,69 +27,30 @@ from typing import Any
 
 import numpy as np
 
-from segpipe.core.errors import SegpipeError
-from segpipe.core.pixels import PixelMap, normalise
+from segpipe.core.errors import ModelError, SegpipeError
+from segpipe.core.pixels import normalise
 from segpipe.core.runtime import retain_freed_memory
 from segpipe.core.tiles import Tile, TileGrid
+from segpipe.models.checkpoint import load_model
 from segpipe.pipeline import store as ws
 from segpipe.pipeline.merge import merger_type
-from segpipe.pipeline.session import ModelSpec
+from segpipe.pipeline.recipe import Recipe
 from segpipe.pipeline.tile_reader import TileReader, tile_reader
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class InferJob:
-    """One scene's inference, as a segmenter sees it: where the tiles are and how they are cut and merged.
-
-    Attributes:
-        store_url: The scene's work store.
-        tile_size: Core side in pixels.
-        halo: Halo in pixels.
-        blend: A merger name (see :data:`segpipe.pipeline.merge.MERGERS`).
-        probabilities: Also write per-class probabilities.
-        pixel_map: Applied to each tile's pixels before the model's normalisation (the scene's scaling), or None.
-    """
-
-    store_url: str
-    tile_size: int
-    halo: int
-    blend: str
-    probabilities: bool = False
-    pixel_map: PixelMap | None = None
-
-
-@dataclass(frozen=True)
-class InferOptions:
-    """Settings of one inference run.
-
-    Attributes:
-        model: Model name or checkpoint path (see :func:`segpipe.models.checkpoint.load_model`).
-        tile_size: Core side in pixels.
-        halo: Halo in pixels.
-        blend: A merger name (``crop``, ``cosine`` or ``gaussian``; see :data:`segpipe.pipeline.merge.MERGERS`).
-        batch_size: Tiles per forward pass.
-        device: ``cpu`` or ``cuda`` (already resolved, not ``auto``).
-        threads: torch intra-op threads of one segmenter in this process (CPU; Ray segmenters get theirs from the
-            session).
-        probabilities: Also write per-class probabilities.
-        checksum: The SHA-256 of the model file the run was planned with (segmenters verify it); None: any.
-        metadata: The model's metadata file when named explicitly (``--model-metadata``), else None.
-        pixel_map: The scene's scaling (see :class:`InferJob`).
-    """
+class ModelSpec:
+    """What one segmenter holds: a model (packaged name, local path or object URL) with the checksum the run
+    planned with (segmenters verify it; None: any) and its metadata file when named explicitly
+    (``--model-metadata``), on a device (``cpu`` or ``cuda``, resolved), with a number of torch threads."""
 
     model: str
-    tile_size: int
-    halo: int
-    blend: str
-    batch_size: int
+    checksum: str | None
     device: str
     threads: int
-    probabilities: bool = False
-    checksum: str | None = None
     metadata: str | None = None
-    pixel_map: PixelMap | None = None
 
 
 #: Batches whose tiles are being read while the model computes (two: one ready, one being decoded).
@@ -117,9 +80,7 @@ class TileSegmenter:
     """
 
     def __init__(self, spec: ModelSpec) -> None:
-        import torch
-
-        from segpipe.models.checkpoint import load_model
+        import torch  # lazy: 2.1 s, and only segmenters need it (the driver plans and exports without it)
 
         self.spec = spec
         if spec.device == "cpu":
@@ -127,7 +88,7 @@ class TileSegmenter:
             retain_freed_memory()
         self.torch = torch
         self.device = torch.device(spec.device)
-        self.job: InferJob | None = None
+        self.job: tuple[str, Recipe] | None = None
         self.reader: TileReader | None = None
         #: A model that cannot be loaded: raised by ping and process (a Ray actor whose constructor raises dies,
         #: and its error would reach the driver as a death, not as the model's message).
@@ -149,27 +110,34 @@ class TileSegmenter:
         self.readers = ThreadPoolExecutor(max_workers=reader_threads(spec), thread_name_prefix="tile-read")
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tile-write")
 
-    def _open(self, job: InferJob) -> None:
-        """Open ``job``'s work store, tile reader and merger (kept until a call for another job)."""
-        if job == self.job:
+    def _open(self, store_url: str, recipe: Recipe) -> None:
+        """Open the work store at ``store_url``, its tile reader and the recipe's merger (kept until a call for
+        another store or recipe)."""
+        if (store_url, recipe) == self.job:
             return
+        if recipe.model != self.loaded.identity:
+            raise ModelError(
+                f"this segmenter holds the model {self.loaded.identity[:16]}..., the run was planned with "
+                f"{recipe.model[:16]}...; the model changed since the run was planned: run again"
+            )
         if self.reader is not None:
             self.reader.close()
-        self.store = ws.WorkStore(job.store_url, mode="r+")
+        self.store = ws.WorkStore(store_url, mode="r+")
         self.reader = tile_reader(self.store)
         self.done = self.store.array(ws.DONE)
         scene = self.store.attrs["scene"]
-        self.grid = TileGrid(scene["width"], scene["height"], job.tile_size, job.halo)
-        self.merger = merger_type(job.blend)(self.store, self.grid, probabilities=job.probabilities)
-        self.job = job
+        self.grid = TileGrid(scene["width"], scene["height"], recipe.tile_size, recipe.halo)
+        self.merger = merger_type(recipe.blend)(self.store, self.grid, probabilities=recipe.probabilities)
+        self.job = (store_url, recipe)
 
     def _read_tile(self, index: int) -> tuple[Tile, np.ndarray, np.ndarray]:
         """One tile's normalised input (bands, S, S) float32 and validity (S, S), on a reader thread."""
         assert self.reader is not None and self.job is not None
         tile = self.grid.tile_at(index)
         pixels, ok = self.reader.read(tile)
-        if self.job.pixel_map is not None:
-            pixels = self.job.pixel_map.apply(pixels)
+        pixel_map = self.job[1].pixel_map
+        if pixel_map is not None:
+            pixels = pixel_map.apply(pixels)
         return tile, normalise(pixels, self.mean, self.std, ok), ok
 
     def _submit_reads(self, group: Sequence[int]) -> list[Future[tuple[Tile, np.ndarray, np.ndarray]]]:
@@ -211,8 +179,9 @@ class TileSegmenter:
     def _is_done(self, indices: Sequence[int]) -> bool:
         return all(self.done[divmod(i, self.grid.cols)] == 1 for i in indices)
 
-    def process(self, job: InferJob, groups: Sequence[Sequence[int]]) -> dict[str, Any]:
-        """Segment the given groups of tiles (flat tile indices) of ``job``'s scene; each group is one batch.
+    def process(self, store_url: str, recipe: Recipe, groups: Sequence[Sequence[int]]) -> dict[str, Any]:
+        """Segment the given groups of tiles (flat tile indices) of the scene in the work store at ``store_url``, as
+        ``recipe`` says; each group is one batch.
 
         Groups whose tiles are all done already (a retried call after a crash) are skipped.
 
@@ -222,7 +191,7 @@ class TileSegmenter:
         start = time.perf_counter()
         if self.failed is not None:
             raise self.failed
-        self._open(job)
+        self._open(store_url, recipe)
         todo = [list(g) for g in groups if not self._is_done(g)]
         stats: dict[str, Any] = {"tiles": 0, "batches": 0, "compute_s": 0.0, "wait_read_s": 0.0, "wait_write_s": 0.0}
         stats["node"] = _node_id()
@@ -256,8 +225,6 @@ class TileSegmenter:
     def placement(self) -> dict[str, Any]:
         """What this segmenter holds: its device (and the GPU's name), Ray's GPU ids for it, the
         ``CUDA_VISIBLE_DEVICES`` Ray set, its node and its torch threads."""
-        import os
-
         ray = sys.modules.get("ray")
         ids = [str(g) for g in ray.get_gpu_ids()] if ray is not None and ray.is_initialized() else []
         cuda = self.device.type == "cuda"
@@ -274,6 +241,4 @@ class TileSegmenter:
         """Readiness probe: ``device@host`` once the model is loaded; the model's error when it could not be."""
         if self.failed is not None:
             raise self.failed
-        import socket
-
         return f"{self.device}@{socket.gethostname()}"

@@ -2,7 +2,7 @@
 
 Memory is bounded by ``workers x region`` pixels, never by the scene: every task (:func:`copy_region`) reads one
 region (a block of chunks aligned to the store's chunk grid, at most ``region_size`` pixels square) through its own
-:class:`~segpipe.pipeline.read.SceneSource`, writes it, and returns only the number of valid pixels per chunk. The
+:class:`~segpipe.pipeline.scene.SceneSource`, writes it, and returns only the number of valid pixels per chunk. The
 tasks run on threads of this process, or on a cluster's workers (a :class:`~segpipe.pipeline.session.Session`).
 A complete ingest is recorded in the store's attributes; a re-run with an unchanged source (same fingerprint and
 chunk size) skips it.
@@ -23,8 +23,9 @@ import rasterio
 from segpipe.core.raster import GDAL_CACHE_BYTES
 from segpipe.core.tiles import TileGrid, Window
 from segpipe.pipeline import store as ws
-from segpipe.pipeline.read import SceneInfo, open_source
-from segpipe.pipeline.session import Session
+from segpipe.pipeline.read import open_source
+from segpipe.pipeline.scene import SceneInfo
+from segpipe.pipeline.tasks import TaskRunner, Threads
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +137,7 @@ def index_scene(
     chunk_size: int,
     workers: int = 2,
     progress: Callable[[int], Any] | None = None,
-    session: Session | None = None,
+    session: TaskRunner | None = None,
 ) -> IngestResult:
     """Prepare ``store`` for a scene the segmenters read in place: the scene's description and its valid pixels
     per tile core (``valid_pixels``), no copy of its pixels. A scene whose layout says every pixel is valid
@@ -175,7 +176,7 @@ def _count(
     chunk_size: int,
     workers: int,
     progress: Callable[[int], Any] | None,
-    session: Session | None,
+    session: TaskRunner | None,
     grid: TileGrid,
 ) -> np.ndarray:
     region = max(chunk_size, (2048 // chunk_size) * chunk_size)
@@ -186,7 +187,7 @@ def _count(
         if progress:
             progress(result[0].area)
 
-    for window, block in (session or Session(ray=False)).map(count_region, items, workers=workers, progress=done):
+    for window, block in (session or Threads()).map(count_region, items, workers=workers, progress=done):
         r0, c0 = window.row_off // chunk_size, window.col_off // chunk_size
         counts[r0 : r0 + block.shape[0], c0 : c0 + block.shape[1]] = block
     return counts
@@ -200,7 +201,7 @@ def ingest(
     workers: int = 2,
     region_size: int | None = None,
     progress: Callable[[int], Any] | None = None,
-    session: Session | None = None,
+    session: TaskRunner | None = None,
 ) -> IngestResult:
     """Copy the scene into ``store`` (``image``, ``valid``, ``valid_pixels``) or reuse a complete earlier one.
 
@@ -229,7 +230,7 @@ def ingest(
     )
     grid = TileGrid(scene.width, scene.height, chunk_size, 0)
     counts = np.zeros((grid.rows, grid.cols), dtype=np.int64)
-    runner = session or Session(ray=False)
+    runner = session or Threads()
     ref: ws.WorkStore | str = store.url if runner.on_cluster else store
     items = [(scene, ref, window, chunk_size) for window in regions(scene.width, scene.height, region)]
 

@@ -1,9 +1,10 @@
 """Masks as lazy xarray: a mask COG written by segpipe (and its probabilities COG) opened with rioxarray, chunked
-on the file's blocks, so no pixel is read until asked (:func:`segpipe.api.open_mask`)."""
+on the file's blocks, so no pixel is read until asked (:func:`open_mask`)."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -11,13 +12,13 @@ import rasterio
 
 from segpipe.core.errors import InputError
 from segpipe.core.raster import open_raster
-from segpipe.pipeline.plan import summary_path
+from segpipe.pipeline.names import summary_path
 from segpipe.pipeline.store import MASK_NODATA, PROBABILITY_NODATA, PROBABILITY_SCALE
 
 
 def _open_lazy(path: str) -> Any:
     """The COG at ``path`` as a dask-backed DataArray (band, y, x), one dask chunk per block."""
-    import rioxarray
+    import rioxarray  # lazy: the optional xarray extra
 
     with open_raster(path, role="mask", hint="give a mask COG that segpipe wrote") as src:
         rows, cols = src.block_shapes[0]
@@ -68,3 +69,27 @@ def probabilities_path(mask: str) -> str | None:
         return None
     found = json.loads(summary.read_text()).get("probabilities")
     return str(found) if found and Path(found).is_file() else None
+
+
+def open_mask(path: str | os.PathLike[str], *, probabilities: str | os.PathLike[str] | None = None) -> Any:
+    """A mask COG (and its probabilities) as a lazy, dask-backed, georeferenced ``xarray.Dataset``; no pixel is
+    read until asked.
+
+    Variables: ``mask`` (y, x) uint8 class ids, ``_FillValue`` 255 (nodata), ``class_names`` and ``colours``
+    attributes; ``probabilities`` (class, y, x) uint8, probability x 254, 255 nodata, when given (or named in the
+    mask's summary). Coordinates ``x``/``y`` are pixel centres in the scene's CRS (``.rio.crs``).
+
+    Raises:
+        InputError: the file is not a mask segpipe wrote.
+    """
+    import rioxarray  # noqa: F401  # lazy: the optional xarray extra; the .rio accessor
+    import xarray as xr  # lazy: the optional xarray extra
+
+    mask = mask_array(str(path))
+    data = {"mask": mask}
+    chosen = str(probabilities) if probabilities is not None else probabilities_path(str(path))
+    if chosen:
+        data["probabilities"] = probability_array(chosen, mask.attrs.get("class_names", ()))
+    ds = xr.Dataset(data)
+    ds.attrs["source"] = str(path)
+    return ds

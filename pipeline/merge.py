@@ -21,6 +21,7 @@ A new merger is one class here (or in its own module) and one entry in :data:`ME
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -30,11 +31,11 @@ import zarr
 from segpipe.core.blend import Blend
 from segpipe.core.tiles import Tile, TileGrid
 from segpipe.pipeline import store as ws
+from segpipe.pipeline.stitch import stitch
+from segpipe.pipeline.tasks import TaskRunner
 
 if TYPE_CHECKING:
     import torch
-
-    from segpipe.pipeline.session import Session
 
 
 class Merger:
@@ -64,7 +65,7 @@ class Merger:
 
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
         """What the segmenter keeps of a batch's logits (B, classes, S, S): float32 softmax probabilities."""
-        import torch
+        import torch  # lazy: torch takes 2 s; --blend's choices and the driver's stitch need no torch
 
         return torch.softmax(logits.float(), dim=1)
 
@@ -79,7 +80,7 @@ class Merger:
         raise NotImplementedError
 
     def finalize(
-        self, *, workers: int = 2, progress: Callable[[int], Any] | None = None, session: Session | None = None
+        self, *, workers: int = 2, progress: Callable[[int], Any] | None = None, session: TaskRunner | None = None
     ) -> bool:
         """Produce ``mask`` (and ``probabilities``) from what was aggregated (on the session's cluster, if any);
         returns whether there was work."""
@@ -111,8 +112,6 @@ class Merger:
 
 def tile_checksum(parts: Sequence[np.ndarray]) -> int:
     """CRC-32 of the bytes of a tile's result arrays, in order (C order)."""
-    import zlib
-
     value = 0
     for part in parts:
         value = zlib.crc32(np.ascontiguousarray(part).tobytes(), value)
@@ -126,7 +125,7 @@ def class_ids(scores: torch.Tensor) -> torch.Tensor:
     reduces across a strided axis and is slow (113 ms for 6 x 1024 x 1024 on 2 EPYC cores): a running maximum over
     the classes takes 20 ms. NaN scores (a broken model) take torch's own argmax, so the ids match it everywhere.
     """
-    import torch
+    import torch  # lazy: torch takes 2 s; only segmenters call this
 
     if scores.device.type != "cpu" or scores.shape[1] > 255 or bool(torch.isnan(scores).any()):
         return torch.argmax(scores, dim=1).to(torch.uint8)
@@ -152,7 +151,7 @@ class CropMerger(Merger):
         return super().scores(logits) if self.probabilities else logits.float()
 
     def aggregate(self, tiles: Sequence[Tile], scores: torch.Tensor, valids: np.ndarray) -> None:
-        import torch
+        import torch  # lazy: torch takes 2 s; only segmenters call this
 
         t, h = self.grid.tile_size, self.grid.halo
         core = scores[:, :, h : h + t, h : h + t]
@@ -190,7 +189,7 @@ class BlendMerger(Merger):
     blend: ClassVar[Blend]
 
     def aggregate(self, tiles: Sequence[Tile], scores: torch.Tensor, valids: np.ndarray) -> None:
-        import torch
+        import torch  # lazy: torch takes 2 s; only segmenters call this
 
         half = scores.to(torch.float16).cpu().numpy()
         target = self._array(ws.TILE_PROBABILITIES)
@@ -202,10 +201,8 @@ class BlendMerger(Merger):
         return [np.asarray(self._array(ws.TILE_PROBABILITIES)[tile.row, tile.col])]
 
     def finalize(
-        self, *, workers: int = 2, progress: Callable[[int], Any] | None = None, session: Session | None = None
+        self, *, workers: int = 2, progress: Callable[[int], Any] | None = None, session: TaskRunner | None = None
     ) -> bool:
-        from segpipe.pipeline.stitch import stitch
-
         stitch(self.store, self.grid, self.blend, workers=workers, progress=progress, session=session)
         return True
 

@@ -8,32 +8,31 @@ that is known to be sound; the model is loaded once for it.
 from __future__ import annotations
 
 import logging
-import os
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from segpipe.core import objects
 from segpipe.core.cog import parse_cog_options
-from segpipe.core.errors import ConfigError, OutputError, SegpipeError
-from segpipe.core.objects import ObjectUrl, is_object_url
-from segpipe.core.pixels import PixelMap
+from segpipe.core.errors import ConfigError, SegpipeError
+from segpipe.core.location import Location
+from segpipe.core.raster import open_raster
 from segpipe.core.runtime import available_cores, local_gpus
 from segpipe.core.tiles import TileGrid, fit_fixed_input, validate_tiling
+from segpipe.models.checkpoint import WEIGHTS_DIR, LoadedModel, load_model
+from segpipe.models.metadata import ModelMetadata
 from segpipe.pipeline import store as ws
-from segpipe.pipeline.export import Sink, sink_for
 from segpipe.pipeline.fit import SceneFit, fit_scene
 from segpipe.pipeline.incremental import OutputKey, output_key
+from segpipe.pipeline.infer import ModelSpec
 from segpipe.pipeline.ingest import reads_in_place
 from segpipe.pipeline.merge import merger_type
-from segpipe.pipeline.polygons import VECTOR  # registers the vector sinks
-from segpipe.pipeline.read import SceneInfo, describe_scene
+from segpipe.pipeline.names import summary_path
+from segpipe.pipeline.read import describe_scene
+from segpipe.pipeline.recipe import Recipe
+from segpipe.pipeline.scene import SceneInfo
 from segpipe.pipeline.settings import RunOptions, RunSettings
-
-if TYPE_CHECKING:
-    from segpipe.models.checkpoint import LoadedModel
-    from segpipe.models.metadata import ModelMetadata
+from segpipe.pipeline.sinks import sink_for
+from segpipe.pipeline.sinks.base import VECTOR, Sink
 
 log = logging.getLogger(__name__)
 
@@ -55,17 +54,20 @@ class ModelSummary:
     metadata: str | None = None
 
 
+    def spec(self, device: str, threads: int) -> ModelSpec:
+        """What a segmenter of this model holds on ``device`` with ``threads`` torch threads."""
+        return ModelSpec(self.ref, self.checksum, device, threads, self.metadata)
+
+
 @dataclass(frozen=True)
 class RunPlan:
     """A validated, fully resolved run.
 
     Attributes:
         settings: What was asked for.
-        scene: The scene's description.
+        scene: The scene's description (what the run reads of it).
         model: The model's summary (its file and checksum: segmenters load it themselves).
-        tile_size: Core side in pixels.
-        halo: Halo in pixels.
-        batch_size: Tiles per forward pass.
+        recipe: How the pixels are made (tile size, halo, blend, batch size, what is read, scaling).
         grid: The tile grid over the scene.
         sinks: The outputs, mask first.
         fit: How the scene feeds the model (bands, nodata, scaling; :mod:`segpipe.pipeline.fit`).
@@ -76,17 +78,11 @@ class RunPlan:
     settings: RunSettings
     scene: SceneInfo
     model: ModelSummary
-    tile_size: int
-    halo: int
-    batch_size: int
+    recipe: Recipe
     grid: TileGrid
     sinks: tuple[Sink, ...] = ()
     fit: SceneFit | None = None
     in_place: bool = False
-
-    @property
-    def pixel_map(self) -> PixelMap | None:
-        return self.fit.pixel_map if self.fit is not None else None
 
     @property
     def summary_path(self) -> str:
@@ -96,48 +92,13 @@ class RunPlan:
     @property
     def output_key(self) -> OutputKey:
         """What the run's outputs are made from (recorded in the summary; see :mod:`segpipe.pipeline.incremental`)."""
-        return output_key(
-            scene_fingerprint=self.scene.fingerprint,
-            model_checksum=self.model.identity or self.model.checksum,
-            tile_size=self.tile_size,
-            halo=self.halo,
-            blend=self.settings.blend,
-            batch_size=self.batch_size,
-            probabilities=bool(self.settings.probabilities),
-            scaling=self.fit.scaling if self.fit is not None else None,
-            vector=vector_key(self.settings),
-            cog=parse_cog_options(self.settings.cog_options),
-        )
-
-    @property
-    def run_key(self) -> str:
-        """The work store's key of this run's inference results: what changes them (see
-        :func:`segpipe.pipeline.store.run_key`)."""
-        return ws.run_key(
-            model=self.model.identity or self.model.checksum,
-            scaling=self.fit.scaling if self.fit is not None else None,
-            tile_size=self.tile_size,
-            halo=self.halo,
-            blend=self.settings.blend,
-            batch_size=self.batch_size,
-            probabilities=bool(self.settings.probabilities),
-            fingerprint=self.scene.fingerprint,
-        )
+        return _output_key(self.recipe, self.scene, self.settings)
 
 
-def summary_path(output: str) -> str:
-    """Where the summary of a run writing ``output`` goes: ``<output stem>.summary.json`` beside it (the stem of
-    ``mask.ome.tif`` is ``mask``)."""
-    if is_object_url(output):
-        parsed = ObjectUrl.parse(output)
-        return str(parsed.parent.child(_stem(parsed.name) + ".summary.json"))
-    out = Path(output)
-    return str(out.with_name(_stem(out.name) + ".summary.json"))
-
-
-def _stem(name: str) -> str:
-    stem = Path(name).stem
-    return stem[:-4] if name.lower().endswith((".ome.tif", ".ome.tiff")) else stem
+def _output_key(recipe: Recipe, scene: SceneInfo, options: RunOptions) -> OutputKey:
+    return output_key(
+        recipe, scene=scene.fingerprint, vector=vector_key(options), cog=parse_cog_options(options.cog_options)
+    )
 
 
 def vector_key(settings: RunOptions) -> dict[str, Any] | None:
@@ -151,23 +112,6 @@ def vector_key(settings: RunOptions) -> dict[str, Any] | None:
         "simplify": settings.vector_simplify,
         "min_area": settings.vector_min_area,
     }
-
-
-def _check_beside(path: str, what: str, output: str) -> None:
-    """Refuse an object URL that is not in the OUTPUT's folder (prefix) of the same bucket."""
-    parent = ObjectUrl.parse(output).parent
-    if not is_object_url(path) or ObjectUrl.parse(path).parent != parent or "/../" in f"/{path}/":
-        raise OutputError(f"{what} {path!r} is not beside OUTPUT ({parent}/); write it next to OUTPUT")
-
-
-def _check_inside(path: str | Path, what: str, directory: Path) -> None:
-    """Refuse a path that resolves (through ``..`` or symlinks) outside ``directory``, the OUTPUT's directory."""
-    resolved = Path(path).resolve()
-    if not resolved.is_relative_to(directory):
-        raise OutputError(
-            f"{what} {str(path)!r} resolves to {resolved}, outside the directory of OUTPUT ({directory}); "
-            "write it next to OUTPUT"
-        )
 
 
 def _check_local_workers(workers: int, device: str) -> None:
@@ -187,24 +131,12 @@ def _check_local_workers(workers: int, device: str) -> None:
         )
 
 
-def _same_file(a: str, b: str) -> bool:
-    if is_object_url(a) or is_object_url(b):
-        return str(a).rstrip("/") == str(b).rstrip("/")
-    return os.path.abspath(a) == os.path.abspath(b)
-
-
 def left_by_unfinished_run(output: str) -> bool:
     """Whether ``output`` is the mask of a run that ended before writing its summary (killed, or its machine lost):
     a mask segpipe wrote (its ``SOFTWARE=segpipe`` tag) with no summary beside it. A run writes its outputs first
     and its summary last, so the next run of the same command replaces such a mask, and the probabilities and
     polygons beside it, without ``--overwrite`` (a data set redoes such a scene too: ``incomplete``)."""
-    from segpipe.core.raster import open_raster
-
-    summary = summary_path(output)
-    if is_object_url(output):
-        if objects.head(output) is None or objects.head(summary) is not None:
-            return False
-    elif not Path(output).is_file() or Path(summary).exists():
+    if not Location(output).exists() or Location(summary_path(output)).exists():
         return False
     try:
         with open_raster(output, role="output") as src:
@@ -214,59 +146,46 @@ def left_by_unfinished_run(output: str) -> bool:
 
 
 def _check_outputs(settings: RunSettings) -> tuple[Sink, ...]:
+    """The run's sinks, mask first, each checked (its path can be written; nothing there without ``--overwrite``),
+    the files beside OUTPUT and apart from each other and from INPUT, and the work directory usable.
+
+    Raises:
+        SegpipeError: what is wrong and how to fix it.
+    """
     creation = tuple(parse_cog_options(settings.cog_options).items())
     if creation and settings.output.lower().endswith((".ome.tif", ".ome.tiff")):
         raise ConfigError("--co sets COG creation options; an OME-TIFF mask is not a COG: leave --co out")
-    sinks = [sink_for(ws.MASK, settings.output, creation=creation)]
+    output = Location(settings.output)
     overwrite = settings.overwrite or left_by_unfinished_run(settings.output)
-    sinks[0].check(overwrite=overwrite)
-    remote = is_object_url(settings.output)
-    out_dir = Path(settings.output).absolute().parent.resolve()
-    if not remote:
-        _check_inside(summary_path(settings.output), "the summary", out_dir)
+    sinks = [sink_for(ws.MASK, settings.output, creation=creation)]
+    sinks[-1].check(overwrite=overwrite)
+    if output.is_local:
+        Location(summary_path(settings.output)).check_beside(output, "the summary")
     if settings.probabilities:
-        if remote:
-            _check_beside(settings.probabilities, "--probabilities", settings.output)
-        else:
-            _check_inside(settings.probabilities, "--probabilities", out_dir)
+        Location(settings.probabilities).check_beside(output, "--probabilities")
         sinks.append(sink_for(ws.PROBABILITIES, settings.probabilities, creation=creation))
         sinks[-1].check(overwrite=overwrite)
-        if _same_file(settings.probabilities, settings.output):
-            raise ConfigError("--probabilities must be a different file from OUTPUT")
     if settings.vector:
-        if remote:
-            _check_beside(settings.vector, "--vector", settings.output)
-        else:
-            _check_inside(settings.vector, "--vector", out_dir)
-        sinks.append(
-            sink_for(
-                VECTOR,
-                settings.vector,
-                mask=settings.output,
-                simplify=settings.vector_simplify,
-                min_area=settings.vector_min_area,
-            )
-        )
+        Location(settings.vector).check_beside(output, "--vector")
+        options = {"simplify": settings.vector_simplify, "min_area": settings.vector_min_area}
+        sinks.append(sink_for(VECTOR, settings.vector, mask=settings.output, **options))
         sinks[-1].check(overwrite=overwrite)
-        for other, name in ((settings.output, "OUTPUT"), (settings.probabilities, "--probabilities")):
-            if other and _same_file(settings.vector, other):
-                raise ConfigError(f"--vector must be a different file from {name}")
-    if _same_file(settings.input, settings.output):
-        raise ConfigError("OUTPUT must not be the INPUT file; choose another output path")
-    if settings.work_dir and is_object_url(settings.work_dir):
-        probe = str(ObjectUrl.parse(settings.work_dir).child(f".segpipe-write-test-{uuid.uuid4().hex[:12]}"))
-        try:
-            objects.write_bytes(probe, b"")
-        except OutputError as exc:
-            raise OutputError(f"cannot write to --work-dir {settings.work_dir!r}: {exc}") from None
-        objects.delete(probe)
-    elif settings.work_dir:
-        work = Path(settings.work_dir)
-        if work.exists() and not work.is_dir():
-            raise OutputError(f"--work-dir {settings.work_dir!r} is a file, not a directory")
-        if not work.exists() and not work.parent.is_dir():
-            raise OutputError(f"the parent of --work-dir {settings.work_dir!r} does not exist; create it first")
+    _check_apart(settings)
+    if settings.work_dir:
+        Location(settings.work_dir).check_folder("--work-dir")
     return tuple(sinks)
+
+
+def _check_apart(settings: RunSettings) -> None:
+    """Refuse two of INPUT, OUTPUT, ``--probabilities`` and ``--vector`` naming the same file."""
+    named = [("OUTPUT", settings.output), ("--probabilities", settings.probabilities), ("--vector", settings.vector)]
+    given = [(name, Location(path)) for name, path in named if path]
+    for k, (name, path) in enumerate(given):
+        for other, earlier in given[:k]:
+            if path.same_as(earlier):
+                raise ConfigError(f"{name} must be a different file from {other}")
+    if Location(settings.input).same_as(Location(settings.output)):
+        raise ConfigError("OUTPUT must not be the INPUT file; choose another output path")
 
 
 def resolve_tiling(settings: RunOptions, meta: ModelMetadata) -> tuple[int, int, int]:
@@ -295,39 +214,62 @@ def make_plan(settings: RunSettings, *, loaded: LoadedModel | None = None) -> Ru
     Raises:
         SegpipeError: (a subclass) saying what is wrong and how to fix it.
     """
-    from segpipe.models.checkpoint import load_model
-
     if settings.device == "cuda" and not settings.ray_address and not local_gpus():
         raise ConfigError("--device cuda was asked for but this machine has no CUDA GPU; use --device cpu or auto")
     if settings.workers and settings.executor != "local" and not settings.ray_address:
         _check_local_workers(settings.workers, settings.device)
     sinks = _check_outputs(settings)
-
     file = describe_scene(settings.input, mpp=settings.mpp)
     loaded = loaded or load_model(settings.model, device="cpu", metadata=settings.model_metadata)
-    meta = loaded.metadata
-    fit = _fit(settings, file, meta)
+    fit = _fit(settings, file, loaded.metadata)
     for line in fit.warnings:
         log.warning("%s: %s", settings.input, line)
     scene = fit.scene
-    tile_size, halo, batch_size = resolve_tiling(settings, meta)
-    summary = ModelSummary(
-        name=settings.model,
+    recipe = make_recipe(settings, fit, loaded, probabilities=bool(settings.probabilities))
+    grid = TileGrid(scene.width, scene.height, recipe.tile_size, recipe.halo)
+    in_place = reads_in_place(scene, grid.input_size) if settings.ingest == "auto" else settings.ingest == "never"
+    in_place = in_place and not merger_type(recipe.blend).tile_probabilities
+    model = model_summary(settings, loaded)
+    return RunPlan(settings, scene, model, recipe, grid, sinks, fit, in_place)
+
+
+def model_summary(options: RunOptions, loaded: LoadedModel) -> ModelSummary:
+    """What the pipeline keeps of the run's model (``options.model``, loaded)."""
+    meta = loaded.metadata
+    return ModelSummary(
+        name=options.model,
         path=loaded.path,
         checksum=loaded.checksum,
-        ref=model_ref(settings.model, loaded.path),
+        ref=model_ref(options.model, loaded.path),
         architecture=meta.architecture,
         classes=tuple(c.name for c in meta.classes),
         colours=tuple(c.colour for c in meta.classes),
         bands=tuple(meta.bands),
         provenance=dict(meta.provenance),
         identity=loaded.identity,
-        metadata=settings.model_metadata,
+        metadata=options.model_metadata,
     )
-    grid = TileGrid(scene.width, scene.height, tile_size, halo)
-    in_place = reads_in_place(scene, grid.input_size) if settings.ingest == "auto" else settings.ingest == "never"
-    in_place = in_place and not merger_type(settings.blend).tile_probabilities
-    return RunPlan(settings, scene, summary, tile_size, halo, batch_size, grid, sinks, fit, in_place)
+
+
+def make_recipe(options: RunOptions, fit: SceneFit, loaded: LoadedModel, *, probabilities: bool) -> Recipe:
+    """The recipe of a run of ``options`` on a scene fitted to the model (``fit``; its pixel map is None when it
+    was fitted without reading pixels), with or without per-class ``probabilities``.
+
+    Raises:
+        ConfigError: a tile size and halo the model cannot take.
+    """
+    tile_size, halo, batch_size = resolve_tiling(options, loaded.metadata)
+    return Recipe(
+        model=loaded.identity,
+        tile_size=tile_size,
+        halo=halo,
+        blend=options.blend,
+        batch_size=batch_size,
+        probabilities=probabilities,
+        selection=fit.scene.selection,
+        scaling=fit.scaling,
+        pixel_map=fit.pixel_map,
+    )
 
 
 def _fit(settings: RunOptions, file: SceneInfo, meta: ModelMetadata, *, compute: bool = True) -> SceneFit:
@@ -345,35 +287,24 @@ def _fit(settings: RunOptions, file: SceneInfo, meta: ModelMetadata, *, compute:
     )
 
 
-def scene_output_key(settings: RunOptions, file: SceneInfo, loaded: LoadedModel) -> OutputKey:
-    """The key the outputs of ``file`` would be made with under ``settings`` (what :attr:`RunPlan.output_key`
-    gives once planned), without reading the scene's pixels: a data set decides from it what to segment.
+def scene_output_key(
+    options: RunOptions, file: SceneInfo, loaded: LoadedModel, *, probabilities: bool = False
+) -> OutputKey:
+    """The key the outputs of ``file`` would be made with under ``options`` (what :attr:`RunPlan.output_key`
+    gives once planned: the same recipe, made without reading the scene's pixels): a data set decides from it
+    what to segment. ``options`` may be a :class:`RunSettings`: its ``--probabilities`` then count.
 
     Raises:
         SegpipeError: the scene cannot be fitted to the model, or the tiling is wrong.
     """
-    meta = loaded.metadata
-    fit = _fit(settings, file, meta, compute=False)
-    tile_size, halo, batch_size = resolve_tiling(settings, meta)
-    return output_key(
-        scene_fingerprint=fit.scene.fingerprint,
-        model_checksum=loaded.identity,
-        tile_size=tile_size,
-        halo=halo,
-        blend=settings.blend,
-        batch_size=batch_size,
-        probabilities=isinstance(settings, RunSettings) and bool(settings.probabilities),
-        scaling=fit.scaling,
-        vector=vector_key(settings),
-        cog=parse_cog_options(settings.cog_options),
-    )
+    fit = _fit(options, file, loaded.metadata, compute=False)
+    asked = probabilities or bool(getattr(options, "probabilities", None))
+    return _output_key(make_recipe(options, fit, loaded, probabilities=asked), fit.scene, options)
 
 
 def model_ref(asked: str, path: str) -> str:
     """What a segmenter, on any machine, loads: the URL or packaged name as asked, else the resolved local path."""
-    from segpipe.models.checkpoint import WEIGHTS_DIR
-
-    if is_object_url(asked) or Path(path).parent == WEIGHTS_DIR.resolve():
+    if not Location(asked).is_local or Path(path).parent == WEIGHTS_DIR.resolve():
         return asked
     return path
 

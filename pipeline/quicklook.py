@@ -1,7 +1,8 @@
 """Quicklook: a PNG of a scene beside its mask, read at reduced resolution (from overviews), bounded memory.
 
 Both rasters are read with ``out_shape`` at most ``max_size`` pixels on the long side, so GDAL serves the
-nearest overview; the mask uses nearest-neighbour sampling and its own colour table and class names.
+nearest overview; the mask uses nearest-neighbour sampling and its own colour table and class names. The command's
+options are :class:`~segpipe.pipeline.figures.QuicklookOptions`.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import json
 from pathlib import Path
 
 import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 from rasterio.enums import Resampling
 
 from segpipe.core.colours import colour_lut, hex_colour
@@ -17,7 +20,9 @@ from segpipe.core.errors import InputError
 from segpipe.core.pixels import stretch
 from segpipe.core.raster import open_raster
 from segpipe.core.tiles import Window
-from segpipe.pipeline.read import Selection, open_source
+from segpipe.pipeline.names import summary_path
+from segpipe.pipeline.read import open_source
+from segpipe.pipeline.scene import Selection
 
 
 def _shape(width: int, height: int, max_size: int) -> tuple[int, int]:
@@ -59,8 +64,6 @@ def read_scene_preview(scene_path: str, max_size: int, selection: Selection | No
 
 def _run_selection(mask_path: str) -> Selection | None:
     """The bands and nodata the run that wrote ``mask_path`` read (from its summary beside it), or None."""
-    from segpipe.pipeline.plan import summary_path
-
     try:
         fit = json.loads(Path(summary_path(mask_path)).read_text()).get("fit") or {}
     except (OSError, ValueError):
@@ -73,20 +76,16 @@ def _run_selection(mask_path: str) -> Selection | None:
 def quicklook(
     mask_path: str, output: str | Path, *, scene_path: str | None = None, max_size: int = 1024
 ) -> Path:
-    """Write a PNG: the scene (if given) beside the mask with a legend. Returns the PNG's path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch
-
+    """Write a PNG: the scene (if given) beside the mask with a legend, each panel at most ``max_size`` pixels on
+    its long side. Returns the PNG's path."""
     mask, legend = read_mask_preview(mask_path, max_size)
     panels: list[tuple[str, np.ndarray]] = []
     if scene_path:
         panels.append((Path(scene_path).name, read_scene_preview(scene_path, max_size, _run_selection(mask_path))))
     panels.append((f"mask: {Path(mask_path).name}", mask))
     aspect = mask.shape[1] / mask.shape[0]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * aspect * len(panels) + 0.5, 5.4), squeeze=False)
+    fig = Figure(figsize=(5 * aspect * len(panels) + 0.5, 5.4))
+    axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, (title, image) in zip(axes[0], panels, strict=True):
         ax.imshow(image, interpolation="nearest")
         ax.set_title(title, fontsize=9)
@@ -101,5 +100,4 @@ def quicklook(
     fig.tight_layout()
     out = Path(output)
     fig.savefig(out, dpi=100)
-    plt.close(fig)
     return out

@@ -11,28 +11,27 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from segpipe.core import objects
 from segpipe.core.errors import ConfigError
-from segpipe.core.files import full_disk_named, temporary_folder, write_json_atomically
-from segpipe.core.objects import is_object_url
+from segpipe.core.files import full_disk_named, temporary_folder
+from segpipe.core.location import Location
 from segpipe.core.runtime import available_cores, process_started_at
 from segpipe.pipeline import store as ws
 from segpipe.pipeline.dispatch import InferResult, run_inference
-from segpipe.pipeline.export import ExportResult, Sink, remove_output
-from segpipe.pipeline.infer import InferOptions
+from segpipe.pipeline.executor import session_for
 from segpipe.pipeline.ingest import IngestResult, index_scene, ingest
-from segpipe.pipeline.locks import exclusive_lock
 from segpipe.pipeline.merge import merger_type
 from segpipe.pipeline.plan import RunPlan, make_plan
-from segpipe.pipeline.polygons import VECTOR, VectorResult
-from segpipe.pipeline.session import Session, auto_uses_ray, cluster_paths_problem
+from segpipe.pipeline.reach import cluster_paths_problem
+from segpipe.pipeline.session import Session
 from segpipe.pipeline.settings import RunSettings
+from segpipe.pipeline.sinks.base import VECTOR, ExportResult, Sink, remove_output
+from segpipe.pipeline.sinks.vector import VectorResult
 from segpipe.pipeline.summary import build_summary
 
 log = logging.getLogger(__name__)
@@ -59,7 +58,7 @@ def ingest_stage(plan: RunPlan, store_url: str, session: Session) -> IngestResul
         return (index_scene if plan.in_place else ingest)(
             plan.scene,
             store,
-            chunk_size=plan.tile_size,
+            chunk_size=plan.recipe.tile_size,
             workers=available_cores(),
             progress=bar.update,
             session=session,
@@ -67,29 +66,15 @@ def ingest_stage(plan: RunPlan, store_url: str, session: Session) -> IngestResul
 
 
 def infer_stage(plan: RunPlan, store_url: str, session: Session) -> InferResult:
-    s = plan.settings
-    options = InferOptions(
-        model=plan.model.ref,
-        tile_size=plan.tile_size,
-        halo=plan.halo,
-        blend=s.blend,
-        batch_size=plan.batch_size,
-        device=s.device,
-        threads=available_cores(),
-        probabilities=bool(s.probabilities),
-        checksum=plan.model.checksum,
-        metadata=plan.model.metadata,
-        pixel_map=plan.pixel_map,
-    )
     with _bar(len(plan.grid), "infer", "tile") as bar:
         return run_inference(
             ws.WorkStore(store_url),
             plan.grid,
-            options,
+            plan.recipe,
+            plan.model.spec(plan.settings.device, available_cores()),
             classes=len(plan.model.classes),
-            key=plan.run_key,
             session=session,
-            workers=s.workers,
+            workers=plan.settings.workers,
             progress=bar.update,
         )
 
@@ -97,19 +82,14 @@ def infer_stage(plan: RunPlan, store_url: str, session: Session) -> InferResult:
 def stitch_stage(plan: RunPlan, store_url: str, session: Session) -> bool:
     """The merger's finalize step (blending overlapping tiles; nothing for ``crop``); returns whether there was
     work."""
-    merger = merger_type(plan.settings.blend)(
-        ws.WorkStore(store_url), plan.grid, probabilities=bool(plan.settings.probabilities)
-    )
+    merger = merger_type(plan.recipe.blend)(ws.WorkStore(store_url), plan.grid, probabilities=plan.recipe.probabilities)
     with _bar(len(plan.grid), "stitch", "tile") as bar:
         return merger.finalize(workers=available_cores(), progress=bar.update, session=session)
 
 
 def write_summary(path: str, summary: dict[str, Any]) -> None:
-    """Write the run summary, atomically: a local file, or one object."""
-    if is_object_url(path):
-        objects.write_json(path, summary)
-    else:
-        write_json_atomically(path, summary)
+    """Write the run summary, the run's last file (a run killed before it left an unfinished run's outputs)."""
+    Location(path).write_json(summary)
 
 
 def write_sink(sink: Sink, store_url: str, class_names: Sequence[str], colours: Sequence[str]) -> ExportResult:
@@ -133,7 +113,7 @@ def export_stage(plan: RunPlan, store_url: str, scratch_dir: str, session: Sessi
     results: list[ExportResult] = []
     try:
         for sink in plan.sinks:
-            if session.on_cluster and is_object_url(sink.path):
+            if session.on_cluster and not Location(sink.path).is_local:
                 task = (sink, store_url, plan.model.classes, plan.model.colours)
                 results.append(session.map(write_sink, [task], workers=1)[0])
                 continue
@@ -155,15 +135,6 @@ def export_stage(plan: RunPlan, store_url: str, scratch_dir: str, session: Sessi
             remove_output(done.path)
         raise
     return results
-
-
-def session_for(plan: RunPlan) -> Session:
-    """A session for one scene's run on its settings (see :func:`segpipe.pipeline.session.auto_uses_ray`)."""
-    s = plan.settings
-    uses_ray = auto_uses_ray(
-        address=s.ray_address, executor=s.executor, device=s.device, workers=s.workers, tiles=len(plan.grid)
-    )
-    return Session(address=s.ray_address, ray=uses_ray, connect_timeout=s.ray_connect_timeout)
 
 
 Stage = Callable[..., Any]
@@ -189,7 +160,7 @@ def run_scene(
         plan: ``make_plan(settings)`` when the caller has validated already (the model is then not loaded twice).
         wrap: Applied to each stage function before it is called (e.g. to make it a Prefect task).
         session: Where the work runs, kept by the caller across scenes; None: one for this run (Ray only where it
-            pays, see :func:`segpipe.pipeline.session.auto_uses_ray`), closed at the end.
+            pays, see :func:`segpipe.pipeline.executor.auto_uses_ray`), closed at the end.
         started: ``time.time()`` when the caller started (the summary's ``wall`` seconds count from it); default:
             when this process started.
         plan_seconds: Seconds the caller spent making ``plan`` (the summary's ``validate`` and part of ``total``).
@@ -200,50 +171,23 @@ def run_scene(
     plan = plan if plan is not None else make_plan(settings)
     seconds: dict[str, float] = {"validate": time.perf_counter() - started_run}
     with contextlib.ExitStack() as stack:
-        for sink in plan.sinks:
-            stack.enter_context(exclusive_lock(sink.path, "output"))
-        # this run's local folder: export scratch files, and the work store unless --work-dir keeps it elsewhere
-        local = stack.enter_context(temporary_folder("work"))
-        store_url = ws.store_url(ws.work_area(settings.work_dir, local), settings.input)
-        stack.enter_context(ws.lock(store_url))
-        t = time.perf_counter()
-        if session is None:
-            session = stack.enter_context(session_for(plan))
-        if session.on_cluster:
-            problem = cluster_paths_problem(
-                settings, session.nodes(), session.driver_ip(), slide=plan.scene.pyramid is not None
-            )
-            if problem:
-                raise ConfigError(problem)
-        seconds["session"] = time.perf_counter() - t
+        local, store_url = _hold(plan, stack)
+        with _timed(seconds, "session"):
+            session = session or stack.enter_context(session_for(settings, tiles=len(plan.grid)))
+            _check_reach(plan, session)
         driver_bytes = session.driver_bytes
         work = ("the work directory", settings.work_dir) if settings.work_dir else ("the temporary folder", str(local))
         with full_disk_named(*work):
-            t = time.perf_counter()
-            ingested = wrap(ingest_stage)(plan, store_url, session)
-            seconds["ingest"] = time.perf_counter() - t
-            t = time.perf_counter()
-            inferred = wrap(infer_stage)(plan, store_url, session)
-            seconds["infer"] = time.perf_counter() - t
-            t = time.perf_counter()
-            if merger_type(settings.blend).tile_probabilities:
-                wrap(stitch_stage)(plan, store_url, session)
-            seconds["stitch"] = time.perf_counter() - t
-        t = time.perf_counter()
-        exported = wrap(export_stage)(plan, store_url, str(local), session)
+            ingested, inferred = _compute(plan, store_url, session, wrap, seconds)
+        with _timed(seconds, "export"):
+            exported = wrap(export_stage)(plan, store_url, str(local), session)
         try:
-            seconds["export"] = time.perf_counter() - t
             seconds["total"] = time.perf_counter() - started_run
             seconds["wall"] = time.time() - (started if started is not None else process_started_at())
+            vector = next((r for r in exported if isinstance(r, VectorResult)), None)
+            moved = session.driver_bytes - driver_bytes
             summary = build_summary(
-                plan,
-                seconds,
-                ingested,
-                inferred,
-                exported[0],
-                store_url,
-                driver_bytes=session.driver_bytes - driver_bytes,
-                vector=next((r for r in exported if isinstance(r, VectorResult)), None),
+                plan, seconds, ingested, inferred, exported[0], store_url, driver_bytes=moved, vector=vector
             )
             write_summary(plan.summary_path, summary)
         except BaseException:
@@ -251,3 +195,45 @@ def run_scene(
                 remove_output(result.path)
             raise
     return summary
+
+
+def _hold(plan: RunPlan, stack: contextlib.ExitStack) -> tuple[Path, str]:
+    """Take the outputs' locks, the run's local folder (export scratch files, and the work store unless
+    ``--work-dir`` keeps it elsewhere) and the work store's lock for the run; returns the folder and the store."""
+    for sink in plan.sinks:
+        stack.enter_context(Location(sink.path).lock("output"))
+    local = stack.enter_context(temporary_folder("work"))
+    store_url = ws.store_url(ws.work_area(plan.settings.work_dir, local), plan.settings.input)
+    stack.enter_context(ws.lock(store_url))
+    return local, store_url
+
+
+def _check_reach(plan: RunPlan, session: Session) -> None:
+    """On a cluster, refuse before any work what only this machine sees (:mod:`segpipe.pipeline.reach`)."""
+    if session.on_cluster:
+        slide = plan.scene.pyramid is not None
+        problem = cluster_paths_problem(plan.settings, session.nodes(), session.driver_ip(), slide=slide)
+        if problem:
+            raise ConfigError(problem)
+
+
+def _compute(
+    plan: RunPlan, store_url: str, session: Session, wrap: Callable[[Stage], Stage], seconds: dict[str, float]
+) -> tuple[IngestResult, InferResult]:
+    """Ingest, infer and stitch (a blending merger's finalize), each timed into ``seconds``."""
+    with _timed(seconds, "ingest"):
+        ingested = wrap(ingest_stage)(plan, store_url, session)
+    with _timed(seconds, "infer"):
+        inferred = wrap(infer_stage)(plan, store_url, session)
+    with _timed(seconds, "stitch"):
+        if merger_type(plan.recipe.blend).tile_probabilities:
+            wrap(stitch_stage)(plan, store_url, session)
+    return ingested, inferred
+
+
+@contextlib.contextmanager
+def _timed(seconds: dict[str, float], name: str) -> Iterator[None]:
+    """Record the block's wall time in ``seconds[name]`` when it succeeds."""
+    t = time.perf_counter()
+    yield
+    seconds[name] = time.perf_counter() - t

@@ -10,8 +10,9 @@ flows take these objects as parameters, and the run summary records them. Values
 
 from __future__ import annotations
 
+import zoneinfo
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
 from segpipe.core.bands import parse_bands
 from segpipe.core.cog import parse_cog_options
@@ -22,9 +23,6 @@ from segpipe.core.pyramid import MAX_SLIDE_MPP, parse_resolution
 from segpipe.core.runtime import DEVICES
 from segpipe.pipeline.merge import MERGERS
 
-if TYPE_CHECKING:
-    from segpipe.pipeline.catalog import StacSearch
-
 EXECUTORS = ("auto", "ray", "local")
 #: ``--ingest``: whether a scene is copied into the work store before inference (see
 #: :func:`segpipe.pipeline.ingest.reads_in_place`).
@@ -32,6 +30,22 @@ INGEST_CHOICES = ("auto", "always", "never")
 TISSUE_METHODS = ("otsu", "none")
 #: ``--vector-format`` of a data set: ``auto`` is QuPath's GeoJSON for a slide, GeoPackage for other scenes.
 VECTOR_FORMATS = ("auto", "gpkg", "geojson", "parquet")
+
+
+#: The prefix that marks a data-set source as a STAC API (``stac-api+https://...``).
+STAC_API_PREFIX = "stac-api+"
+
+
+@dataclass(frozen=True)
+class StacSearch:
+    """A STAC API item search: the API's root URL, and what narrows the search."""
+
+    url: str
+    collections: tuple[str, ...] = ()
+    bbox: tuple[float, float, float, float] | None = None
+    datetime: str | None = None
+    query: dict[str, Any] | None = None
+    max_items: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -228,8 +242,6 @@ class ScheduleOptions:
     name: str = option("nightly", help="deployment name", metavar="NAME")
 
     def __post_init__(self) -> None:
-        import zoneinfo
-
         if len(self.cron.split()) != 5:
             raise ConfigError(f"--cron must have five fields (minute hour day month weekday), got {self.cron!r}")
         try:
@@ -314,8 +326,6 @@ class DatasetOptions:
 
     def search(self, source: str) -> StacSearch | None:
         """The STAC API search a ``stac-api+https://...`` source asks for, narrowed by these options."""
-        from segpipe.pipeline.catalog import STAC_API_PREFIX, StacSearch
-
         if not source.startswith(STAC_API_PREFIX):
             return None
         bbox = tuple(float(v) for v in self.bbox.split(",")) if self.bbox else None

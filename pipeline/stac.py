@@ -17,15 +17,24 @@ asset too (``polygons``: GeoPackage, GeoJSON or GeoParquet).
 from __future__ import annotations
 
 import datetime as dt
-import json
+import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import segpipe
-from segpipe.core import objects
-from segpipe.core.files import write_json_atomically
-from segpipe.core.objects import ObjectUrl, is_object_url
+import pystac
+from affine import Affine
+from pystac.extensions.classification import Classification, ClassificationExtension
+from pystac.extensions.file import FileExtension
+from pystac.extensions.projection import ProjectionExtension
+from pystac.extensions.raster import DataType, RasterBand, RasterExtension
+from rasterio.crs import CRS
+from rasterio.warp import transform_geom
+
+from segpipe.core.errors import SegpipeError
+from segpipe.core.location import Location
+from segpipe.core.version import VERSION
+from segpipe.pipeline.scene import is_slide_name
 
 PROCESSING_EXTENSION = "https://stac-extensions.github.io/processing/v1.2.0/schema.json"
 COLLECTION_FILE = "collection.json"
@@ -37,35 +46,10 @@ VECTOR_MEDIA_TYPES = {
 }
 
 
-def _beside(folder: str, name: str) -> str:
-    return str(ObjectUrl.parse(folder).child(name)) if is_object_url(folder) else str(Path(folder) / name)
-
-
-def write_json(path: str, data: Any) -> None:
-    """Write JSON atomically to a local path or as one object."""
-    if is_object_url(path):
-        objects.write_json(path, data)
-    else:
-        write_json_atomically(path, data)
-
-
-def read_json(path: str) -> Any | None:
-    """JSON at a local path or object URL, or None when it does not exist or is not JSON."""
-    try:
-        text = objects.read_bytes(path) if is_object_url(path) else Path(path).read_bytes()
-        return json.loads(text)
-    except (OSError, ValueError, segpipe.SegpipeError):
-        return None
-
-
 def _footprint(scene: dict[str, Any]) -> tuple[dict[str, Any] | None, list[float] | None]:
     """GeoJSON polygon and bbox in WGS84 of a scene's grid (None for a scene without a CRS)."""
     if not scene.get("crs_wkt"):
         return None, None
-    from affine import Affine
-    from rasterio.crs import CRS
-    from rasterio.warp import transform_geom
-
     transform = Affine(*scene["transform"])
     w, h = scene["width"], scene["height"]
     ring = [transform @ corner for corner in ((0, 0), (w, 0), (w, h), (0, h), (0, 0))]
@@ -103,12 +87,30 @@ def scene_item(
         source_item: The STAC item it came from, whose geometry and datetime the output keeps.
         vector: The polygons file, or None.
     """
-    import pystac
-    from pystac.extensions.classification import Classification, ClassificationExtension
-    from pystac.extensions.file import FileExtension
-    from pystac.extensions.projection import ProjectionExtension
-    from pystac.extensions.raster import DataType, RasterBand, RasterExtension
+    item = _item(summary, scene, item_id, source_item)
+    slide = scene.get("pyramid")
+    resolution = None if slide else abs(float(scene["transform"][0])) or None
+    mask_classes = [
+        Classification.create(value=i, description=name, name=_class_name(name), color_hint=colour.lstrip("#").upper())
+        for i, (name, colour) in enumerate(zip(classes, colours, strict=True))
+    ]
+    _raster_asset(item, "mask", mask, folder, resolution=resolution, bands=1, classes=mask_classes)
+    if probabilities:
+        _raster_asset(item, "probabilities", probabilities, folder, resolution=resolution, bands=len(classes))
+    if vector:
+        _vector_asset(item, vector, folder, qupath=bool(slide))
+    item.add_link(pystac.Link(rel="derived_from", target=source, media_type=_source_type(source, source_item)))
+    item.add_link(pystac.Link(rel="collection", target=f"./{COLLECTION_FILE}", media_type=pystac.MediaType.JSON))
+    data: dict[str, Any] = item.to_dict(include_self_link=False, transform_hrefs=False)
+    data["collection"] = collection_id(folder)
+    return data
 
+
+def _item(
+    summary: dict[str, Any], scene: dict[str, Any], item_id: str, source_item: dict[str, Any] | None
+) -> pystac.Item:
+    """The Item without assets: where and when (the source item's geometry and datetime, else the scene's
+    footprint and now; a slide's pixel size instead of a place), what made it and its key."""
     geometry, bbox = _footprint(scene)
     when = dt.datetime.now(dt.UTC)
     if source_item is not None:
@@ -117,6 +119,7 @@ def scene_item(
         stamp = source_item.get("properties", {}).get("datetime")
         if stamp:
             when = dt.datetime.fromisoformat(str(stamp).replace("Z", "+00:00"))
+    model = summary["model"]
     item = pystac.Item(
         id=item_id,
         geometry=geometry,
@@ -124,12 +127,8 @@ def scene_item(
         datetime=when,
         properties={
             "created": dt.datetime.now(dt.UTC).isoformat().replace("+00:00", "Z"),
-            "processing:software": {"segpipe": segpipe.__version__},
-            "segpipe:model": {
-                "name": summary["model"]["name"],
-                "architecture": summary["model"]["architecture"],
-                "sha256": summary["model"]["sha256"],
-            },
+            "processing:software": {"segpipe": VERSION},
+            "segpipe:model": {k: model[k] for k in ("name", "architecture", "sha256")},
             "segpipe:key": summary["key"]["digest"],
             "segpipe:class_shares": summary["class_histogram"],
         },
@@ -137,78 +136,77 @@ def scene_item(
     item.stac_extensions.append(PROCESSING_EXTENSION)
     slide = scene.get("pyramid")
     if slide:  # no CRS, no footprint: the pixel size is what places it
-        factor = abs(float(scene["transform"][0]))
         item.properties["segpipe:slide"] = {
             "mpp": scene.get("mpp"),
             "level0_mpp": slide.get("mpp"),
-            "level0_pixels_per_pixel": factor,
+            "level0_pixels_per_pixel": abs(float(scene["transform"][0])),
             "level0_size": slide["sizes"][0],
         }
     else:
         _projection(ProjectionExtension.ext(item, add_if_missing=True), scene)
-    resolution = None if slide else abs(float(scene["transform"][0])) or None
-    for key, href, role, bands in (
-        ("mask", mask, "data", 1),
-        ("probabilities", probabilities, "data", len(classes)),
-    ):
-        if not href:
-            continue
-        is_ome = href.lower().endswith((".ome.tif", ".ome.tiff"))
-        asset = pystac.Asset(
-            href=_relative(href, folder),
-            media_type=pystac.MediaType.TIFF if is_ome else pystac.MediaType.COG,
-            title=("class ids (255: nodata)" if key == "mask" else "per-class probability x 254 (255: nodata)")
-            + (", pyramidal OME-TIFF" if is_ome else ""),
-            roles=[role, "segmentation"] if key == "mask" else [role, "probabilities"],
+    return item
+
+
+def _raster_asset(
+    item: pystac.Item,
+    key: str,
+    href: str,
+    folder: str,
+    *,
+    resolution: float | None,
+    bands: int,
+    classes: list[Classification] | None = None,
+) -> None:
+    """Add the mask (``key`` ``mask``: class ids, their ``classes``) or the probabilities (probability x 254) as an
+    asset: media type, raster bands (uint8, nodata 255) and, when it can be read, its checksum and size."""
+    is_ome = href.lower().endswith((".ome.tif", ".ome.tiff"))
+    is_mask = key == "mask"
+    title = "class ids (255: nodata)" if is_mask else "per-class probability x 254 (255: nodata)"
+    asset = pystac.Asset(
+        href=_relative(href, folder),
+        media_type=pystac.MediaType.TIFF if is_ome else pystac.MediaType.COG,
+        title=title + (", pyramidal OME-TIFF" if is_ome else ""),
+        roles=["data", "segmentation"] if is_mask else ["data", "probabilities"],
+    )
+    item.add_asset(key, asset)
+    RasterExtension.ext(asset, add_if_missing=True).bands = [
+        RasterBand.create(
+            nodata=255, data_type=DataType.UINT8, spatial_resolution=resolution, scale=None if is_mask else 1 / 254
         )
-        item.add_asset(key, asset)
-        raster = RasterExtension.ext(asset, add_if_missing=True)
-        raster.bands = [
-            RasterBand.create(
-                nodata=255,
-                data_type=DataType.UINT8,
-                spatial_resolution=resolution,
-                scale=None if key == "mask" else 1 / 254,
-            )
-            for _ in range(bands)
-        ]
-        if key == "mask":
-            ClassificationExtension.ext(asset, add_if_missing=True).classes = [
-                Classification.create(
-                    value=i, description=name, name=_class_name(name), color_hint=colour.lstrip("#").upper()
-                )
-                for i, (name, colour) in enumerate(zip(classes, colours, strict=True))
-            ]
-        meta = _object_meta(href)
-        if meta is not None:
-            file = FileExtension.ext(asset, add_if_missing=True)
-            file.checksum, file.size = meta
-    if vector:
-        suffix = Path(vector).suffix.lower()
-        asset = pystac.Asset(
-            href=_relative(vector, folder),
-            media_type=VECTOR_MEDIA_TYPES.get(suffix),
-            title="polygons of the mask"
-            + (" (QuPath annotations, level-0 pixels)" if slide and suffix == ".geojson" else ""),
-            roles=["data", "polygons"],
-        )
-        item.add_asset("polygons", asset)
-        meta = _object_meta(vector)
-        if meta is not None:
-            file = FileExtension.ext(asset, add_if_missing=True)
-            file.checksum, file.size = meta
-    item.add_link(pystac.Link(rel="derived_from", target=source, media_type=_source_type(source, source_item)))
-    item.add_link(pystac.Link(rel="collection", target=f"./{COLLECTION_FILE}", media_type=pystac.MediaType.JSON))
-    data: dict[str, Any] = item.to_dict(include_self_link=False, transform_hrefs=False)
-    data["collection"] = collection_id(folder)
-    return data
+        for _ in range(bands)
+    ]
+    if classes is not None:
+        ClassificationExtension.ext(asset, add_if_missing=True).classes = classes
+    _file_meta(asset, href)
+
+
+def _vector_asset(item: pystac.Item, href: str, folder: str, *, qupath: bool) -> None:
+    """Add the polygons as an asset (``qupath``: a slide's GeoJSON, QuPath's annotations in level-0 pixels)."""
+    suffix = Path(href).suffix.lower()
+    asset = pystac.Asset(
+        href=_relative(href, folder),
+        media_type=VECTOR_MEDIA_TYPES.get(suffix),
+        title="polygons of the mask"
+        + (" (QuPath annotations, level-0 pixels)" if qupath and suffix == ".geojson" else ""),
+        roles=["data", "polygons"],
+    )
+    item.add_asset("polygons", asset)
+    _file_meta(asset, href)
+
+
+def _file_meta(asset: pystac.Asset, href: str) -> None:
+    """The file extension's checksum (SHA-256 multihash) and size of an output that can be read."""
+    try:
+        data = Location(href).read_bytes()
+    except SegpipeError:
+        return
+    file = FileExtension.ext(asset, add_if_missing=True)
+    file.checksum, file.size = "1220" + hashlib.sha256(data).hexdigest(), len(data)
 
 
 def _projection(proj: Any, scene: dict[str, Any]) -> None:
     """The projection extension's fields of a scene's grid (``proj:code`` null without a CRS)."""
     if scene.get("crs_wkt"):
-        from rasterio.crs import CRS
-
         epsg = CRS.from_wkt(scene["crs_wkt"]).to_epsg()
         if epsg:
             proj.code = f"EPSG:{epsg}"
@@ -228,25 +226,12 @@ def _class_name(name: str) -> str:
 def _source_type(source: str, item: dict[str, Any] | None) -> str | None:
     if item is not None or source.endswith(".json"):
         return "application/geo+json"
-    from segpipe.pipeline.read import is_slide_name
-
     return None if is_slide_name(source) else "image/tiff"  # a vendor's slide format has no registered type
 
 
 def _relative(href: str, folder: str) -> str:
     prefix = folder.rstrip("/") + "/"
     return "./" + href[len(prefix) :] if href.startswith(prefix) else href
-
-
-def _object_meta(href: str) -> tuple[str, int] | None:
-    """(SHA-256 multihash, size in bytes) of an output, local or on object storage."""
-    import hashlib
-
-    try:
-        data = objects.read_bytes(href) if is_object_url(href) else Path(href).read_bytes()
-    except (OSError, segpipe.SegpipeError):
-        return None
-    return "1220" + hashlib.sha256(data).hexdigest(), len(data)
 
 
 def collection_id(folder: str) -> str:
@@ -257,14 +242,23 @@ def collection_id(folder: str) -> str:
 
 def item_path(folder: str, scene_id: str) -> str:
     """Where a scene's STAC Item goes: ``<folder>/<scene>.item.json``."""
-    return _beside(folder, f"{scene_id}.item.json")
+    return str(Location(folder).child(f"{scene_id}.item.json"))
+
+
+def write_item(folder: str, scene_id: str, item: dict[str, Any]) -> None:
+    """Write a scene's STAC Item beside its outputs, atomically: the last file of a scene's night (a scene without
+    one is done again)."""
+    Location(item_path(folder, scene_id)).write_json(item)
+
+
+def read_items(folder: str) -> list[dict[str, Any]]:
+    """Every STAC Item (``*.item.json``) of the output folder that reads as JSON, sorted by file name."""
+    return [item for found in Location(folder).list(".item.json") if (item := found.read_json())]
 
 
 def write_collection(folder: str, items: Sequence[dict[str, Any]], *, description: str) -> str:
     """Write ``collection.json`` of the output folder, listing ``items`` (every item of the folder), atomically;
     returns its path."""
-    import pystac
-
     bboxes = [i["bbox"] for i in items if i.get("bbox")]
     spatial = (
         [[min(b[0] for b in bboxes), min(b[1] for b in bboxes), max(b[2] for b in bboxes), max(b[3] for b in bboxes)]]
@@ -294,6 +288,6 @@ def write_collection(folder: str, items: Sequence[dict[str, Any]], *, descriptio
             for i in sorted(items, key=lambda i: str(i["id"]))
         ],
     ]
-    path = _beside(folder, COLLECTION_FILE)
-    write_json(path, data)
-    return path
+    path = Location(folder).child(COLLECTION_FILE)
+    path.write_json(data)
+    return str(path)

@@ -23,7 +23,7 @@ import numpy as np
 from segpipe.core.blend import Blend, weights_2d
 from segpipe.core.tiles import Tile, TileGrid
 from segpipe.pipeline import store as ws
-from segpipe.pipeline.session import Session
+from segpipe.pipeline.tasks import TaskRunner, Threads
 
 log = logging.getLogger(__name__)
 
@@ -119,12 +119,12 @@ def stitch(
     workers: int = 2,
     block: int = 4,
     progress: Callable[[int], Any] | None = None,
-    session: Session | None = None,
+    session: TaskRunner | None = None,
 ) -> StitchResult:
     """Blend ``tile_probabilities`` into ``mask`` (and ``probabilities`` when the store has it), block by block:
     on ``workers`` threads of this process, or on the workers of the session's cluster."""
     start = time.perf_counter()
-    runner = session or Session(ray=False)
+    runner = session or Threads()
     ref: ws.WorkStore | str = store.url if runner.on_cluster else store
     origins = [(r, c) for r in range(0, grid.rows, block) for c in range(0, grid.cols, block)]
     items = [(ref, grid, blend, origin, block) for origin in origins]

@@ -11,7 +11,7 @@ Layout (all arrays chunked on the tile grid, pixel axes last)::
     probabilities        (classes, height, width) uint8         optional: probability x 254, 255 = nodata
     tile_probabilities   (rows, cols, classes, S, S) float16    blends only: softmax over each tile's input
 
-Attributes: ``scene`` (the :class:`~segpipe.pipeline.read.SceneInfo`), ``ingest`` (chunk size and completion),
+Attributes: ``scene`` (the :class:`~segpipe.pipeline.scene.SceneInfo`), ``ingest`` (chunk size and completion),
 ``run`` (the inference key: model checksum, tile size, halo, blend, and completion). Writers: ingest tasks write
 disjoint image/valid regions, each segmenter writes only the chunks of its own tiles, stitch tasks write disjoint
 mask regions; attributes and the small index arrays are written by the driver alone.
@@ -36,11 +36,13 @@ from typing import Any
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
+from zarr.storage import ObjectStore
 
 from segpipe.core.errors import OutputError
-from segpipe.core.objects import ObjectUrl, is_object_url, store_for
+from segpipe.core.location import Location
+from segpipe.core.locks import path_key
+from segpipe.core.objects import store_for
 from segpipe.core.tiles import TileGrid
-from segpipe.pipeline.locks import exclusive_lock, path_key
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +83,9 @@ class WorkStore:
     def __init__(self, url: str, *, storage_options: Mapping[str, Any] | None = None, mode: str = "a") -> None:
         self.url = str(url)
         self.storage_options = dict(storage_options or {})
+        local = Location(self.url).is_local
         try:
-            if is_object_url(self.url):
-                from zarr.storage import ObjectStore
-
+            if not local:
                 store = ObjectStore(store_for(self.url, prefix=True), read_only=mode == "r")
                 self.group = zarr.open_group(store, mode=mode)  # type: ignore[arg-type]
             else:
@@ -96,7 +97,7 @@ class WorkStore:
         except (OSError, ValueError) as exc:
             raise OutputError(f"cannot open work store {self.url}: {exc}; check the --work-dir") from None
         except Exception as exc:  # obstore's errors: credentials, endpoint, missing bucket (after its retries)
-            if not is_object_url(self.url):
+            if local:
                 raise
             raise OutputError(
                 f"cannot open work store {self.url}: {str(exc).splitlines()[0][:300]}; check the --work-dir URL, "
@@ -200,51 +201,45 @@ class WorkStore:
     def prepare_run(
         self, key: str, grid: TileGrid, classes: int, *, probabilities: bool, tile_probabilities: bool
     ) -> bool:
-        """Create the inference arrays unless the store already holds them for the same run key.
+        """Create the inference arrays unless the store already holds them for the same run key and the same
+        version of the scene (the fingerprint its ingest recorded).
 
         Args:
-            key: The run key (see :func:`run_key`); results stored under another key are discarded.
+            key: The run key (:meth:`segpipe.pipeline.recipe.Recipe.digest`); results stored under another key are
+                discarded.
             grid: The tile grid (chunks of ``mask`` are its cores).
             classes: Number of output classes.
             probabilities: Create ``probabilities``.
             tile_probabilities: Create ``tile_probabilities`` (a blending merger).
 
         Returns:
-            True when earlier results are reused (same key), False when the arrays were (re)created.
+            True when earlier results are reused, False when the arrays were (re)created.
         """
-        if self.attrs.get("run", {}).get("key") == key and DONE in self.group and CHECKSUMS in self.group:
+        scene = self.attrs["scene"]["fingerprint"]
+        run = self.attrs.get("run", {})
+        if run.get("key") == key and run.get("scene") == scene and DONE in self.group and CHECKSUMS in self.group:
             return True
+        self._create_result_arrays(grid, classes, probabilities=probabilities, tile_probabilities=tile_probabilities)
+        self.set_attrs(run={"key": key, "scene": scene, "complete": False})
+        return False
+
+    def _create_result_arrays(
+        self, grid: TileGrid, classes: int, *, probabilities: bool, tile_probabilities: bool
+    ) -> None:
+        """(Re)create ``done``, ``checksums`` and ``mask``, and ``probabilities`` and ``tile_probabilities`` when
+        asked (removing earlier ones that are not)."""
         t = grid.tile_size
-        self.group.create_array(
-            DONE, shape=(grid.rows, grid.cols), chunks=(1, 1), dtype="uint8", fill_value=0, overwrite=True
-        )
-        self.group.create_array(
-            CHECKSUMS, shape=(grid.rows, grid.cols), chunks=(1, 1), dtype="uint32", fill_value=0, overwrite=True
-        )
-        self.group.create_array(
-            MASK,
-            shape=(grid.height, grid.width),
-            chunks=(t, t),
-            dtype="uint8",
-            fill_value=MASK_NODATA,
-            compressors=compressor(typesize=1),
-            dimension_names=("y", "x"),
-            overwrite=True,
-        )
+        for name, dtype in ((DONE, "uint8"), (CHECKSUMS, "uint32")):
+            self.group.create_array(
+                name, shape=(grid.rows, grid.cols), chunks=(1, 1), dtype=dtype, fill_value=0, overwrite=True
+            )
+        self._create_pixels(MASK, (grid.height, grid.width), (t, t), MASK_NODATA, ("y", "x"))
         for name in (PROBABILITIES, TILE_PROBABILITIES):
             if name in self.group:
                 del self.group[name]
         if probabilities:
-            self.group.create_array(
-                PROBABILITIES,
-                shape=(classes, grid.height, grid.width),
-                chunks=(classes, t, t),
-                dtype="uint8",
-                fill_value=PROBABILITY_NODATA,
-                compressors=compressor(typesize=1),
-                dimension_names=("class", "y", "x"),
-                overwrite=True,
-            )
+            shape, chunks = (classes, grid.height, grid.width), (classes, t, t)
+            self._create_pixels(PROBABILITIES, shape, chunks, PROBABILITY_NODATA, ("class", "y", "x"))
         if tile_probabilities:
             s = grid.input_size
             self.group.create_array(
@@ -256,23 +251,29 @@ class WorkStore:
                 compressors=compressor(typesize=2),
                 overwrite=True,
             )
-        self.set_attrs(run={"key": key, "complete": False})
-        return False
+
+    def _create_pixels(
+        self, name: str, shape: tuple[int, ...], chunks: tuple[int, ...], nodata: int, dims: tuple[str, ...]
+    ) -> None:
+        self.group.create_array(
+            name,
+            shape=shape,
+            chunks=chunks,
+            dtype="uint8",
+            fill_value=nodata,
+            compressors=compressor(typesize=1),
+            dimension_names=dims,
+            overwrite=True,
+        )
 
     def finish_run(self, key: str) -> None:
         """Record that every tile of the run ``key`` is written."""
-        self.set_attrs(run={"key": key, "complete": True})
+        self.set_attrs(run={**self.attrs.get("run", {}), "key": key, "complete": True})
 
 
 def opened(ref: WorkStore | str) -> WorkStore:
     """The work store ``ref`` names: opened from its URL (read/write, must exist), or as it is."""
     return WorkStore(ref, mode="r+") if isinstance(ref, str) else ref
-
-
-def run_key(**fields: Any) -> str:
-    """A stable hash of the settings that determine inference results (model checksum, tile size, halo, blend,
-    batch size, probabilities, the scene's fingerprint)."""
-    return hashlib.sha256(repr(sorted(fields.items())).encode()).hexdigest()
 
 
 # --- lifecycle ---------------------------------------------------------------------------------------------
@@ -287,9 +288,7 @@ def store_url(work_dir: str | Path, scene_path: str) -> str:
     name = Path(scene_path.rstrip("/")).name or "scene"
     stem = re.sub(r"[^A-Za-z0-9._-]", "_", Path(name).stem)[:64].lstrip(".") or "scene"
     digest = hashlib.sha256(path_key(scene_path)).hexdigest()[:8]
-    if is_object_url(work_dir):
-        return str(ObjectUrl.parse(str(work_dir)).child(f"{stem}-{digest}.zarr"))
-    return str(Path(work_dir) / f"{stem}-{digest}.zarr")
+    return str(Location(work_dir).child(f"{stem}-{digest}.zarr"))
 
 
 def work_area(work_dir: str | None, temporary: Path) -> str:
@@ -298,13 +297,11 @@ def work_area(work_dir: str | None, temporary: Path) -> str:
     :func:`segpipe.core.files.temporary_folder`)."""
     if not work_dir:
         return str(temporary.resolve())
-    if is_object_url(work_dir):
-        return str(ObjectUrl.parse(work_dir))
-    path = Path(work_dir)
-    path.mkdir(parents=True, exist_ok=True)
-    return str(path.resolve())
+    folder = Location(work_dir)
+    folder.make_folder()
+    return str(folder if not folder.is_local else folder.path.resolve())
 
 
 def lock(url: str) -> contextlib.AbstractContextManager[None]:
-    """The single-writer lock of the work store at ``url`` (see :func:`segpipe.pipeline.locks.exclusive_lock`)."""
-    return exclusive_lock(url, "work store")
+    """The single-writer lock of the work store at ``url`` (:meth:`segpipe.core.location.Location.lock`)."""
+    return Location(url).lock("work store")

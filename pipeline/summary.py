@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
-from segpipe.core.objects import is_object_url
+from rasterio.crs import CRS
+
+from segpipe.core.location import Location
 from segpipe.core.options import values_of
 from segpipe.pipeline import store as ws
 from segpipe.pipeline.dispatch import InferResult
-from segpipe.pipeline.export import ExportResult
 from segpipe.pipeline.ingest import IngestResult
 from segpipe.pipeline.plan import RunPlan
-from segpipe.pipeline.polygons import VectorResult
+from segpipe.pipeline.scene import SceneInfo
 from segpipe.pipeline.settings import RunOptions
+from segpipe.pipeline.sinks.base import ExportResult
+from segpipe.pipeline.sinks.vector import VectorResult
 
 
 def _tiles_by_node(stats: list[dict[str, Any]]) -> dict[str, int]:
@@ -26,14 +28,12 @@ def _tiles_by_node(stats: list[dict[str, Any]]) -> dict[str, int]:
 
 
 def _absolute(path: str) -> str:
-    return path if is_object_url(path) else os.path.abspath(path)
+    return str(Location(path).absolute())
 
 
 def _crs_name(wkt: str | None) -> str | None:
     if not wkt:
         return None
-    from rasterio.crs import CRS
-
     crs = CRS.from_wkt(wkt)
     epsg = crs.to_epsg()
     return f"EPSG:{epsg}" if epsg else crs.to_string()
@@ -73,12 +73,7 @@ def build_summary(
         driver_bytes: Bytes of pixels, results and store data that crossed the driver during the run.
         vector: The result of ``--vector`` (the polygons), if asked for.
     """
-    s, scene = plan.settings, plan.scene
-    names = plan.model.classes
-    histogram = {
-        (names[k] if k < len(names) else ("nodata" if k == ws.MASK_NODATA else str(k))): v
-        for k, v in sorted(exported.histogram.items())
-    }
+    s, scene, names = plan.settings, plan.scene, plan.model.classes
     total = seconds["total"]
     return {
         "input": s.input,
@@ -88,15 +83,7 @@ def build_summary(
         "work_store": store_url if s.work_dir else None,
         "settings": values_of(s, RunOptions),
         "key": plan.output_key.to_dict(),
-        "scene": {
-            "width": scene.width,
-            "height": scene.height,
-            "bands": scene.count,
-            "dtype": scene.dtype,
-            "crs": _crs_name(scene.crs_wkt),
-            "georeferenced": scene.georeferenced,
-            "megapixels": round(scene.pixels / 1e6, 3),
-        },
+        "scene": _scene_summary(scene),
         "fit": plan.fit.to_summary() if plan.fit is not None else None,
         "model": {
             "name": plan.model.name,
@@ -104,35 +91,65 @@ def build_summary(
             "sha256": plan.model.checksum,
             "trained": bool(plan.model.provenance.get("trained", True)),
         },
-        "tiles": {
-            "total": inferred.tiles_total,
-            "skipped_nodata": inferred.tiles_skipped_nodata,
-            "reused": inferred.tiles_reused,
-            "computed": inferred.tiles_computed,
-            "damaged": inferred.tiles_damaged,
-            "tile_size": plan.tile_size,
-            "halo": plan.halo,
-            "blend": s.blend,
-            "batch_size": plan.batch_size,
-        },
+        "tiles": _tiles_summary(plan, inferred),
         "workers": inferred.workers,
         "device": inferred.device,
         "nodes": _tiles_by_node(inferred.worker_stats),
-        "segmenter_seconds": {
-            name: round(sum(float(stat.get(key, 0.0)) for stat in inferred.worker_stats), 3)
-            for name, key in (
-                ("busy", "seconds"),
-                ("compute", "compute_s"),
-                ("waiting_for_reads", "wait_read_s"),
-                ("waiting_for_writes", "wait_write_s"),
-            )
-        },
+        "segmenter_seconds": _segmenter_seconds(inferred.worker_stats),
         "ingest_reused": ingested.reused,
         "scene_copied": ingested.copied,
         "driver_bytes": driver_bytes,
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
         "megapixels_per_second": round(scene.pixels / 1e6 / total, 3) if total > 0 else None,
-        "class_histogram": histogram,
+        "class_histogram": _named_histogram(exported.histogram, names),
+    }
+
+
+def _scene_summary(scene: SceneInfo) -> dict[str, Any]:
+    return {
+        "width": scene.width,
+        "height": scene.height,
+        "bands": scene.count,
+        "dtype": scene.dtype,
+        "crs": _crs_name(scene.crs_wkt),
+        "georeferenced": scene.georeferenced,
+        "megapixels": round(scene.pixels / 1e6, 3),
+    }
+
+
+def _tiles_summary(plan: RunPlan, inferred: InferResult) -> dict[str, Any]:
+    recipe = plan.recipe
+    return {
+        "total": inferred.tiles_total,
+        "skipped_nodata": inferred.tiles_skipped_nodata,
+        "reused": inferred.tiles_reused,
+        "computed": inferred.tiles_computed,
+        "damaged": inferred.tiles_damaged,
+        "tile_size": recipe.tile_size,
+        "halo": recipe.halo,
+        "blend": recipe.blend,
+        "batch_size": recipe.batch_size,
+    }
+
+
+def _segmenter_seconds(stats: list[dict[str, Any]]) -> dict[str, float]:
+    """Seconds the segmenters were busy, computing, and waiting for tile reads and result writes, summed."""
+    return {
+        name: round(sum(float(stat.get(key, 0.0)) for stat in stats), 3)
+        for name, key in (
+            ("busy", "seconds"),
+            ("compute", "compute_s"),
+            ("waiting_for_reads", "wait_read_s"),
+            ("waiting_for_writes", "wait_write_s"),
+        )
+    }
+
+
+def _named_histogram(histogram: dict[int, int], names: tuple[str, ...]) -> dict[str, int]:
+    """Pixels per class name (``nodata`` for 255, the id for an id without a name)."""
+    return {
+        (names[k] if k < len(names) else ("nodata" if k == ws.MASK_NODATA else str(k))): v
+        for k, v in sorted(histogram.items())
     }
 
 

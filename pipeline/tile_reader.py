@@ -22,7 +22,8 @@ from segpipe.core.errors import InputError
 from segpipe.core.raster import GDAL_CACHE_BYTES
 from segpipe.core.tiles import Tile, pad_tile_input, read_tile_input
 from segpipe.pipeline import store as ws
-from segpipe.pipeline.read import SceneInfo, SceneSource, open_source
+from segpipe.pipeline.read import open_source
+from segpipe.pipeline.scene import SceneInfo, SceneSource
 
 
 class TileReader(Protocol):

@@ -25,8 +25,14 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from segpipe.core.errors import ConfigError, InputError
-from segpipe.core.objects import is_object_url
+from segpipe.core.location import Location
+from segpipe.pipeline.masks import open_mask
+from segpipe.pipeline.plan import make_plan
+from segpipe.pipeline.read import describe_scene
+from segpipe.pipeline.run import run_scene
+from segpipe.pipeline.session import Session as _Session
 from segpipe.pipeline.settings import DatasetOptions, RunOptions, RunSettings
+from segpipe.pipeline.sources.array import stage_array
 
 if TYPE_CHECKING:
     import xarray
@@ -38,7 +44,7 @@ Summary = dict[str, Any]
 def results_folder(work_dir: str | None) -> Path:
     """Where masks asked for with ``output=None`` (and staged arrays) go: ``work_dir`` when it is local, else
     ``$SEGPIPE_HOME``, else ``~/.cache/segpipe``; created if missing."""
-    if work_dir and not is_object_url(work_dir):
+    if work_dir and Location(work_dir).is_local:
         folder = Path(work_dir)
     else:
         folder = Path(os.environ.get("SEGPIPE_HOME") or Path.home() / ".cache" / "segpipe")
@@ -110,12 +116,10 @@ class Session:
     """
 
     def __init__(self, *, ray_address: str | None = None, executor: str = "auto", connect_timeout: float = 30.0):
-        from segpipe.pipeline.session import Session as Pool
-
         if executor not in ("auto", "ray", "local"):
             raise ConfigError(f"executor must be auto, ray or local, got {executor!r}")
         uses_ray = executor == "ray" or (executor == "auto" and bool(ray_address))
-        self._pool = Pool(address=ray_address, ray=uses_ray, connect_timeout=connect_timeout)
+        self._pool = _Session(address=ray_address, ray=uses_ray, connect_timeout=connect_timeout)
 
     def segment(
         self,
@@ -175,8 +179,6 @@ def _segment(input: Any, output: Any, options: dict[str, Any], pool: Any) -> Any
     steps = _time_steps(input)
     if output is not None and "time" in input.dims:
         Path(output).mkdir(parents=True, exist_ok=True)
-    from segpipe.pipeline.sources.array import stage_array
-
     results = []
     for label, step in steps:
         scene = stage_array(step, results_folder(chosen.work_dir) / "arrays", stem=str(step.name or "array")[:32])
@@ -192,7 +194,7 @@ def _segment(input: Any, output: Any, options: dict[str, Any], pool: Any) -> Any
         return results[0]
     if output is not None:
         return results
-    import xarray as xr
+    import xarray as xr  # lazy: the optional xarray extra
 
     return xr.concat(results, dim=xr.DataArray(input["time"].values, dims="time", name="time"))
 
@@ -206,10 +208,6 @@ def _segment_path(
     pool: Any,
     label: str = "",
 ) -> Any:
-    from segpipe.pipeline.plan import make_plan
-    from segpipe.pipeline.read import describe_scene
-    from segpipe.pipeline.run import run_scene
-
     opened = given is None
     output = given
     if output is None:
@@ -229,34 +227,6 @@ def _segment_path(
     return open_mask(output, probabilities=probabilities or None)
 
 
-def open_mask(path: str | os.PathLike[str], *, probabilities: str | os.PathLike[str] | None = None) -> xarray.Dataset:
-    """A mask COG (and its probabilities) as a lazy, dask-backed, georeferenced ``xarray.Dataset``; no pixel is
-    read until asked.
-
-    Variables: ``mask`` (y, x) uint8 class ids, ``_FillValue`` 255 (nodata), ``class_names`` and ``colours``
-    attributes; ``probabilities`` (class, y, x) uint8, probability x 254, 255 nodata, when given (or named in the
-    mask's summary). Coordinates ``x``/``y`` are pixel centres in the scene's CRS (``.rio.crs``).
-
-    Raises:
-        InputError: the file is not a mask segpipe wrote.
-    """
-    import rioxarray  # noqa: F401  # the .rio accessor
-    import xarray as xr
-
-    from segpipe.pipeline.masks import mask_array, probabilities_path
-
-    mask = mask_array(str(path))
-    data = {"mask": mask}
-    chosen = str(probabilities) if probabilities is not None else probabilities_path(str(path))
-    if chosen:
-        from segpipe.pipeline.masks import probability_array
-
-        data["probabilities"] = probability_array(chosen, mask.attrs.get("class_names", ()))
-    ds = xr.Dataset(data)
-    ds.attrs["source"] = str(path)
-    return ds
-
-
 def segment_dataset(
     source: str,
     output_dir: str,
@@ -271,7 +241,7 @@ def segment_dataset(
     Returns:
         The night's report (``done``, ``skipped``, ``failed``, one row per scene).
     """
-    from segpipe.flows.dataset import segment_dataset as flow
+    from segpipe.flows.dataset import segment_dataset as flow  # lazy: Prefect takes 1.2 s; segment() needs none
 
     names = {f.name for f in dataclasses.fields(DatasetOptions)}
     dataset = DatasetOptions(recursive=recursive, **{k: v for k, v in options.items() if k in names})

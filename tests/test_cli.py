@@ -212,6 +212,7 @@ def test_a_run_loads_the_model_once_besides_its_segmenter(
     """The CLI validates (loading the model) and the run reuses that plan: the model is loaded by the plan and by
     the one in-process segmenter, not a third time."""
     import segpipe.models.checkpoint as checkpoint
+    import segpipe.pipeline.run  # noqa: F401  # every module of a run, imported before the counting starts
     from segpipe.cli import main
 
     calls = []
@@ -221,6 +222,8 @@ def test_a_run_loads_the_model_once_besides_its_segmenter(
         calls.append(args)
         return original(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(checkpoint, "load_model", counting)
+    for module in [m for name, m in sys.modules.items() if name.startswith("segpipe.")]:
+        if getattr(module, "load_model", None) is original:  # every module that loads models by this name
+            monkeypatch.setattr(module, "load_model", counting)
     code = main(["run", str(data_dir / "RGB.byte.tif"), str(tmp_path / "m.tif"), "--no-prefect", "--executor", "local"])
     assert code == 0 and len(calls) == 2, calls

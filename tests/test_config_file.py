@@ -15,7 +15,7 @@ from segpipe.cli import build_parser, main
 from segpipe.cli.run import _with_config
 from segpipe.core.errors import ConfigError
 from segpipe.core.options import read_options_file, split_options, values_of
-from segpipe.flows.dataset import resolved_options
+from segpipe.pipeline.night import resolved_options
 from segpipe.pipeline.settings import DatasetOptions, RunOptions, ScheduleOptions
 
 

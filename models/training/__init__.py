@@ -1,4 +1,6 @@
-"""Training: configuration, the loop, validation, resume state and optimisation helpers.
+"""Training: the configuration (``config``), what a run trains on (``inputs``, ``data``), the network and what
+optimises it (``model``, ``optim``), the steps (``step``), validation (``validate``), what is recorded and kept
+(``record``), resuming (``resume``, ``state``), and the loop that runs them in order (``loop``).
 
 ``from segpipe.models.training import TrainConfig, train``; the shipped model's recipe is
 :mod:`segpipe.models.train_default`. The names are imported on first use, so that reading a configuration (the

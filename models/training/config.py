@@ -41,6 +41,52 @@ DEFAULT_WIDTHS: Mapping[str, int] = {"base_channels": 16, "depth": 4}
 DEFAULT_INFERENCE_TILE, DEFAULT_INFERENCE_HALO = 1024, 32
 
 
+@dataclass(frozen=True, kw_only=True)
+class NetworkOptions:
+    """The options of ``segpipe train`` that become a :class:`TrainConfig`'s ``arguments`` (the architecture's widths,
+    each None for the architecture's own) and ``classes`` (the class table), which a configuration holds as a
+    mapping and a table rather than as options of their own. Checked on construction."""
+
+    base_channels: int | None = option(None, help="channels of the first stage (default: the architecture's)")
+    depth: int | None = option(None, help="down-sampling stages (default: the architecture's)")
+    downsample: int | None = option(
+        None,
+        help="run the network at 1/N of the input resolution (input averaged over N x N blocks, logits "
+        "upsampled back; default: 1)",
+    )
+    classes: str | None = option(
+        None,
+        help="name:#RRGGBB,... in class-id order (default: the --init checkpoint's, else the Dubai aerial classes "
+        "and mask colours)",
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("base_channels", "depth", "downsample"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+        self.class_table()
+
+    def widths(self) -> dict[str, int]:
+        """The widths given, as arguments of the architecture (those not given are left out)."""
+        given = {"base_channels": self.base_channels, "depth": self.depth, "downsample": self.downsample}
+        return {name: value for name, value in given.items() if value is not None}
+
+    def class_table(self) -> tuple[tuple[str, str], ...] | None:
+        """``--classes water:#0000FF,land:#00FF00`` as ``(("water", "#0000FF"), ("land", "#00FF00"))``; None when
+        not given.
+
+        Raises:
+            ConfigError: an item that is not ``name:colour``.
+        """
+        if not self.classes:
+            return None
+        try:
+            return tuple((n, c) for n, c in (item.split(":", 1) for item in self.classes.split(",")))
+        except ValueError:
+            raise ConfigError(f"--classes must look like name:#RRGGBB,name:#RRGGBB; got {self.classes!r}") from None
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything a training run depends on; validated on construction. Each field's help says what it is.

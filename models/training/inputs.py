@@ -27,9 +27,18 @@ import numpy as np
 from segpipe.core.bands import band_numbers, parse_bands, scene_band_names
 from segpipe.core.colours import ColourTable
 from segpipe.core.errors import ConfigError, InputError, ModelError
-from segpipe.models.data import ImageBands, SamplePair, find_images, find_pairs, image_bands, load_pair, read_image
+from segpipe.models.checkpoint import resolve_model_path
+from segpipe.models.data import (
+    ImageBands,
+    SamplePair,
+    find_images,
+    find_sample_pairs,
+    image_bands,
+    load_pair,
+    read_image,
+)
 from segpipe.models.labels import PolygonLabels, image_grid, rasterise_labels, read_polygon_labels
-from segpipe.models.metadata import ModelMetadata
+from segpipe.models.metadata import ModelMetadata, find_metadata, read_metadata
 from segpipe.models.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -173,9 +182,6 @@ def read_init(path: Path) -> InitCheckpoint:
         ModelError: it does not exist or its metadata is missing or invalid.
         ConfigError: it is an ONNX or TorchScript file (not built from segpipe's registry).
     """
-    from segpipe.models.checkpoint import resolve_model_path
-    from segpipe.models.metadata import find_metadata, read_metadata
-
     weights = resolve_model_path(str(path))
     if weights.suffix.lower() != ".safetensors":
         raise ConfigError(
@@ -280,7 +286,7 @@ def _samples(folders: Sequence[Path], polygons: bool) -> list[tuple[Path, Path |
         if polygons:
             found += [(image, None) for image in find_images(folder)]
         else:
-            found += [(pair.image, pair.mask) for pair in find_pairs(folder)]
+            found += [(pair.image, pair.mask) for pair in find_sample_pairs(folder)]
     return found
 
 

@@ -19,7 +19,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from segpipe.core.errors import ModelError
-from segpipe.core.files import atomic_output, sha256_file, write_json_atomically
+from segpipe.core.files import atomic_output, sha256_file
+from segpipe.core.location import Location
 from segpipe.models.training.config import EpochRecord
 
 STATE_VERSION = 1
@@ -75,7 +76,7 @@ def save_state(
     with atomic_output(weights) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "segpipe-train-state"})
     data["tensors_sha256"] = sha256_file(weights)
-    write_json_atomically(directory / "last.json", data, indent=1)
+    Location(directory / "last.json").write_json(data, indent=1)
     return weights
 
 

@@ -2,7 +2,7 @@
 
 A user's array lives in the user's process; segmenters (threads, Ray actors) open scenes by name. So the array is
 *staged* once by :func:`stage_array`: a folder ``<name>.segpipe-array`` holding ``scene.json`` (the scene's
-:class:`~segpipe.pipeline.read.SceneInfo` as computed on the driver, fingerprint included) and either
+:class:`~segpipe.pipeline.scene.SceneInfo` as computed on the driver, fingerprint included) and either
 ``pixels.npy`` (a numpy-backed array, memory-mapped by every reader: no copy per thread) or ``graph.pkl`` (a
 dask-backed array's task graph, cloudpickled: a few kilobytes for stackstac or odc-stac, and no pixel is computed
 on the driver). :class:`ArraySource` opens that folder and reads windows by slicing: a dask array computes only
@@ -29,11 +29,14 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import cloudpickle
 import numpy as np
+from rasterio.crs import CRS
 
 from segpipe.core.errors import InputError
 from segpipe.core.tiles import Window
-from segpipe.pipeline.read import Layout, SceneInfo, Selection
+from segpipe.pipeline.scene import Layout, SceneInfo, Selection
+from segpipe.pipeline.sources.gdal import SUPPORTED_DTYPES
 
 SUFFIX = ".segpipe-array"
 SCENE_FILE = "scene.json"
@@ -44,11 +47,9 @@ DIMS = ("band", "y", "x")
 
 def _crs_wkt(array: Any) -> str | None:
     """The array's CRS as WKT (rioxarray's accessor, else a ``crs`` attribute), or None."""
-    from rasterio.crs import CRS
-
     crs = None
     try:
-        import rioxarray  # noqa: F401  # registers the .rio accessor
+        import rioxarray  # noqa: F401  # lazy: the optional xarray extra; registers the .rio accessor
 
         crs = array.rio.crs
     except Exception:  # no rioxarray, or coordinates it cannot read: fall back on the attribute
@@ -125,7 +126,7 @@ def _band_names(array: Any) -> tuple[str, ...]:
 def _token(array: Any) -> str:
     """What identifies the array's pixels: dask's token of its data (a dask array's graph name; a numpy array's
     bytes)."""
-    from dask.base import tokenize
+    from dask.base import tokenize  # lazy: the optional xarray extra (dask)
 
     return str(tokenize(array.data))
 
@@ -137,8 +138,6 @@ def describe_array(array: Any, name: str) -> SceneInfo:
     Raises:
         InputError: wrong dims, an unsupported dtype, an irregular grid, a CRS that cannot be read.
     """
-    from segpipe.pipeline.sources.gdal import SUPPORTED_DTYPES
-
     if tuple(array.dims) != DIMS:
         raise InputError(
             f"the array has dims {tuple(array.dims)}; segpipe reads ('band', 'y', 'x') (one time step at a time): "
@@ -180,8 +179,6 @@ def describe_array(array: Any, name: str) -> SceneInfo:
 def stage_array(array: Any, folder: Path, stem: str = "array") -> str:
     """Stage a DataArray as a scene in ``folder``: ``<stem>-<12 hex of its fingerprint>.segpipe-array``; returns
     that path (the scene's input). Staging the same array again reuses the folder."""
-    import cloudpickle
-
     info = describe_array(array, "")
     path = folder / f"{stem}-{info.fingerprint[:12]}{SUFFIX}"
     info_attrs = {**info.to_attrs(), "path": str(path), "block": list(info.layout.block) if info.layout else None}
@@ -225,8 +222,6 @@ class ArraySource:
         if (folder / PIXELS_FILE).is_file():
             self._data: Any = np.load(folder / PIXELS_FILE, mmap_mode="r")
         else:
-            import cloudpickle
-
             self._data = cloudpickle.loads((folder / GRAPH_FILE).read_bytes())
         self._bands = [b - 1 for b in self.selection.bands] if self.selection.bands else None
         self._nodata = self._info.nodata

@@ -25,7 +25,7 @@ from rasterio.windows import Window as RioWindow
 from segpipe.core.errors import InputError
 from segpipe.core.raster import identity, open_raster, remote_env
 from segpipe.core.tiles import Window
-from segpipe.pipeline.read import Layout, SceneInfo, Selection
+from segpipe.pipeline.scene import Layout, SceneInfo, Selection
 
 log = logging.getLogger(__name__)
 

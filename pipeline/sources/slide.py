@@ -7,7 +7,7 @@ BIF, Leica SCN, DICOM WSI, generic tiled TIFF), handles their quirks (NDPI resta
 Aperio's separate label and macro images) and returns regions beyond the slide's edge as transparent. tifffile
 reads the TIFF-based ones only (no MIRAX or DICOM) and would need imagecodecs for JPEG 2000; it is used here to
 look at generic TIFF headers (:meth:`SlideSource.probe`) and to write slide masks
-(:mod:`segpipe.pipeline.ometiff`). OpenSlide reads an OME-TIFF whose levels are SubIFDs as one level (level 0):
+(:mod:`segpipe.pipeline.sinks.ometiff`). OpenSlide reads an OME-TIFF whose levels are SubIFDs as one level (level 0):
 correct, only slower for previews.
 
 Chosen by content: :meth:`SlideSource.probe` asks ``OpenSlide.detect_format``. Every vendor format is a slide; a
@@ -41,22 +41,25 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import socket
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
 import numpy as np
 import openslide
+import tifffile
 from PIL import Image
+from rasterio.errors import NotGeoreferencedWarning
 
 from segpipe.core.errors import InputError
-from segpipe.core.objects import is_object_url
 from segpipe.core.pyramid import MAX_SLIDE_MPP, Pyramid, SlideRead, grid_size, plan_read
-from segpipe.core.raster import identity
+from segpipe.core.raster import identity, open_raster
 from segpipe.core.tiles import Window
 from segpipe.core.tissue import saturation, tissue_mask
-from segpipe.pipeline.read import SceneInfo, Selection
+from segpipe.pipeline.scene import SceneInfo, Selection
 
 log = logging.getLogger(__name__)
 
@@ -76,13 +79,11 @@ READ_BLOCK = 1024
 
 
 def _is_local(path: str) -> bool:
-    return not (is_object_url(path) or "://" in path or path.startswith("/vsi")) and Path(path).exists()
+    return not ("://" in path or path.startswith("/vsi")) and Path(path).exists()
 
 
 def _generic_tiff_is_slide(path: str) -> bool:
     """Whether a tiled TIFF OpenSlide reads as ``generic-tiff`` is a slide (see the module docstring)."""
-    import tifffile
-
     try:
         with tifffile.TiffFile(path) as tif:
             page = tif.pages.first
@@ -108,12 +109,6 @@ def _generic_tiff_is_slide(path: str) -> bool:
 
 def _georeferenced(path: str) -> bool:
     """Whether GDAL gives ``path`` a CRS or a transform other than the identity (as the GDAL source decides)."""
-    import warnings
-
-    from rasterio.errors import NotGeoreferencedWarning
-
-    from segpipe.core.raster import open_raster
-
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
@@ -125,8 +120,6 @@ def _georeferenced(path: str) -> bool:
 
 def _tiff_is_rgb(path: str) -> bool:
     """Whether the first page of a TIFF is 8-bit RGB (or RGBA)."""
-    import tifffile
-
     try:
         with tifffile.TiffFile(path) as tif:
             page = tif.pages.first
@@ -290,7 +283,7 @@ class SlideSource:
     Args:
         path: A local path (OpenSlide reads local files only).
         selection: Bands, nodata, pixel size, tissue detection and ``--mpp`` (see
-            :class:`~segpipe.pipeline.read.Selection`); with ``mpp``, a plain RGB image is read too.
+            :class:`~segpipe.pipeline.scene.Selection`); with ``mpp``, a plain RGB image is read too.
 
     Raises:
         InputError: OpenSlide cannot open the slide, or the selection asks for what it cannot give.
@@ -313,13 +306,11 @@ class SlideSource:
 
     def __init__(self, path: str, selection: Selection | None = None) -> None:
         self.selection = selection or Selection()
-        if self.selection.mpp is not None and (is_object_url(path) or "://" in path or path.startswith("/vsi")):
+        if self.selection.mpp is not None and ("://" in path or path.startswith("/vsi")):
             raise InputError(
                 f"input {path!r} is at a URL; --mpp reads microscopy images, and those only from local files"
             )
         if not Path(path).exists():  # a Ray worker on a node that does not mount the driver's slide
-            import socket
-
             raise InputError(
                 f"slide {path!r} is not on {socket.gethostname()}; OpenSlide reads local files only: on a cluster "
                 "of several machines, put the slide on shared storage mounted at the same path on every node"

@@ -3,40 +3,37 @@
 Exit codes: 0 success; 2 bad input or usage (one line ``error: ...`` on stderr, no traceback); 1 internal
 failure (one line, the traceback only with ``--verbose``); 130 interrupted.
 
-Each subcommand lives in a module of this package and registers itself in :data:`COMMANDS`. Run options are not
-declared here: their flags are built from the option fields of
+Each subcommand lives in a module of this package (``run``, ``train``, ``review``, ``model``) with an ``add_*``
+function that adds its parser. No option is declared here: every command's flags are built from the option fields
+of a configuration class (:func:`segpipe.core.options.add_arguments`), such as
 :class:`~segpipe.pipeline.settings.RunOptions` and :class:`~segpipe.models.training.config.TrainConfig`.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
 import os
 import signal
 import sys
-import time
+import threading
 from collections.abc import Callable, Sequence
-from types import FrameType
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any, NoReturn
 
+import segpipe
+from segpipe.cli.process import (
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    EXIT_USAGE,
+    PREFECT_STARTUP_S,
+    PREFECT_STARTUP_VARIABLE,
+    on_sigterm,
+)
+from segpipe.cli.reaper import start_reaper
 from segpipe.core.errors import SegpipeError
 from segpipe.core.secrets import redact
-
-EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
-
-#: When the command started (``time.time()``), for the summary's wall time.
-STARTED = time.time()
-
-
-def on_sigterm(signum: int, frame: FrameType | None) -> None:
-    """SIGTERM: one line and exit 143 at once. Raising into the run instead would surface inside Ray's or Prefect's
-    C extensions as a confusing internal error. What the run started is ended by the reaper; its locks die with
-    the process; a half-written output exists only under its hidden temporary name and its temporary folder is
-    removed by the next run, exactly as after SIGKILL."""
-    sys.stderr.write("error: terminated; re-run with the same --work-dir to resume\n")
-    sys.stderr.flush()
-    os._exit(EXIT_TERMINATED)
 
 
 class Parser(argparse.ArgumentParser):
@@ -49,11 +46,10 @@ class Parser(argparse.ArgumentParser):
 def _quiet_environment(verbose: bool) -> None:
     """Keep third-party chatter off the terminal; must run before prefect or ray are imported."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "CRITICAL")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     # Prefect's ephemeral API server gets 20 s to start by default, which a busy machine misses; a user's value wins
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault(PREFECT_STARTUP_VARIABLE, str(PREFECT_STARTUP_S))
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s" if verbose else "warning: %(message)s",
@@ -71,7 +67,9 @@ def _redacted(record: logging.LogRecord) -> bool:
 
 
 def _commands() -> list[Callable[[Any], None]]:
-    from segpipe.cli import model, review, run, train
+    # The reaper runs as `python -m segpipe.cli.reaper`, which imports this package: it must load only the
+    # standard library, not the option classes of the commands.
+    from segpipe.cli import model, review, run, train  # lazy: 0.4 s (rasterio, zarr); the reaper imports this package
 
     return [
         run.add_run,
@@ -86,17 +84,11 @@ def _commands() -> list[Callable[[Any], None]]:
 
 def threading_main() -> bool:
     """Whether this is the main thread (signal handlers can only be set there)."""
-    import threading
-
     return threading.current_thread() is threading.main_thread()
 
 
 def _version() -> str:
     """The installed distribution's version (what ``pip show segpipe`` says), else the package's."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    import segpipe
-
     try:
         return version("segpipe")
     except PackageNotFoundError:
@@ -118,8 +110,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _quiet_environment(args.verbose)
     if getattr(args, "starts_services", False):
-        from segpipe.cli.reaper import start_reaper
-
         args.reaper = start_reaper()  # kept open until this process ends, however it ends
         if threading_main():
             signal.signal(signal.SIGTERM, on_sigterm)
@@ -146,8 +136,6 @@ def command() -> None:
     """The ``segpipe`` executable: :func:`main`, then an immediate exit once the exit handlers have run (Prefect's
     last events, the temporary server's stop, logging), skipping the interpreter's slow teardown of torch, Ray and
     Prefect modules (about 0.6 s)."""
-    import atexit
-
     code = main()
     sys.stdout.flush()
     sys.stderr.flush()

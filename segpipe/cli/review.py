@@ -1,16 +1,19 @@
 """``segpipe evaluate`` (masks against ground truth: one pair, or a data set of pairs pooled), ``segpipe explain``
-(a tile's attention maps) and ``segpipe quicklook`` (a mask beside its scene)."""
+(a tile's attention maps) and ``segpipe quicklook`` (a mask beside its scene). Their options are the fields of
+:class:`~segpipe.pipeline.evaluate.EvaluateOptions`, :class:`~segpipe.pipeline.figures.ExplainOptions` and
+:class:`~segpipe.pipeline.figures.QuicklookOptions`."""
 
 from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import Any
 
-from segpipe.cli import EXIT_OK
-from segpipe.core.errors import ConfigError
-from segpipe.core.options import whole_number
+from segpipe.cli.options import Printing, parsed
+from segpipe.cli.process import EXIT_OK
+from segpipe.core.options import add_arguments
+from segpipe.pipeline.evaluate import EvaluateOptions, evaluate_paths
+from segpipe.pipeline.figures import ExplainOptions, QuicklookOptions
 
 
 def add_evaluate(sub: Any) -> None:
@@ -32,59 +35,14 @@ def add_evaluate(sub: Any) -> None:
         help="ground truth raster or folder (class ids, or colour-coded with --model/--colours); omit or '-' "
         "with a list file",
     )
-    p.add_argument(
-        "--ignore",
-        type=whole_number,
-        action="append",
-        default=[],
-        metavar="ID",
-        help="ground-truth class id to leave out (repeatable)",
-    )
-    p.add_argument("--model", metavar="NAME_OR_PATH", help="take class names and colours from this model's metadata")
-    p.add_argument("--classes", help="comma-separated class names, in id order")
-    p.add_argument("--colours", help="comma-separated #RRGGBB per class, to read colour-coded ground truth")
-    p.add_argument(
-        "--unknown",
-        choices=("error", "ignore"),
-        default="error",
-        help="a ground-truth colour outside the classes' colours: error (default), or ignore: leave its pixels out",
-    )
-    p.add_argument(
-        "--allow-missing",
-        action="store_true",
-        help="score the complete pairs when some files have no partner (default: an error)",
-    )
-    p.add_argument("--json", action="store_true", help="print JSON instead of Markdown tables")
+    add_arguments(p, EvaluateOptions)
+    add_arguments(p, Printing)
     p.set_defaults(handler=_cmd_evaluate)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from segpipe.core.colours import ColourTable
-    from segpipe.pipeline.evaluate import evaluate, evaluate_pairs, model_classes
-    from segpipe.pipeline.pairs import find_pairs
-
-    if args.model and (args.classes or args.colours):
-        raise ConfigError("--model gives the class names and colours; pass --model or --classes/--colours, not both")
-    pairs, dataset = find_pairs(args.pred, args.gt, allow_missing=args.allow_missing)
-    names: tuple[str, ...] | None
-    table: ColourTable | None
-    if args.model:
-        names, table = model_classes(args.model)
-    else:
-        table = ColourTable.from_hex(args.colours.split(",")) if args.colours else None
-        names = tuple(args.classes.split(",")) if args.classes else None
-    options: dict[str, Any] = {
-        "ignore": args.ignore,
-        "class_names": names,
-        "colour_table": table,
-        "unknown": args.unknown,
-    }
-    if not dataset:
-        result = evaluate(pairs[0].prediction, pairs[0].ground_truth, **options)
-        print(json.dumps(result.to_dict(), indent=2) if args.json else result.to_markdown())
-        return EXIT_OK
-    report = evaluate_pairs(pairs, **options)
-    print(json.dumps(report.to_dict(), indent=2) if args.json else report.to_markdown())
+    result = evaluate_paths(args.pred, args.gt, parsed(args, EvaluateOptions))
+    print(json.dumps(result.to_dict(), indent=2) if parsed(args, Printing).json else result.to_markdown())
     return EXIT_OK
 
 
@@ -95,19 +53,15 @@ def add_explain(sub: Any) -> None:
         description="Show what the model attends to on one tile of a scene.",
     )
     p.add_argument("input", help="the scene")
-    p.add_argument("--model", default="default", help="model name or checkpoint path")
-    p.add_argument("--x", type=whole_number, help="tile's left column in pixels (default: centred)")
-    p.add_argument("--y", type=whole_number, help="tile's top row in pixels (default: centred)")
-    p.add_argument("--size", type=whole_number, help="tile side in pixels (default: the model's tile size)")
-    p.add_argument("--out", default="explain.png", help="PNG to write (default: explain.png)")
+    add_arguments(p, ExplainOptions)
     p.set_defaults(handler=_cmd_explain)
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
-    from segpipe.pipeline.explain import explain
+    options = parsed(args, ExplainOptions)
+    from segpipe.pipeline.explain import explain  # lazy: torch and matplotlib, 3 s; --help must not wait for them
 
-    _check_png(args.out)
-    path = explain(args.input, args.out, model=args.model, x=args.x, y=args.y, size=args.size)
+    path = explain(args.input, options.out, model=options.model, x=options.x, y=options.y, size=options.size)
     print(f"wrote {path}")
     return EXIT_OK
 
@@ -119,23 +73,14 @@ def add_quicklook(sub: Any) -> None:
         description="Render a segpipe mask beside its scene, from the COG overviews.",
     )
     p.add_argument("mask", help="a mask written by segpipe run")
-    p.add_argument("--scene", help="the scene it was made from, shown beside it")
-    p.add_argument("--max-size", type=whole_number, default=1024, help="long side of each panel in pixels")
-    p.add_argument("--out", default="quicklook.png", help="PNG to write (default: quicklook.png)")
+    add_arguments(p, QuicklookOptions)
     p.set_defaults(handler=_cmd_quicklook)
 
 
 def _cmd_quicklook(args: argparse.Namespace) -> int:
-    from segpipe.pipeline.quicklook import quicklook
+    options = parsed(args, QuicklookOptions)
+    from segpipe.pipeline.quicklook import quicklook  # lazy: matplotlib, 1 s; --help must not wait for it
 
-    _check_png(args.out)
-    path = quicklook(args.mask, args.out, scene_path=args.scene, max_size=args.max_size)
+    path = quicklook(args.mask, options.out, scene_path=options.scene, max_size=options.max_size)
     print(f"wrote {path}")
     return EXIT_OK
-
-
-def _check_png(path: str) -> None:
-    if Path(path).suffix.lower() != ".png":
-        raise ConfigError(f"--out {path!r} must end in .png")
-    if not Path(path).resolve().parent.is_dir():
-        raise ConfigError(f"the directory of --out {path!r} does not exist; create it first")

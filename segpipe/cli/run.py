@@ -1,21 +1,52 @@
 """``segpipe run`` (one scene), ``segpipe dataset`` (every scene of a folder, now) and ``segpipe serve`` (the same
-on a cron schedule). Their run options come from :class:`~segpipe.pipeline.settings.RunOptions`."""
+on a cron schedule). Their run options come from :class:`~segpipe.pipeline.settings.RunOptions` (and
+:class:`~segpipe.pipeline.settings.DatasetOptions`, :class:`~segpipe.pipeline.settings.ScheduleOptions`), ``--config``
+from :class:`ConfigFile`, and ``run``'s own flags from :class:`RunCommandOptions` and
+:class:`~segpipe.cli.options.Printing`."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import json
-import os
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any, TextIO
 
-from segpipe.cli import EXIT_OK, STARTED, on_sigterm
+from segpipe.cli.options import Printing, parsed
 from segpipe.cli.prefect_server import temporary_server
-from segpipe.core.options import add_arguments, given, read_options_file, split_options
+from segpipe.cli.process import EXIT_OK, STARTED, on_sigterm, prefect_startup_timeout
+from segpipe.core.options import add_arguments, given, option, read_options_file, split_options
 from segpipe.pipeline.settings import DatasetOptions, RunOptions, RunSettings, ScheduleOptions
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunCommandOptions:
+    """``segpipe run``'s options besides the run options: the outputs beside the mask (those of
+    :class:`~segpipe.pipeline.settings.RunSettings`) and whether the stages run in Prefect's flow."""
+
+    probabilities: str | None = option(None, help="also write per-class probabilities as a COG", metavar="PATH")
+    vector: str | None = option(
+        None,
+        help="also write the mask's polygons: .gpkg, .parquet (in the scene's CRS) or .geojson (WGS 84; QuPath's, "
+        "in pixels, for a mask without CRS)",
+        metavar="PATH",
+    )
+    no_prefect: bool = option(False, help="run the stages directly, without the Prefect flow")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConfigFile:
+    """The options file of ``segpipe run``, ``dataset`` and ``serve`` (:func:`_with_config`)."""
+
+    config: str | None = option(
+        None,
+        help="options from a TOML, YAML or JSON file: keys are the option names (tile_size or tile-size; tables "
+        "run, dataset and schedule allowed); a flag given here overrides the file",
+        metavar="FILE",
+    )
 
 
 def add_run(sub: Any) -> None:
@@ -23,33 +54,19 @@ def add_run(sub: Any) -> None:
     p.add_argument("input", help="the scene: a GeoTIFF/COG path, or any GDAL path or URL (/vsicurl/, s3://)")
     p.add_argument("output", help="the mask to write, a .tif (Cloud Optimized GeoTIFF)")
     fields = add_arguments(p, RunOptions)
-    p.add_argument("--probabilities", metavar="PATH", help="also write per-class probabilities as a COG")
-    p.add_argument(
-        "--vector",
-        metavar="PATH",
-        help="also write the mask's polygons: .gpkg, .parquet (in the scene's CRS) or .geojson (WGS 84; QuPath's, "
-        "in pixels, for a mask without CRS)",
-    )
-    _add_config(p)
-    p.add_argument("--no-prefect", action="store_true", help="run the stages directly, without the Prefect flow")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    add_arguments(p, RunCommandOptions, exclude=("no_prefect",))
+    add_arguments(p, ConfigFile)
+    add_arguments(p, RunCommandOptions, only=("no_prefect",))
+    add_arguments(p, Printing)
     p.set_defaults(handler=_cmd_run, option_fields=fields, starts_services=True)
-
-
-def _add_config(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--config",
-        metavar="FILE",
-        help="options from a TOML, YAML or JSON file: keys are the option names (tile_size or tile-size; tables "
-        "run, dataset and schedule allowed); a flag given here overrides the file",
-    )
 
 
 def _with_config(args: argparse.Namespace, classes: tuple[type, ...], fields: list[list[Any]]) -> list[dict[str, Any]]:
     """Per class, the options of ``--config`` (if any) with the flags given on the command line over them."""
     found: list[dict[str, Any]] = [{} for _ in classes]
-    if args.config:
-        found = split_options(read_options_file(args.config), classes, where=f"--config {args.config}")
+    config = parsed(args, ConfigFile).config
+    if config:
+        found = split_options(read_options_file(config), classes, where=f"--config {config}")
     return [{**from_file, **given(args, flags)} for from_file, flags in zip(found, fields, strict=True)]
 
 
@@ -68,34 +85,45 @@ def _stdout_for_json(enabled: bool) -> Iterator[TextIO]:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from segpipe.pipeline.plan import make_plan
-    from segpipe.pipeline.summary import format_summary
+    from segpipe.pipeline.summary import format_summary  # lazy: the stages (shapely), 0.07 s; not for --help
 
     (options,) = _with_config(args, (RunOptions,), [args.option_fields])
+    command = parsed(args, RunCommandOptions)
     settings = RunSettings(
         input=args.input,
         output=args.output,
-        probabilities=args.probabilities,
-        vector=args.vector,
+        probabilities=command.probabilities,
+        vector=command.vector,
         **options,
     )
-    with _stdout_for_json(args.json) as stdout:
-        if args.no_prefect:
-            from segpipe.pipeline.run import run_scene
-
-            t = time.perf_counter()
-            plan = make_plan(settings)  # fail fast, before Ray starts; the model is loaded once, here
-            summary = run_scene(settings, plan=plan, started=STARTED, plan_seconds=time.perf_counter() - t)
-        else:
-            with temporary_server() as server:  # comes up while the run validates and loads its model
-                plan = make_plan(settings)
-                from segpipe.flows.segment import segment_scene
-
-                if server is not None:
-                    server.wait(float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")))
-                summary = segment_scene(settings, plan=plan, started=STARTED, on_sigterm=on_sigterm)
-    print(json.dumps(summary, indent=2) if args.json else format_summary(summary), file=stdout)
+    printing = parsed(args, Printing)
+    with _stdout_for_json(printing.json) as stdout:
+        summary = _run_directly(settings) if command.no_prefect else _run_flow(settings)
+    print(json.dumps(summary, indent=2) if printing.json else format_summary(summary), file=stdout)
     return EXIT_OK
+
+
+def _run_directly(settings: RunSettings) -> dict[str, Any]:
+    """Validate (the model is loaded once, here), then run the stages without Prefect; the run's summary."""
+    from segpipe.pipeline.plan import make_plan  # lazy: the stages (shapely), 0.07 s; not for --help
+    from segpipe.pipeline.run import run_scene  # lazy: the stages (shapely), 0.07 s; not for --help
+
+    t = time.perf_counter()
+    plan = make_plan(settings)  # fail fast, before Ray starts; the model is loaded once, here
+    return run_scene(settings, plan=plan, started=STARTED, plan_seconds=time.perf_counter() - t)
+
+
+def _run_flow(settings: RunSettings) -> dict[str, Any]:
+    """Validate, then run Prefect's flow; Prefect's temporary server comes up meanwhile. The run's summary."""
+    from segpipe.pipeline.plan import make_plan  # lazy: the stages (shapely), 0.07 s; not for --help
+
+    with temporary_server() as server:  # comes up while the run validates and loads its model
+        plan = make_plan(settings)
+        from segpipe.flows.segment import segment_scene  # lazy: prefect, 1.2 s, imported while its server starts
+
+        if server is not None:
+            server.wait(prefect_startup_timeout())
+        return segment_scene(settings, plan=plan, started=STARTED, on_sigterm=on_sigterm)
 
 
 def add_dataset(sub: Any) -> None:
@@ -116,7 +144,7 @@ def add_dataset(sub: Any) -> None:
         fields = add_arguments(p, RunOptions)
         dataset_fields = add_arguments(p, DatasetOptions)
         schedule_fields = add_arguments(p, ScheduleOptions) if name == "serve" else []
-        _add_config(p)
+        add_arguments(p, ConfigFile)
         p.set_defaults(
             handler=_cmd_dataset,
             serve=name == "serve",
@@ -134,17 +162,17 @@ def _cmd_dataset(args: argparse.Namespace) -> int:
     options, dataset = RunOptions(**values[0]), DatasetOptions(**values[1])
     dataset.check_with(options)  # before a deployment is registered or a server started
     if args.serve:
-        from segpipe.flows.deploy import serve_nightly
+        from segpipe.flows.deploy import serve_nightly  # lazy: prefect, 1.3 s; not for --help
 
         schedule = ScheduleOptions(**values[2])
         with temporary_server():
             serve_nightly(args.source, args.output_dir, options=options, dataset=dataset, schedule=schedule)
         return EXIT_OK
     with _stdout_for_json(True) as stdout, temporary_server() as server:
-        from segpipe.flows.dataset import segment_dataset
+        from segpipe.flows.dataset import segment_dataset  # lazy: prefect, 1.9 s, imported while its server starts
 
         if server is not None:
-            server.wait(float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")))
+            server.wait(prefect_startup_timeout())
         report = segment_dataset(args.source, args.output_dir, options=options, dataset=dataset)
     print(json.dumps(report, indent=2), file=stdout)
     return EXIT_OK

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -19,10 +18,8 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from segpipe.core.errors import OutputError
-from segpipe.core.secrets import redact_tree
 
 log = logging.getLogger(__name__)
 
@@ -86,12 +83,6 @@ def write_atomically(path: str | Path, data: bytes | str, *, shared: bool = Fals
     except OSError as exc:
         raise OutputError(f"could not write {path}: {exc}; check free space and permissions") from None
     return path
-
-
-def write_json_atomically(path: str | Path, data: Any, *, indent: int | None = 2) -> Path:
-    """Write ``data`` as JSON (a trailing newline) to ``path`` atomically, secrets redacted
-    (:func:`segpipe.core.secrets.redact_tree`); see :func:`write_atomically`."""
-    return write_atomically(path, json.dumps(redact_tree(data), indent=indent) + "\n")
 
 
 #: What an OSError says when its disk or quota is full (errno, and the text a wrapped one keeps).

@@ -16,15 +16,18 @@ both. Every request is retried with exponential backoff on connection errors, ti
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import obstore
+from obstore.exceptions import AlreadyExistsError
+from obstore.store import AzureStore, GCSStore, S3Store
+
 from segpipe.core.errors import InputError, OutputError
-from segpipe.core.secrets import redact_tree
+from segpipe.core.files import atomic_output
 
 if TYPE_CHECKING:
     from obstore.store import ClientConfig, RetryConfig, S3Config
@@ -120,8 +123,6 @@ def store_for(url: str | ObjectUrl, *, prefix: bool = False) -> Any:
         url: An object-storage URL.
         prefix: Root the store at the URL's key (for a zarr group), instead of at the bucket.
     """
-    from obstore.store import AzureStore, GCSStore, S3Store
-
     parsed = url if isinstance(url, ObjectUrl) else ObjectUrl.parse(url)
     root = (parsed.key or None) if prefix else None
     if parsed.scheme == "s3":
@@ -150,8 +151,6 @@ def read_bytes(url: str) -> bytes:
     Raises:
         InputError: it does not exist or cannot be read (after the retries).
     """
-    import obstore
-
     parsed = ObjectUrl.parse(url)
     try:
         return bytes(obstore.get(store_for(parsed), parsed.key).bytes())
@@ -163,8 +162,6 @@ def read_bytes(url: str) -> bytes:
 
 def head(url: str) -> dict[str, Any] | None:
     """Size, ETag and modification time of one object, or None when it does not exist."""
-    import obstore
-
     parsed = ObjectUrl.parse(url)
     try:
         meta = obstore.head(store_for(parsed), parsed.key)
@@ -182,8 +179,6 @@ def upload_file(local: str | Path, url: str) -> None:
     Raises:
         OutputError: the upload failed after the retries.
     """
-    import obstore
-
     parsed = ObjectUrl.parse(url)
     try:
         with open(local, "rb") as f:
@@ -203,9 +198,6 @@ def write_bytes(url: str, data: bytes | str, *, create_only: bool = False) -> bo
     Raises:
         OutputError: the write failed after the retries.
     """
-    import obstore
-    from obstore.exceptions import AlreadyExistsError
-
     parsed = ObjectUrl.parse(url)
     payload = data.encode("utf-8") if isinstance(data, str) else data
     try:
@@ -217,16 +209,8 @@ def write_bytes(url: str, data: bytes | str, *, create_only: bool = False) -> bo
     return True
 
 
-def write_json(url: str, data: Any) -> None:
-    """Write ``data`` as a JSON object (a trailing newline), in one request, secrets redacted
-    (:func:`segpipe.core.secrets.redact_tree`)."""
-    write_bytes(url, json.dumps(redact_tree(data), indent=2) + "\n")
-
-
 def delete(url: str) -> None:
     """Delete one object (nothing happens when it does not exist)."""
-    import obstore
-
     parsed = ObjectUrl.parse(url)
     try:
         obstore.delete(store_for(parsed), parsed.key)
@@ -238,8 +222,6 @@ def delete(url: str) -> None:
 
 def download(url: str, local: str | Path) -> Path:
     """Copy one object to a local file, atomically (a hidden temporary name, then a rename)."""
-    from segpipe.core.files import atomic_output
-
     target = Path(local)
     target.parent.mkdir(parents=True, exist_ok=True)
     data = read_bytes(url)

@@ -8,6 +8,7 @@ default and help per option, wherever it is used.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import tomllib
@@ -56,6 +57,21 @@ def option(
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
+
+
+def same_option(cls: type, name: str) -> Any:
+    """A dataclass field declared as the option ``name`` of ``cls`` is: the same default, help and spelling, for an
+    option that several commands take (``--model``), so that it is stated once.
+
+    Raises:
+        TypeError: ``cls`` has no option field ``name``.
+    """
+    for f in dataclasses.fields(cls):
+        if f.name == name and "option" in f.metadata:
+            if f.default_factory is not dataclasses.MISSING:
+                return dataclasses.field(default_factory=f.default_factory, metadata=f.metadata)
+            return dataclasses.field(default=f.default, metadata=f.metadata)
+    raise TypeError(f"{cls.__name__} has no option field {name!r}")
 
 
 @dataclass(frozen=True)
@@ -114,8 +130,6 @@ def _plain(value: Any) -> Any:
 
 def whole_number(text: str) -> int:
     """argparse type: an integer >= 0."""
-    import argparse
-
     try:
         value = int(text)
     except ValueError:
@@ -155,8 +169,6 @@ def add_arguments(
     Returns:
         The fields added, for :func:`given`.
     """
-    import argparse
-
     added = []
     for f in options_of(cls):
         if (only is not None and f.name not in only) or f.name in exclude:
@@ -230,7 +242,7 @@ def read_options_file(path: str) -> dict[str, Any]:
         elif suffix == ".json":
             data = json.loads(text)
         else:
-            import yaml  # only for YAML files: not loaded by every command
+            import yaml  # lazy: YAML files only (pyyaml, 0.02 s, comes with prefect)
 
             data = yaml.safe_load(text)
     except (ValueError, tomllib.TOMLDecodeError) as exc:

@@ -199,16 +199,3 @@ def plan_read(pyramid: Pyramid, target_um: float | None) -> SlideRead:
         return SlideRead(level, downsample, width, height, False)
     width, height = grid_size(pyramid.width, pyramid.height, factor)
     return SlideRead(level, factor, width, height, True)
-
-
-def level_box(
-    col_off: float, row_off: float, width: float, height: float, fx: float, fy: float, downsample: float
-) -> tuple[float, float, float, float]:
-    """The (x0, y0, x1, y1) box, in pixels of a level of ``downsample``, that a window of a grid of ``fx`` x
-    ``fy`` level-0 pixels per pixel covers."""
-    return (
-        col_off * fx / downsample,
-        row_off * fy / downsample,
-        (col_off + width) * fx / downsample,
-        (row_off + height) * fy / downsample,
-    )

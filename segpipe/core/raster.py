@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import time
+import urllib.request
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,12 +22,13 @@ from typing import Any
 import rasterio
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 
+from segpipe.core import objects
 from segpipe.core.errors import InputError
 from segpipe.core.objects import gdal_config
+from segpipe.core.paths import is_inline, is_remote
 
 log = logging.getLogger(__name__)
 
-REMOTE_PREFIXES = ("/vsicurl/", "/vsis3/", "/vsigs/", "/vsiaz/", "http://", "https://", "s3://", "gs://")
 
 #: GDAL's block cache (``GDAL_CACHEMAX``) while a stage reads or writes a whole raster. GDAL's default is 5 % of
 #: RAM and fills with every decoded block, so a process would grow with the scene; reads and writes are aligned
@@ -52,24 +54,6 @@ def remote_env(path: str) -> contextlib.AbstractContextManager[Any]:
     return rasterio.Env(**config) if config else contextlib.nullcontext()
 
 
-def is_remote(path: str) -> bool:
-    """Whether ``path`` is a URL or GDAL network path (no local checks apply)."""
-    return path.startswith(REMOTE_PREFIXES)
-
-
-def is_inline(path: str) -> bool:
-    """Whether ``path`` is an inline GDAL VRT (an XML document GDAL opens like a file name)."""
-    return path.lstrip().startswith("<VRTDataset")
-
-
-def describe_path(path: str) -> str:
-    """A short, one-line name of ``path`` for messages (an inline VRT is named by its first source)."""
-    if not is_inline(path):
-        return path
-    found = re.search(r"<SourceFilename[^>]*>([^<]+)</SourceFilename>", path)
-    return f"VRT of {found.group(1)}" if found else "an inline VRT"
-
-
 def identity(path: str) -> str:
     """What changes when the bytes behind ``path`` change, without reading them: a local file's absolute path, size
     and modification time; an object's ETag and size; an HTTP resource's ETag, Last-Modified and length (a HEAD
@@ -80,15 +64,11 @@ def identity(path: str) -> str:
     if not is_remote(path):
         stat = os.stat(path)
         return f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}"
-    from segpipe.core import objects
-
     url = _unvsi(path)
     if objects.is_object_url(url):
         meta = objects.head(url) or {}
         return f"{url}|{meta.get('e_tag')}|{meta.get('size')}"
     if url.startswith(("http://", "https://")):
-        import urllib.request
-
         try:
             with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=30) as answer:
                 headers = answer.headers

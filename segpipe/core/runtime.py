@@ -28,7 +28,7 @@ def available_cores() -> int:
 
 def local_gpus() -> int:
     """CUDA devices torch sees on this machine (0 without CUDA)."""
-    import torch
+    import torch  # lazy: torch takes 2 s to import; the CLI and the driver ask for cores without it
 
     return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 import json
 import sys
 
-from segpipe.pipeline.session import ModelSpec, Session
+from segpipe.pipeline.infer import ModelSpec
+from segpipe.pipeline.session import Session
 
 
 def main(address: str, model: str) -> None:

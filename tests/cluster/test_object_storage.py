@@ -15,8 +15,8 @@ import pytest
 
 from segpipe.core import objects
 from segpipe.core.errors import ModelError, OutputError
+from segpipe.core.locks import lease, lease_url
 from segpipe.pipeline import store as ws
-from segpipe.pipeline.locks import lease, lease_url
 from segpipe.pipeline.run import run_scene
 from segpipe.pipeline.settings import RunSettings
 from tests.cluster.conftest import Proxy, S3Server

@@ -16,8 +16,9 @@ import rasterio
 from segpipe.core import objects
 from segpipe.core.errors import ConfigError
 from segpipe.pipeline import store as ws
+from segpipe.pipeline.reach import cluster_paths_problem
 from segpipe.pipeline.run import run_scene
-from segpipe.pipeline.session import Session, cluster_paths_problem
+from segpipe.pipeline.session import Session
 from segpipe.pipeline.settings import RunSettings
 from tests.cluster.conftest import S3Server
 from tests.cluster.test_object_storage import _wait_for_tiles, local_run, upload_inputs

@@ -14,9 +14,10 @@ from typing import Any, ClassVar
 import pytest
 
 from segpipe.core.errors import ConfigError, SegpipeError
-from segpipe.flows.dataset import mask_path, segment_dataset
+from segpipe.core.locks import exclusive_lock
+from segpipe.flows.dataset import segment_dataset
 from segpipe.pipeline.catalog import scenes_of
-from segpipe.pipeline.locks import exclusive_lock
+from segpipe.pipeline.names import mask_path
 from segpipe.pipeline.settings import DatasetOptions, RunOptions
 
 LOCAL = {"executor": "local", "tile_size": 64, "halo": 16}

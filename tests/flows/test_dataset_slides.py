@@ -14,10 +14,11 @@ import pytest
 import tifffile
 
 from segpipe.core.errors import ConfigError, InputError
-from segpipe.flows.dataset import mask_path, segment_dataset
+from segpipe.flows.dataset import segment_dataset
 from segpipe.pipeline.catalog import scenes_of
+from segpipe.pipeline.names import mask_path
+from segpipe.pipeline.reach import cluster_paths_problem
 from segpipe.pipeline.read import describe_scene
-from segpipe.pipeline.session import cluster_paths_problem
 from segpipe.pipeline.settings import DatasetOptions, RunOptions, RunSettings
 from tests.pipeline.test_slides import HEIGHT, WIDTH, write_geotiff, write_slide
 

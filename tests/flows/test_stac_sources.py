@@ -154,8 +154,7 @@ def test_a_stac_api_search_pages_through_its_items_and_narrows_by_date(
     """A STAC API (core + item search) on 127.0.0.1 over the same two items, read through pystac-client: pages of
     one item followed by ``next`` links; collections, a bounding box and a datetime interval narrow the
     search."""
-    from segpipe.pipeline.catalog import StacSearch
-    from segpipe.pipeline.settings import DatasetOptions
+    from segpipe.pipeline.settings import DatasetOptions, StacSearch
 
     build_catalog(data_dir, tmp_path / "stac")
     with served(tmp_path / "stac") as url:

@@ -19,7 +19,7 @@ from segpipe.models.data import (
     TileDataset,
     band_statistics,
     class_weights,
-    find_pairs,
+    find_sample_pairs,
     load_folders,
     load_pair,
     pixel_counts,
@@ -156,7 +156,7 @@ def make_folder(root: Path, names: list[str], size: tuple[int, int] = (40, 48), 
 
 def test_find_and_load_pairs(tmp_path: Path) -> None:
     folder = make_folder(tmp_path / "tile-a", ["b", "a"])
-    pairs = find_pairs(folder)
+    pairs = find_sample_pairs(folder)
     assert [p.image.name for p in pairs] == ["a.png", "b.png"]
     images, masks, found = load_folders([folder], colour_table=TABLE)
     assert found == pairs and images[0].shape == (3, 40, 48) and masks[0].shape == (40, 48)
@@ -171,12 +171,12 @@ def test_missing_mask_and_size_mismatch(tmp_path: Path) -> None:
     folder = make_folder(tmp_path / "t", ["a"])
     write_png(folder / "images" / "lonely.png", np.zeros((3, 4, 4), np.uint8))
     with pytest.raises(InputError, match=r"no mask .* lonely\.png"):
-        find_pairs(folder)
+        find_sample_pairs(folder)
     write_png(folder / "masks" / "lonely.png", colours_of(np.zeros((4, 5), np.int64)))
     with pytest.raises(InputError, match=r"lonely\.png is 4x4 px but its mask .* is 5x4 px"):
         load_folders([folder], colour_table=TABLE)
     with pytest.raises(InputError, match="images/"):
-        find_pairs(tmp_path / "nowhere")
+        find_sample_pairs(tmp_path / "nowhere")
     with pytest.raises(InputError, match="band"):
         read_image(folder / "images" / "a.png", bands=[4])
 

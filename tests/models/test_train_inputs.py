@@ -23,7 +23,7 @@ from segpipe.core.errors import ConfigError, InputError, ModelError
 from segpipe.models.data import image_bands
 from segpipe.models.labels import image_grid, rasterise_labels, read_polygon_labels
 from segpipe.models.training import TrainConfig, train
-from segpipe.models.training import loop as training_loop
+from segpipe.models.training import model as training_model
 from segpipe.models.training.inputs import plan_bands, prepare
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -339,14 +339,14 @@ def test_init_starts_from_the_checkpoint_weights(
     from segpipe.models.checkpoint import load_model
 
     built: list[dict[str, torch.Tensor]] = []
-    original = training_loop.build_network
+    original = training_model.build_network
 
     def keeping(*args: Any, **kwargs: Any) -> torch.nn.Module:
         model = original(*args, **kwargs)
         built.append(copy.deepcopy(model.state_dict()))  # as the first step will find it
         return model
 
-    monkeypatch.setattr(training_loop, "build_network", keeping)
+    monkeypatch.setattr(training_model, "build_network", keeping)
     config = TrainConfig(train_dirs=(s2[0],), out_dir=tmp_path / "ft", init=s2_run, **QUICK)
     result = train(config)
     weights = load_file(str(s2_run))

@@ -20,9 +20,11 @@ from segpipe.models.checkpoint import load_model
 from segpipe.models.networks import receptive_field_radius
 from segpipe.pipeline import store as ws
 from segpipe.pipeline.dispatch import run_inference
-from segpipe.pipeline.infer import InferOptions
+from segpipe.pipeline.infer import ModelSpec
 from segpipe.pipeline.ingest import ingest
 from segpipe.pipeline.read import describe_scene
+from segpipe.pipeline.recipe import Recipe
+from segpipe.pipeline.scene import Selection
 from segpipe.pipeline.stitch import stitch
 
 
@@ -55,12 +57,12 @@ def tiled(
     ingest(info, store, chunk_size=tile)
     grid = TileGrid(info.width, info.height, tile, halo)
     loaded = load_model(checkpoint)
-    options = InferOptions(
-        model=str(checkpoint), tile_size=tile, halo=halo, blend=blend,  # type: ignore[arg-type]
-        batch_size=4, device="cpu", threads=2, probabilities=True,
+    recipe = Recipe(
+        model=loaded.identity, tile_size=tile, halo=halo, blend=blend, batch_size=4, probabilities=True,
+        selection=Selection(), scaling=None,
     )
     classes = len(loaded.metadata.classes)
-    run_inference(store, grid, options, classes=classes, key=blend, executor="local")
+    run_inference(store, grid, recipe, ModelSpec(str(checkpoint), None, "cpu", 2), classes=classes, executor="local")
     if blend != "crop":
         stitch(store, grid, blend)  # type: ignore[arg-type]
     mask = np.asarray(store.array(ws.MASK)[...])

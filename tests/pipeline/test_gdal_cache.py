@@ -42,7 +42,7 @@ def test_ingest_and_export_open_rasters_under_the_bounded_cache(
         scene = data_dir / "RGB.byte.tif"
         run_scene(RunSettings(input=str(scene), output=str(tmp_path / "mask.tif"), executor="local"))
         assert seen.get("segpipe.pipeline.ingest") == {GDAL_CACHE_BYTES}
-        assert seen.get("segpipe.pipeline.export") == {GDAL_CACHE_BYTES}
+        assert seen.get("segpipe.pipeline.sinks.cog") == {GDAL_CACHE_BYTES}
         assert int(get_gdal_config("GDAL_CACHEMAX")) == before, "the process-wide setting is restored"
     finally:
         set_gdal_config("GDAL_CACHEMAX", original_setting)

@@ -21,8 +21,9 @@ from segpipe.core.pixels import normalise
 from segpipe.core.tiles import TileGrid
 from segpipe.pipeline.ingest import MAX_OVERREAD, reads_in_place
 from segpipe.pipeline.merge import class_ids
-from segpipe.pipeline.read import Layout, SceneInfo, describe_scene
+from segpipe.pipeline.read import describe_scene
 from segpipe.pipeline.run import run_scene
+from segpipe.pipeline.scene import Layout, SceneInfo
 from segpipe.pipeline.settings import RunSettings
 from segpipe.pipeline.tile_reader import SceneTiles, StoreTiles
 

@@ -26,8 +26,9 @@ from shapely.geometry import shape
 from segpipe.core.errors import ConfigError, OutputError
 from segpipe.core.files import partial_path
 from segpipe.pipeline import polygons as pg
-from segpipe.pipeline.export import sink_for
 from segpipe.pipeline.settings import RunSettings
+from segpipe.pipeline.sinks import sink_for
+from segpipe.pipeline.sinks import vector as vs
 from tests.cluster.conftest import S3_ENV, S3Server
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -170,7 +171,7 @@ def test_nodata_is_never_a_polygon(tmp_path: Path) -> None:
     assert shapely.union_all([f.geometry for f in items]).intersection(nodata).area == 0
     blank = np.full((20, 20), 255, np.uint8)
     empty = write_mask(tmp_path / "empty.tif", blank, crs=None, transform=rasterio.Affine.identity())
-    result = pg.write_vector(str(empty), tmp_path / "empty.gpkg")
+    result = vs.write_vector(str(empty), tmp_path / "empty.gpkg")
     assert result.features == 0 and pyogrio.read_info(tmp_path / "empty.gpkg")["features"] == 0
 
 
@@ -179,7 +180,7 @@ def test_nodata_is_never_a_polygon(tmp_path: Path) -> None:
 
 def test_geopackage_keeps_the_crs_and_the_classes(spacenet_mask: Path, tmp_path: Path) -> None:
     out = tmp_path / "buildings.gpkg"
-    result = pg.write_vector(str(spacenet_mask), out, block=300)
+    result = vs.write_vector(str(spacenet_mask), out, block=300)
     info = pyogrio.read_info(out)
     assert info["crs"] == "EPSG:32616" and info["geometry_type"] == "Polygon"
     assert info["features"] == result.features == sum(result.histogram.values())
@@ -199,7 +200,7 @@ def test_geoparquet_keeps_the_crs(spacenet_mask: Path, tmp_path: Path) -> None:
     import pyarrow.parquet as pq
 
     out = tmp_path / "buildings.parquet"
-    result = pg.write_vector(str(spacenet_mask), out)
+    result = vs.write_vector(str(spacenet_mask), out)
     geo = json.loads(pq.read_schema(out).metadata[b"geo"])
     column = geo["columns"]["geometry"]
     assert geo["primary_column"] == "geometry" and column["encoding"] == "WKB"
@@ -214,7 +215,7 @@ def test_geoparquet_keeps_the_crs(spacenet_mask: Path, tmp_path: Path) -> None:
 def test_geojson_of_a_georeferenced_mask_is_rfc7946(spacenet_mask: Path, tmp_path: Path) -> None:
     """WGS 84 longitude/latitude (Atlanta), no crs member, exteriors counter-clockwise, and the same polygons."""
     out = tmp_path / "buildings.geojson"
-    result = pg.write_vector(str(spacenet_mask), out)
+    result = vs.write_vector(str(spacenet_mask), out)
     collection = json.loads(out.read_text())
     assert "crs" not in collection and len(collection["features"]) == result.features
     feature = next(f for f in collection["features"] if f["properties"]["class_name"] == "building")
@@ -238,7 +239,7 @@ def test_qupath_geojson_for_a_mask_without_crs(tmp_path: Path) -> None:
     mask[:20, :] = 255
     path = write_mask(tmp_path / "slide.mask.tif", mask, crs=None, transform=rasterio.Affine.identity())
     out = tmp_path / "slide.geojson"
-    pg.write_vector(str(path), out, block=64)
+    vs.write_vector(str(path), out, block=64)
     collection = json.loads(out.read_text())
     assert collection["type"] == "FeatureCollection"
     by_name = {f["properties"]["classification"]["name"]: f for f in collection["features"]}
@@ -251,7 +252,7 @@ def test_qupath_geojson_for_a_mask_without_crs(tmp_path: Path) -> None:
     assert shape(by_name["background"]["geometry"]).bounds == (0.0, 20.0, 500.0, 300.0)
     # read at half resolution, the slide's mask maps back onto level 0 through its transform (x2)
     half = write_mask(tmp_path / "half.mask.tif", mask, crs=None, transform=rasterio.Affine.scale(2.0))
-    pg.write_vector(str(half), tmp_path / "half.geojson", block=64)
+    vs.write_vector(str(half), tmp_path / "half.geojson", block=64)
     features = json.loads((tmp_path / "half.geojson").read_text())["features"]
     building = next(f for f in features if f["properties"]["classification"]["name"] == "building")
     assert shape(building["geometry"]).equals(shapely.box(100, 200, 900, 400)), "level-0 pixel coordinates"
@@ -278,7 +279,7 @@ def test_min_area_and_simplify(spacenet_mask: Path) -> None:
 
 def test_a_bad_suffix_is_one_config_error_naming_vector() -> None:
     with pytest.raises(ConfigError, match=r"--vector 'out.shp' must end in \.gpkg or \.geojson or \.parquet"):
-        sink_for(pg.VECTOR, "out.shp")
+        sink_for(vs.VECTOR, "out.shp")
     with pytest.raises(ConfigError, match="--vector-simplify"):
         RunSettings(input="in.tif", output="out.tif", vector_simplify=1.0)
     with pytest.raises(ConfigError, match="--vector-min-area must be a number >= 0"):
@@ -289,7 +290,8 @@ def test_a_failed_write_leaves_nothing(spacenet_mask: Path, tmp_path: Path, monk
     """The disk fills after a few batches are in: an OutputError, and neither the file nor its temporary."""
     out = tmp_path / "buildings.gpkg"
     monkeypatch.setattr(pg, "BATCH", 10)
-    real = pg.write_gpkg
+    monkeypatch.setattr(vs, "BATCH", 10)
+    real = vs.write_gpkg
     calls = []
 
     def write_then_fail(path: Path, items: Iterable[pg.Feature], info: pg.MaskInfo, *, layer: str) -> object:
@@ -302,9 +304,9 @@ def test_a_failed_write_leaves_nothing(spacenet_mask: Path, tmp_path: Path, monk
 
         return real(path, failing(), info, layer=layer)
 
-    monkeypatch.setattr(pg, "write_gpkg", write_then_fail)
+    monkeypatch.setattr(vs, "write_gpkg", write_then_fail)
     with pytest.raises(OutputError, match="No space left on device"):
-        pg.write_vector(str(spacenet_mask), out)
+        vs.write_vector(str(spacenet_mask), out)
     assert len(calls) == 26 and not out.exists() and not partial_path(out).exists()
     assert not list(tmp_path.iterdir())
 
@@ -358,7 +360,7 @@ def test_a_run_whose_polygons_fail_leaves_no_output(
     def full(*args: object, **kwargs: object) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(pg, "write_features", full)
+    monkeypatch.setattr(vs, "write_features", full)
     output, vector = tmp_path / "mask.tif", tmp_path / "mask.geojson"
     settings = RunSettings(
         input=str(small_scene), output=str(output), vector=str(vector), model=str(rgb_checkpoint), executor="local"

@@ -18,7 +18,8 @@ from PIL import Image
 from segpipe.core.errors import ConfigError, InputError
 from segpipe.core.tiles import Window
 from segpipe.models.metadata import ModelMetadata
-from segpipe.pipeline.read import Selection, describe_scene, open_source
+from segpipe.pipeline.read import describe_scene, open_source
+from segpipe.pipeline.scene import Selection
 from segpipe.pipeline.settings import RunSettings
 from segpipe.pipeline.sources.slide import MAX_SLIDE_MPP
 from tests.pipeline.test_slides import _run, write_geotiff, write_slide
@@ -87,12 +88,13 @@ def test_without_mpp_a_plain_image_stays_with_gdal(plain: Path, tmp_path: Path) 
     info = describe_scene(str(plain))
     assert (info.source, info.pyramid, info.georeferenced, info.width) == ("gdal", None, False, WIDTH)
     assert describe_scene(str(plain), Selection()).fingerprint == info.fingerprint
-    assert Selection().to_attrs() == {"bands": None, "nodata": None}  # no "mpp": fingerprints as they were
+    assert Selection().to_attrs() == {"bands": None, "nodata": None, "resolution": None, "tissue": "none", "mpp": None}
     assert Selection(resolution=0.5, tissue="otsu").to_attrs() == {
         "bands": None,
         "nodata": None,
         "resolution": 0.5,
         "tissue": "otsu",
+        "mpp": None,
     }
     chosen = Selection(resolution=1.0, tissue="otsu", mpp=0.5)
     assert Selection.from_attrs(chosen.to_attrs()) == chosen

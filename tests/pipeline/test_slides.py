@@ -18,10 +18,11 @@ from segpipe.core.pyramid import Pyramid, Resolution, grid_size, parse_resolutio
 from segpipe.core.tiles import Window
 from segpipe.core.tissue import dilate, otsu, saturation, threshold
 from segpipe.models.metadata import ModelMetadata
-from segpipe.pipeline.export import sink_for
-from segpipe.pipeline.read import Selection, describe_scene, open_source
+from segpipe.pipeline.read import describe_scene, open_source
 from segpipe.pipeline.run import run_scene
+from segpipe.pipeline.scene import Selection
 from segpipe.pipeline.settings import RunSettings
+from segpipe.pipeline.sinks import sink_for
 
 MPP = 0.25
 WIDTH, HEIGHT = 640, 448  # level 0 of the synthetic slide; level 1 is half of it

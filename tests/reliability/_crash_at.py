@@ -80,14 +80,15 @@ def installers() -> dict[str, Callable[[], None]]:
     """Point name -> the function that installs its kill."""
     # imported here, before segpipe.cli.main: none of these imports Prefect or Ray
     from segpipe.core import files
-    from segpipe.pipeline import export, ingest, merge, plan, polygons, run, session, stac, stitch
+    from segpipe.pipeline import ingest, merge, plan, ray_start, run, session, stac, stitch
+    from segpipe.pipeline.sinks import cog, vector
 
     partial = files.PARTIAL_SUFFIX
     return {
         "validate:before": lambda: patch(plan, "make_plan", at_entry=True),
         "validate:inside": lambda: patch(plan, "describe_scene", at_entry=False),  # outputs checked, scene read
         "session:before": lambda: patch(session.Session, "__init__", at_entry=True),
-        "session:inside": lambda: patch(session, "_start", at_entry=False),  # Ray's processes are up
+        "session:inside": lambda: patch(ray_start, "_start", at_entry=False),  # Ray's processes are up
         "ingest:before": lambda: patch(run, "ingest_stage", at_entry=True),
         "ingest:inside": lambda: patch(ingest, "copy_region", at_entry=False),  # the first region is in the store
         "infer:before": lambda: patch(run, "infer_stage", at_entry=True),
@@ -96,14 +97,14 @@ def installers() -> dict[str, Callable[[], None]]:
         "stitch:inside": lambda: patch(stitch, "stitch_block", at_entry=False),  # the first block is blended
         "export:before": lambda: patch(run, "export_stage", at_entry=True),
         # the mask COG complete and valid under its hidden name, not yet renamed
-        "export:inside": lambda: patch(export, "_check_cog", at_entry=False, check=_named(partial)),
+        "export:inside": lambda: patch(cog, "_check_cog", at_entry=False, check=_named(partial)),
         # the mask in place, the probabilities COG complete under its hidden name
-        "export:between": lambda: patch(export, "_check_cog", at_entry=False, check=_named(partial), nth=2),
-        "polygons:before": lambda: patch(polygons, "write_vector", at_entry=True),
+        "export:between": lambda: patch(cog, "_check_cog", at_entry=False, check=_named(partial), nth=2),
+        "polygons:before": lambda: patch(vector, "write_vector", at_entry=True),
         "polygons:inside": _after_first_ogr_write,
         "summary:before": lambda: patch(run, "write_summary", at_entry=True),
         "summary:inside": lambda: patch(files, "_fsync", at_entry=False, check=_named(f".summary.json{partial}")),
-        "item:before": lambda: patch(stac, "write_json", at_entry=True, check=_named(".item.json")),
+        "item:before": lambda: patch(stac, "write_item", at_entry=True),
         "item:inside": lambda: patch(files, "_fsync", at_entry=False, check=_named(f".item.json{partial}")),
         "collection:before": lambda: patch(stac, "write_collection", at_entry=True),
         "collection:inside": lambda: patch(files, "_fsync", at_entry=False, check=_named(f"collection.json{partial}")),

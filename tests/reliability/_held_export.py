@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-import segpipe.pipeline.export as export
+import segpipe.pipeline.sinks.cog as export
 from segpipe.cli import main
 
 READY = Path(os.environ["SEGPIPE_TEST_READY"])

@@ -37,8 +37,8 @@ from typing import Any
 import psutil
 
 from segpipe.core.errors import OutputError
+from segpipe.core.locks import exclusive_lock
 from segpipe.pipeline import store as ws
-from segpipe.pipeline.locks import exclusive_lock
 from tests.reliability.helpers import subprocess_env
 
 HERE = Path(__file__).resolve().parent

@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 from segpipe.core.errors import ConfigError, InputError, ModelError
 from segpipe.core.tiles import validate_tiling
 from segpipe.models.metadata import ModelMetadata
-from segpipe.pipeline.read import SceneInfo, describe_scene
+from segpipe.pipeline.read import describe_scene
+from segpipe.pipeline.scene import SceneInfo
 from tests.reliability.helpers import rgb_scene
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

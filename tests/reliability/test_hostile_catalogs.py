@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 
 from segpipe.core.errors import InputError
 from segpipe.pipeline import catalog
-from segpipe.pipeline.catalog import StacSearch, check_items, scenes_of
+from segpipe.pipeline.catalog import check_items, scenes_of
+from segpipe.pipeline.settings import StacSearch
 
 GEOMETRY = {"type": "Polygon", "coordinates": [[[0, 0], [1, 0], [1, 1], [0, 1], [0, 0]]]}
 

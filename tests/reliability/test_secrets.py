@@ -83,16 +83,16 @@ def test_a_night_with_secrets_around_leaks_none(data_dir: Path, rgb_checkpoint: 
 
 
 def test_a_failing_webhook_is_logged_by_its_host_only() -> None:
-    from segpipe.flows import dataset
+    from segpipe.core import notify
 
     said: list[str] = []
     handler = logging.Handler()
     handler.emit = lambda record: said.append(record.getMessage())  # type: ignore[method-assign]
-    dataset.log.addHandler(handler)
+    notify.log.addHandler(handler)
     try:
-        dataset._notify(f"http://127.0.0.1:9/hooks/{HOOK_SECRET}", {"failed": {"a": "x"}})  # port 9: nobody
+        notify.post_report(f"http://127.0.0.1:9/hooks/{HOOK_SECRET}", {"failed": {"a": "x"}})  # port 9: nobody
     finally:
-        dataset.log.removeHandler(handler)
+        notify.log.removeHandler(handler)
     assert said and said[0].startswith("could not notify http://127.0.0.1:9") and HOOK_SECRET not in said[0]
 
 

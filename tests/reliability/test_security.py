@@ -97,7 +97,7 @@ def test_a_valid_checkpoint_loads_without_pickle(rgb_checkpoint: Path, monkeypat
 
 RAY_PROBE = """
 import json, psutil
-from segpipe.pipeline.session import ray_session
+from segpipe.pipeline.ray_start import ray_session
 with ray_session(None, 1) as ray:
     from ray._private.authentication.authentication_utils import is_token_auth_enabled
     from ray._raylet import AuthenticationTokenLoader
@@ -202,7 +202,7 @@ def test_an_input_named_with_dotdot_keeps_its_work_store_in_the_work_dir(
 
 SESSION_PROBE = """
 import json
-from segpipe.pipeline.session import ray_session
+from segpipe.pipeline.ray_start import ray_session
 with ray_session(None, 1) as ray:
     print(json.dumps({"gcs": ray._private.worker.global_worker.node.gcs_address}))
 """

@@ -15,8 +15,9 @@ import psutil
 import pytest
 
 from segpipe.core.errors import ModelError
-from segpipe.pipeline import session as sessions
-from segpipe.pipeline.session import ModelSpec, Session
+from segpipe.pipeline import pool as pools
+from segpipe.pipeline.infer import ModelSpec
+from segpipe.pipeline.session import Session
 from tests.reliability.conftest import Cli
 from tests.reliability.helpers import rgb_scene
 
@@ -50,7 +51,7 @@ def _killer(prefix: str, times: int, stop: threading.Event, killed: list[int]) -
 
 
 def _start_with_kills(prefix: str, times: int, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, list[int]]:
-    monkeypatch.setattr(sessions, "START_BACKOFF_S", 0.1)
+    monkeypatch.setattr(pools, "START_BACKOFF_S", 0.1)
     stop, killed = threading.Event(), []
     thread = threading.Thread(target=_killer(prefix, times, stop, killed), daemon=True)
     with Session(ray=True, num_cpus=2) as session:

@@ -26,14 +26,16 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+import tifffile
 import zarr
 
 from segpipe.core.colours import rgba
 from segpipe.core.errors import OutputError
 from segpipe.core.files import atomic_output
 from segpipe.pipeline import store as ws
-from segpipe.pipeline.export import CogSink, ExportResult
-from segpipe.pipeline.read import SceneInfo
+from segpipe.pipeline.scene import SceneInfo
+from segpipe.pipeline.sinks.base import ExportResult
+from segpipe.pipeline.sinks.cog import CogSink
 
 TILE = 512
 BLOCK = 2048  # pixels per side of one block when building a sub-resolution (a multiple of 2 and of TILE)
@@ -113,8 +115,6 @@ def export_ome_tiff(
     progress: Callable[[int], Any] | None = None,
 ) -> ExportResult:
     """Write the store's ``mask`` as a pyramidal OME-TIFF at ``output`` (see the module docstring)."""
-    import tifffile
-
     start = time.perf_counter()
     scene = SceneInfo.from_attrs(store.attrs["scene"])
     mask = store.array(ws.MASK)
@@ -123,9 +123,28 @@ def export_ome_tiff(
         histogram += np.bincount(np.asarray(mask[row : row + BLOCK, :]).ravel(), minlength=256)
     scratch = Path(scratch_dir) / f".{Path(output).name}.levels.zarr"
     shutil.rmtree(scratch, ignore_errors=True)
-    colormap = np.zeros((3, 256), dtype=np.uint16)
-    for i, colour in enumerate(colours or ()):
-        colormap[:, i] = [257 * v for v in rgba(colour)[:3]]
+    metadata = _ome_metadata(scene, class_names, colours)
+    resolution = (1e4 / scene.mpp[0], 1e4 / scene.mpp[1]) if scene.mpp is not None else None
+    try:
+        levels = _levels(mask, scratch)
+        bigtiff = scene.pixels * 4 // 3 > 2**31
+        with atomic_output(output) as tmp, tifffile.TiffWriter(tmp, bigtiff=bigtiff, ome=True) as tif:
+            for i, level in enumerate(levels):
+                _write_level(tif, level, i, len(levels), resolution, metadata, class_names, colours, workers, progress)
+    except OSError as exc:
+        raise OutputError(
+            f"could not write {output}: {exc.strerror or exc}; check free space and permissions"
+        ) from None
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    size = os.path.getsize(output)
+    hist = {int(k): int(v) for k, v in enumerate(histogram) if v}
+    return ExportResult(path=str(output), seconds=time.perf_counter() - start, histogram=hist, bytes=size)
+
+
+def _ome_metadata(scene: SceneInfo, class_names: Sequence[str], colours: Sequence[str] | None) -> dict[str, Any]:
+    """The OME-XML of the mask: its channel, the class names and colours as a MapAnnotation, and the pixel size
+    (micrometres) when the scene states one."""
     factor = float(scene.transform[0])
     metadata: dict[str, Any] = {
         "axes": "YX",
@@ -140,57 +159,58 @@ def export_ome_tiff(
             "source": str(scene.path),
         },
     }
-    resolution = None
     if scene.mpp is not None:
         metadata.update(
             PhysicalSizeX=scene.mpp[0], PhysicalSizeXUnit="µm", PhysicalSizeY=scene.mpp[1], PhysicalSizeYUnit="µm"
         )
-        resolution = (1e4 / scene.mpp[0], 1e4 / scene.mpp[1])
+    return metadata
+
+
+def _write_level(
+    tif: tifffile.TiffWriter,
+    level: zarr.Array,
+    index: int,
+    count: int,
+    resolution: tuple[float, float] | None,
+    metadata: dict[str, Any],
+    class_names: Sequence[str],
+    colours: Sequence[str] | None,
+    workers: int,
+    progress: Callable[[int], Any] | None,
+) -> None:
+    """Write pyramid level ``index`` of ``count`` (0: full resolution, with the OME-XML, GDAL's tags and the
+    sub-resolutions as SubIFDs; ``resolution``: pixels per centimetre of level 0)."""
+    colormap = np.zeros((3, 256), dtype=np.uint16)
+    for i, colour in enumerate(colours or ()):
+        colormap[:, i] = [257 * v for v in rgba(colour)[:3]]
     extratags = [
         (42112, "s", 0, _gdal_metadata(class_names), True),  # GDAL_METADATA
         (42113, "s", 0, str(ws.MASK_NODATA), True),  # GDAL_NODATA
     ]
-    try:
-        levels = _levels(mask, scratch)
-        bigtiff = scene.pixels * 4 // 3 > 2**31
-        with atomic_output(output) as tmp, tifffile.TiffWriter(tmp, bigtiff=bigtiff, ome=True) as tif:
-            options: dict[str, Any] = {
-                "tile": (TILE, TILE),
-                "photometric": "palette",
-                "colormap": colormap,
-                "compression": "zlib",
-                "maxworkers": max(1, workers),
-            }
-            for i, level in enumerate(levels):
-                scale = 2**i
-                tif.write(
-                    _tiles(level, progress if i == 0 else None),
-                    shape=level.shape,
-                    dtype=np.uint8,
-                    subifds=len(levels) - 1 if i == 0 else None,
-                    subfiletype=1 if i else 0,
-                    resolution=(resolution[0] / scale, resolution[1] / scale) if resolution else None,
-                    resolutionunit="CENTIMETER" if resolution else None,
-                    metadata=metadata if i == 0 else None,
-                    extratags=extratags if i == 0 else (),
-                    **options,
-                )
-    except OSError as exc:
-        raise OutputError(
-            f"could not write {output}: {exc.strerror or exc}; check free space and permissions"
-        ) from None
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    size = os.path.getsize(output)
-    hist = {int(k): int(v) for k, v in enumerate(histogram) if v}
-    return ExportResult(path=str(output), seconds=time.perf_counter() - start, histogram=hist, bytes=size)
+    scale = 2**index
+    tif.write(
+        _tiles(level, progress if index == 0 else None),
+        shape=level.shape,
+        dtype=np.uint8,
+        subifds=count - 1 if index == 0 else None,
+        subfiletype=1 if index else 0,
+        resolution=(resolution[0] / scale, resolution[1] / scale) if resolution else None,
+        resolutionunit="CENTIMETER" if resolution else None,
+        metadata=metadata if index == 0 else None,
+        extratags=extratags if index == 0 else (),
+        tile=(TILE, TILE),
+        photometric="palette",
+        colormap=colormap,
+        compression="zlib",
+        maxworkers=max(1, workers),
+    )
 
 
 @dataclass(frozen=True)
 class OmeTiffSink(CogSink):
     """The work store's ``mask`` as a pyramidal OME-TIFF; see the module docstring. ``path`` is a local path or
     an object-storage URL (built in the local scratch folder and uploaded as one object when complete, as every
-    :class:`~segpipe.pipeline.export.CogSink` is)."""
+    :class:`~segpipe.pipeline.sinks.cog.CogSink` is)."""
 
     scratch_suffix: ClassVar[str] = ".ome.tif"
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from segpipe.core.errors import InputError, OutputError
 from segpipe.core.objects import ObjectUrl, delete, is_object_url, read_bytes, write_bytes
-from segpipe.core.raster import is_remote
+from segpipe.core.paths import is_remote
 
 log = logging.getLogger(__name__)
 
