@@ -28,6 +28,8 @@ from typing import Any
 
 from benchmarks.bench_cluster import machine
 from benchmarks.bench_pipeline import DEFAULT_SOURCE, build_scene
+from segpipe.core import objects
+from tests.cluster.netns import S3_ENV, NetnsCluster, namespaces_problem
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "benchmarks" / "results" / "netns-cluster.json"
@@ -36,8 +38,6 @@ SCENE = "s3://scenes/bench/mirror.tif"
 
 def one_run(cluster: Any, nodes: int, tile_size: int) -> dict[str, Any]:
     """``segpipe run`` on the head over the cluster as it is now; its figures."""
-    from segpipe.core import objects
-
     output, work = f"s3://out/{nodes}-nodes/mask.tif", f"s3://work/{nodes}-nodes"
     argv = [
         str(Path(sys.executable).with_name("segpipe")),
@@ -83,9 +83,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tile-size", type=int, default=256, help="tile core in pixels (default: 256)")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
-
-    from segpipe.core import objects
-    from tests.cluster.netns import S3_ENV, NetnsCluster, namespaces_problem
 
     problem = namespaces_problem()
     if problem:

@@ -393,7 +393,7 @@ def test_every_lazy_import_says_why() -> None:
     optional extra, and says so on its line: ``# lazy: <reason>``."""
     unexplained = [
         f"{path.relative_to(REPO)}:{line}: {text}"
-        for path in source_files()
+        for path in source_files(benchmarks=True)
         for line, text in function_level_imports(path)
         if "# lazy:" not in text
     ]
