@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
-from ray._private import ray_constants
+from ray._private import ray_constants, services
 from ray.exceptions import AuthenticationError
 
 from segpipe.core.errors import ConfigError
@@ -146,23 +146,39 @@ def _probe_cluster(address: str, timeout: float) -> None:
 
 
 def _connect(address: str, timeout: float, quiet: int) -> None:
-    """``ray.init(address)`` that gives up after about ``timeout`` seconds with one clear error: the address must
-    accept connections, answer as a Ray cluster and accept this process's token before Ray's own client is
-    started."""
+    """``ray.init(address)`` that gives up after about ``timeout`` seconds with one clear error: the address (for
+    ``auto``, the one Ray finds on this machine) must accept connections, answer as a Ray cluster and accept this
+    process's token before Ray's own client is started."""
     os.environ.setdefault("RAY_AUTH_MODE", "token")
-    if address != "auto":
-        _probe(address, timeout)
-        _probe_cluster(address, timeout)
+    target = _auto_address() if address == "auto" else address
+    _probe(target, timeout)
+    _probe_cluster(target, timeout)
     try:
-        ray.init(address=address, log_to_driver=False, logging_level=quiet)
+        ray.init(address=target, log_to_driver=False, logging_level=quiet)
     except (ConnectionError, RuntimeError, ValueError, AuthenticationError) as error:
         first = str(error).splitlines()[0] if str(error) else type(error).__name__
-        if address == "auto":
-            raise ConfigError(
-                f"--ray-address auto found no running Ray cluster ({first}); start one (ray start --head) or give "
-                "its address"
-            ) from None
-        raise ConfigError(f"cannot connect to the Ray cluster at {address} ({first[:300]})") from None
+        raise ConfigError(f"cannot connect to the Ray cluster at {target} ({first[:300]})") from None
+
+
+def _auto_address() -> str:
+    """The address ``--ray-address auto`` means, as Ray finds it (``RAY_ADDRESS``, the cluster ``ray start`` last
+    started here, or a GCS running on this machine), resolved here so that it is probed like any other.
+
+    Raises:
+        ConfigError: Ray finds none.
+    """
+    try:
+        found = services.canonicalize_bootstrap_address("auto")
+    except (ConnectionError, ValueError) as error:
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        found, why = None, first
+    else:
+        why = "Ray found none on this machine"
+    if not found:
+        raise ConfigError(
+            f"--ray-address auto found no running Ray cluster ({why}); start one (ray start --head) or give its address"
+        )
+    return str(found)
 
 
 def _short_temp_dir() -> str | None:
