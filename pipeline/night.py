@@ -80,7 +80,7 @@ def scene_settings(
         options,
         input=ref.href,
         output=mask_path(output_dir, ref.id, slide=slide),
-        probabilities=str(folder.child(f"{ref.id}.probabilities.tif")) if dataset.probabilities else None,
+        probabilities=str(folder.child(f"{ref.id}.probabilities.tif")) if dataset.write_probabilities else None,
         vector=vector_path(output_dir, ref.id, suffix) if suffix else None,
     )
     work = str(Location(options.work_dir).child(ref.id)) if options.work_dir else None

@@ -277,7 +277,9 @@ class DatasetOptions:
         "keeps a webhook's secret out of a deployment's parameters)",
         metavar="URL",
     )
-    probabilities: bool = option(False, help="also write <scene>.probabilities.tif for every scene")
+    write_probabilities: bool = option(
+        False, help="also write <scene>.probabilities.tif for every scene", flag="--probabilities"
+    )
     vector_format: str | None = option(
         None,
         help="also write every scene's polygons, <scene>.polygons.<format>: auto (QuPath GeoJSON for a slide, "

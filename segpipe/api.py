@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from segpipe.core.errors import ConfigError, InputError
 from segpipe.core.location import Location
+from segpipe.core.options import names_of
 from segpipe.pipeline.masks import open_mask
 from segpipe.pipeline.plan import make_plan
 from segpipe.pipeline.read import describe_scene
@@ -243,8 +244,8 @@ def segment_dataset(
     """
     from segpipe.flows.dataset import segment_dataset as flow  # lazy: Prefect takes 1.2 s; segment() needs none
 
-    names = {f.name for f in dataclasses.fields(DatasetOptions)}
-    dataset = DatasetOptions(recursive=recursive, **{k: v for k, v in options.items() if k in names})
+    names = names_of(DatasetOptions)  # field names, and flag spellings: probabilities=True is write_probabilities
+    dataset = DatasetOptions(recursive=recursive, **{names[k]: v for k, v in options.items() if k in names})
     run = run_options({k: v for k, v in options.items() if k not in names})
     report: Summary = flow(source, output_dir, run, dataset)
     return report

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from segpipe.cli import build_parser, main
 from segpipe.cli.run import _with_config
 from segpipe.core.errors import ConfigError
-from segpipe.core.options import read_options_file, split_options, values_of
+from segpipe.core.options import from_values, read_options_file, split_options, values_of
 from segpipe.pipeline.night import resolved_options
 from segpipe.pipeline.settings import DatasetOptions, RunOptions, ScheduleOptions
 
@@ -109,3 +109,20 @@ def test_segpipe_run_with_a_config_file(data_dir: Path, rgb_checkpoint: Path, tm
                  "--tile-size", "256"]) == 0  # fmt: skip
     summary = json.loads((tmp_path / "m.summary.json").read_text())
     assert summary["tiles"]["total"] == 4 * 3  # 791 x 718 px in 256 px tiles: the flag won over the file's 128
+
+
+def test_an_option_is_named_by_its_field_or_its_flag_everywhere(tmp_path: Path) -> None:
+    """``segpipe dataset --probabilities`` is the field ``write_probabilities`` (a run's ``probabilities`` is a path):
+    a config file, a deployment's parameters and the Python API take either name, and a night records the field."""
+    config = tmp_path / "night.toml"
+    config.write_text("[dataset]\nprobabilities = true\n")
+    (_, from_file), (_, from_flag) = _resolved(["dataset", "in", "out", "--config", str(config)]), _resolved(
+        ["dataset", "in", "out", "--probabilities"]
+    )
+    assert from_file == from_flag == {"write_probabilities": True}
+    assert from_values(DatasetOptions, {"probabilities": True}) == DatasetOptions(write_probabilities=True)
+    assert from_values(DatasetOptions, {"write_probabilities": True}) == DatasetOptions(write_probabilities=True)
+    night = resolved_options(RunOptions(), DatasetOptions(write_probabilities=True))
+    assert night["dataset"]["write_probabilities"] is True and "probabilities" not in night["dataset"]
+    with pytest.raises(ConfigError, match="'probability' is not an option here"):
+        split_options({"probability": True}, (DatasetOptions,), where="test")

@@ -111,13 +111,23 @@ def values_of(obj: Any, cls: type | None = None) -> dict[str, Any]:
     return {f.name: _plain(getattr(obj, f.name)) for f in options_of(cls or type(obj))}
 
 
+def names_of(cls: type[Any]) -> dict[str, str]:
+    """How the options of ``cls`` may be named outside Python (config files, a deployment's parameters, the API's
+    keywords): by field name or by the flag's spelling (``cog_options`` or ``co``), each mapped to its field."""
+    fields = options_of(cls)
+    return {f.flag.lstrip("-").replace("-", "_"): f.name for f in fields} | {f.name: f.name for f in fields}
+
+
 def from_values(cls: type[Any], values: Any) -> Any:
     """An instance of the configuration class ``cls`` from what :func:`values_of` wrote (a deployment's JSON
-    parameters): lists become tuples for repeatable options; an instance, or None, is returned as it is."""
+    parameters; a flag's spelling names its field too): lists become tuples for repeatable options; an instance,
+    or None, is returned as it is."""
     if values is None or isinstance(values, cls):
         return values
+    names = names_of(cls)
     repeatable = {f.name for f in options_of(cls) if f.option.repeatable}
-    return cls(**{k: tuple(v) if k in repeatable and isinstance(v, list) else v for k, v in dict(values).items()})
+    named = {names.get(str(k), str(k)): v for k, v in dict(values).items()}
+    return cls(**{k: tuple(v) if k in repeatable and isinstance(v, list) else v for k, v in named.items()})
 
 
 def _plain(value: Any) -> Any:
@@ -294,7 +304,7 @@ def split_options(values: dict[str, Any], classes: typing.Sequence[type], *, whe
     """
     fields = [{f.name: f for f in options_of(cls)} for cls in classes]
     known = sorted(name for table in fields for name in table)
-    spelled = {f.flag.lstrip("-").replace("-", "_"): f.name for table in fields for f in table.values()}
+    spelled = {k: v for cls in classes for k, v in names_of(cls).items()}
     named = {spelled.get(k, k): v for k, v in values.items()}  # a flag's spelling (co, collection) names its field
     unknown = sorted(set(named) - set(known))
     if unknown:

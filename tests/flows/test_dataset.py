@@ -84,7 +84,7 @@ def test_each_output_has_a_stac_item_and_the_folder_a_collection(
 
     folder = scenes(data_dir, tmp_path / "in")
     out = tmp_path / "out"
-    dataset = DatasetOptions(probabilities=True)
+    dataset = DatasetOptions(write_probabilities=True)
     segment_dataset(str(folder), str(out), options=RunOptions(model=str(rgb_checkpoint), **LOCAL), dataset=dataset)  # type: ignore[arg-type]
     item = pystac.Item.from_file(str(out / "a.item.json"))
     assert item.id == "a" and item.collection_id == "out"
