@@ -87,17 +87,23 @@ def test_a_killed_run_leaves_no_process(sig: signal.Signals, tmp_path: Path, slo
 
 
 def test_a_run_whose_ray_node_dies_fails_and_leaves_no_process(tmp_path: Path, slow_checkpoint: Path) -> None:
+    """The node dies as a machine does, its raylet and every process it started (the segmenter among them) at
+    once. (A raylet killed alone leaves its segmenter computing: direct actor calls need no raylet, and a run
+    whose segmenter finishes every tile before it learns of its raylet's death rightly succeeds.)"""
     run = start(tmp_path, slow_checkpoint)
     services = started_services(run)
     raylet = next(p for p in services if p.name() == "raylet" or "raylet" in " ".join(p.cmdline()[:1]))
-    raylet.kill()
+    node = [raylet, *raylet.children(recursive=True)]
+    assert any("TileSegmenter" in " ".join(p.cmdline()) for p in node), "the segmenter runs under the raylet"
+    for process in node:
+        process.kill()
     try:
-        _, stderr = run.communicate(timeout=TIMEOUT)
+        stdout, stderr = run.communicate(timeout=TIMEOUT)
     except subprocess.TimeoutExpired:
         run.kill()
         run.communicate()
         pytest.fail("the run hung after its Ray node died")
-    assert run.returncode != 0
+    assert run.returncode != 0, f"the run finished although its Ray node died:\n{stdout}\n{stderr}"
     assert "no live Ray node can start a segmenter" in stderr, stderr
     assert "Traceback" not in stderr, stderr
     assert_all_gone(services)
