@@ -85,8 +85,6 @@ def _stdout_for_json(enabled: bool) -> Iterator[TextIO]:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from segpipe.pipeline.summary import format_summary  # lazy: the stages (shapely), 0.07 s; not for --help
-
     (options,) = _with_config(args, (RunOptions,), [args.option_fields])
     command = parsed(args, RunCommandOptions)
     settings = RunSettings(
@@ -99,14 +97,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
     printing = parsed(args, Printing)
     with _stdout_for_json(printing.json) as stdout:
         summary = _run_directly(settings) if command.no_prefect else _run_flow(settings)
+    from segpipe.pipeline.summary import format_summary  # lazy: torch, 1.7 s, loaded by the run by now; not for --help
+
     print(json.dumps(summary, indent=2) if printing.json else format_summary(summary), file=stdout)
     return EXIT_OK
 
 
 def _run_directly(settings: RunSettings) -> dict[str, Any]:
     """Validate (the model is loaded once, here), then run the stages without Prefect; the run's summary."""
-    from segpipe.pipeline.plan import make_plan  # lazy: the stages (shapely), 0.07 s; not for --help
-    from segpipe.pipeline.run import run_scene  # lazy: the stages (shapely), 0.07 s; not for --help
+    from segpipe.pipeline.plan import make_plan  # lazy: the stages and torch, 1.7 s; not for --help
+    from segpipe.pipeline.run import run_scene  # lazy: the stages and torch, 1.7 s; not for --help
 
     t = time.perf_counter()
     plan = make_plan(settings)  # fail fast, before Ray starts; the model is loaded once, here
@@ -115,9 +115,9 @@ def _run_directly(settings: RunSettings) -> dict[str, Any]:
 
 def _run_flow(settings: RunSettings) -> dict[str, Any]:
     """Validate, then run Prefect's flow; Prefect's temporary server comes up meanwhile. The run's summary."""
-    from segpipe.pipeline.plan import make_plan  # lazy: the stages (shapely), 0.07 s; not for --help
+    with temporary_server() as server:  # comes up while the run imports its stages, validates, loads its model
+        from segpipe.pipeline.plan import make_plan  # lazy: the stages and torch, 1.7 s, while Prefect's server starts
 
-    with temporary_server() as server:  # comes up while the run validates and loads its model
         plan = make_plan(settings)
         from segpipe.flows.segment import segment_scene  # lazy: prefect, 1.2 s, imported while its server starts
 

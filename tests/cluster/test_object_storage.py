@@ -144,7 +144,9 @@ def _wait_for_tiles(store_url: str, count: int, timeout: float = 300) -> None:
     raise AssertionError(f"fewer than {count} tiles done after {timeout} s")
 
 
-@pytest.mark.parametrize("fault", ["stalled for 15 s", "refusing connections for 4 s"])
+@pytest.mark.parametrize(
+    "fault", [pytest.param("stalled for 15 s", marks=pytest.mark.slow), "refusing connections for 4 s"]
+)
 def test_storage_that_stalls_or_refuses_for_a_while_costs_time_not_the_run(
     fault: str,
     s3: S3Server,
@@ -192,6 +194,7 @@ def test_storage_that_stalls_or_refuses_for_a_while_costs_time_not_the_run(
     assert objects.read_bytes(urls["probabilities"]) == probabilities
 
 
+@pytest.mark.slow
 def test_a_data_set_under_a_bucket_prefix_is_segmented_into_another_and_skipped_the_next_night(
     s3: S3Server, data_dir: Path, rgb_checkpoint: Path
 ) -> None:
