@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from segpipe.pipeline.plan import RunPlan, make_plan
 from segpipe.pipeline.reach import cluster_paths_problem
 from segpipe.pipeline.session import Session
 from segpipe.pipeline.settings import RunSettings
-from segpipe.pipeline.sinks.base import VECTOR, ExportResult, Sink, remove_output
+from segpipe.pipeline.sinks.base import VECTOR, ExportResult, remove_output, write_sink
 from segpipe.pipeline.sinks.vector import VectorResult
 from segpipe.pipeline.summary import build_summary
 
@@ -90,19 +90,6 @@ def stitch_stage(plan: RunPlan, store_url: str, session: Session) -> bool:
 def write_summary(path: str, summary: dict[str, Any]) -> None:
     """Write the run summary, the run's last file (a run killed before it left an unfinished run's outputs)."""
     Location(path).write_json(summary)
-
-
-def write_sink(sink: Sink, store_url: str, class_names: Sequence[str], colours: Sequence[str]) -> ExportResult:
-    """Write one output from the work store at ``store_url`` on this machine, with a local scratch folder of its
-    own: an export task run by a cluster's worker."""
-    with temporary_folder("work") as scratch:
-        return sink.write(
-            ws.WorkStore(store_url, mode="r"),
-            class_names=class_names,
-            colours=colours,
-            scratch_dir=scratch,
-            workers=available_cores(),
-        )
 
 
 def export_stage(plan: RunPlan, store_url: str, scratch_dir: str, session: Session) -> list[ExportResult]:

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
+from segpipe.core.files import temporary_folder
 from segpipe.core.location import Location
+from segpipe.core.runtime import available_cores
 from segpipe.pipeline import store as ws
 
 #: The kind of the polygon output (``--vector``); the other kinds are the store arrays they write
@@ -80,3 +82,15 @@ def build_and_deliver(path: str, scratch: Path, build: Callable[[Path], ExportRe
     return dataclasses.replace(result, path=path)
 
 
+def write_sink(sink: Sink, store_url: str, class_names: Sequence[str], colours: Sequence[str]) -> ExportResult:
+    """Write one output from the work store at ``store_url`` on this machine, with a local scratch folder of its
+    own: an export task run by a cluster's worker. (Here, beside the sinks, so that a task worker imports the
+    sinks and the store, not the planner and torch: 0.4 s instead of 1.5 s in a fresh worker.)"""
+    with temporary_folder("work") as scratch:
+        return sink.write(
+            ws.WorkStore(store_url, mode="r"),
+            class_names=class_names,
+            colours=colours,
+            scratch_dir=scratch,
+            workers=available_cores(),
+        )
