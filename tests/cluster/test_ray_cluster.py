@@ -41,7 +41,6 @@ def test_two_nodes_share_the_work_and_give_the_local_bytes(
     assert summary["driver_bytes"] < 2000 * summary["tiles"]["total"], summary["driver_bytes"]
 
 
-@pytest.mark.slow
 def test_a_session_serves_scenes_with_warm_segmenters(
     s3: S3Server, ray_cluster: Any, data_dir: Path, rgb_checkpoint: Path, slow_checkpoint: Path
 ) -> None:
